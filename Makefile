@@ -1,0 +1,64 @@
+# minivmm: the two commands a user needs are `make run` and `make test`.
+#
+#   make guest   build the guest images (test kernel, initramfs) into build/
+#   make build   build minivmm (release)
+#   make run     boot the test kernel with a busybox shell on this terminal
+#   make test    build what is missing, then run every test (unit, property, integration)
+#   make bench   boot-time table: minivmm beside QEMU on the same kernel and initramfs
+#   make lint    rustfmt --check and clippy -D warnings
+#   make stock   the Debian cloud kernel + an initramfs with its virtio modules (for hardware KVM)
+
+SHELL   := /bin/bash
+BUILD   := build
+KERNEL  := $(BUILD)/guest/vmlinux
+INITRD  := $(BUILD)/initramfs.cpio
+MINIVMM := target/release/minivmm
+# The options the test kernel needs on this machine's nested KVM; see resources/README.md.
+GUEST_CMDLINE := console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt
+
+export MINIVMM_KERNEL := $(abspath $(KERNEL))
+export MINIVMM_INITRD := $(abspath $(INITRD))
+export MINIVMM_BIN    := $(abspath $(MINIVMM))
+
+.PHONY: all guest build run test bench lint stock deps clean FORCE
+
+all: build
+
+deps:
+	@bash resources/deps.sh
+
+guest: $(KERNEL) $(INITRD)
+
+# The kernel script caches by source version, fragment and patches: cheap when nothing changed.
+$(KERNEL): FORCE
+	@bash resources/guest/build-kernel.sh $(BUILD)/guest >/dev/null
+
+$(INITRD): FORCE
+	@bash resources/initramfs/build.sh $(INITRD)
+
+build:
+	cargo build --release -p vmm
+
+run: guest build
+	$(MINIVMM) --kernel $(KERNEL) --initrd $(INITRD) --append "$(GUEST_CMDLINE)" --memory 256M
+
+test: deps guest build
+	@if cargo nextest --version >/dev/null 2>&1; then \
+	    cargo nextest run --workspace --no-fail-fast; \
+	else \
+	    cargo test --workspace --no-fail-fast; \
+	fi
+
+bench: guest build
+	@bash resources/bench-boot.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+stock:
+	@bash resources/stock/build.sh $(BUILD)/stock
+
+clean:
+	cargo clean
+	rm -rf $(BUILD)

@@ -1,0 +1,158 @@
+//! The contract between a frontend (a UART, a virtio-console port, the monitor) and a chardev
+//! backend (socket, pty, file, stdio, ...).
+//!
+//! A backend is sans-event-loop: it owns its file descriptors, says which of them it wants
+//! polled and for what ([`Backend::poll_fds`]), and does its I/O when the event loop reports
+//! readiness ([`Backend::on_ready`]). The frontend never blocks on it:
+//!
+//! - **host → guest is pulled**: the frontend calls [`Backend::read`] only for as many bytes as it
+//!   can accept right now, and tells the backend with [`Backend::set_input_wanted`] whether it
+//!   wants input at all, so a backend whose frontend is full stops polling for input and the
+//!   kernel's socket buffer pushes back on the peer.
+//! - **guest → host is bounded**: [`Backend::write`] accepts what fits in the backend's bounded
+//!   output buffer and returns how much it took; the frontend keeps the rest and applies the
+//!   hardware's backpressure (THRE stays clear, the virtio tx queue is not popped) until
+//!   [`Event::Writable`] says there is room again.
+//!
+//! This module must not depend on any device, on KVM, or on a particular event loop.
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::time::Duration;
+
+/// What a backend wants the event loop to watch an fd for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Interest {
+    /// Wake the backend when the fd is readable (input, a pending accept, a hangup).
+    pub read: bool,
+    /// Wake the backend when the fd is writable (room to flush buffered output).
+    pub write: bool,
+}
+
+impl Interest {
+    /// Readable only.
+    pub const READ: Interest = Interest {
+        read: true,
+        write: false,
+    };
+    /// Writable only.
+    pub const WRITE: Interest = Interest {
+        read: false,
+        write: true,
+    };
+    /// Readable and writable.
+    pub const BOTH: Interest = Interest {
+        read: true,
+        write: true,
+    };
+}
+
+/// Readiness the event loop observed on one of the backend's fds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Readiness {
+    /// The fd is readable.
+    pub readable: bool,
+    /// The fd is writable.
+    pub writable: bool,
+    /// The peer hung up or the fd is in error.
+    pub hangup: bool,
+}
+
+/// Something a frontend must react to, returned by [`Backend::take_events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer connected (socket client accepted, pty opened): modem lines up, PORT_OPEN 1.
+    Opened,
+    /// The peer went away: modem lines down, PORT_OPEN 0.
+    Closed,
+    /// Input became available: the frontend should pull with [`Backend::read`].
+    Readable,
+    /// Output room became available after [`Backend::write`] returned short.
+    Writable,
+    /// The peer sent a break condition.
+    Break,
+}
+
+/// One chardev backend. Every method is non-blocking.
+pub trait Backend: Send {
+    /// The backend's type name as QMP's `query-chardev` reports it ("socket", "pty", ...).
+    fn kind(&self) -> &'static str;
+
+    /// A QEMU-style description of where the backend is connected (`unix:/run/x.sock,server=on`,
+    /// `pty:/dev/pts/3`, `file`, `stdio`).
+    fn filename(&self) -> String;
+
+    /// The fds the event loop must watch now, and for what. Called again after every call that
+    /// may change it (`on_ready`, `read`, `write`, `set_input_wanted`); the event loop
+    /// re-registers what changed.
+    fn poll_fds(&self) -> Vec<(RawFd, Interest)>;
+
+    /// The event loop saw `readiness` on `fd`: accept clients, flush output, notice hangups.
+    fn on_ready(&mut self, fd: RawFd, readiness: Readiness);
+
+    /// Read up to `buf.len()` bytes of input. Returns 0 when nothing is available now.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Queue guest output. Returns how many bytes were accepted (0 when the bounded output
+    /// buffer is full and a peer is connected: retry after [`Event::Writable`]).
+    fn write(&mut self, data: &[u8]) -> io::Result<usize>;
+
+    /// Whether the frontend can accept input now. A backend stops polling its input fds while
+    /// this is false.
+    fn set_input_wanted(&mut self, wanted: bool);
+
+    /// Whether a peer is connected (always true for file, stdio, null).
+    fn is_connected(&self) -> bool;
+
+    /// Events since the last call, oldest first.
+    fn take_events(&mut self) -> Vec<Event>;
+
+    /// Send a break condition to the peer, where the backend has such a thing (a host tty).
+    fn send_break(&mut self) {}
+
+    /// The line parameters the guest programmed into its UART, for backends that drive a real
+    /// line (a host serial tty). Others ignore it.
+    fn set_line_params(&mut self, _params: LineParams) {}
+
+    /// Output bytes dropped because no peer was connected and the replay ring overflowed.
+    fn dropped_bytes(&self) -> u64 {
+        0
+    }
+
+    /// Block until a peer connects, for a backend configured to wait for one before the guest
+    /// starts (`socket,server=on,wait=on`), at most `timeout` (`None`: no limit). Returns
+    /// whether a peer is connected (or nothing needs waiting for). The only blocking call of
+    /// the trait: the VMM calls it once, before starting vCPUs.
+    fn wait_for_client(&mut self, _timeout: Option<Duration>) -> io::Result<bool> {
+        Ok(true)
+    }
+
+    /// `ringbuf-read`: consume up to `max` bytes of the ring. `Unsupported` for other backends.
+    fn ringbuf_read(&mut self, _max: usize) -> io::Result<Vec<u8>> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// `ringbuf-write`: append `data` to the ring. `Unsupported` for other backends.
+    fn ringbuf_write(&mut self, _data: &[u8]) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Whether the user asked to quit minivmm through this backend (a mux's Ctrl-A x) since
+    /// the last call.
+    fn take_exit_request(&mut self) -> bool {
+        false
+    }
+}
+
+/// Line parameters of a UART, as the guest programmed them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineParams {
+    /// Bits per second.
+    pub baud: u32,
+    /// Data bits, 5 to 8.
+    pub data_bits: u8,
+    /// Parity: 'N', 'E', 'O', 'M' (mark) or 'S' (space).
+    pub parity: char,
+    /// Stop bits, 1 or 2.
+    pub stop_bits: u8,
+}

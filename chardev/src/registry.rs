@@ -1,0 +1,304 @@
+//! Named chardevs: the `--chardev` set and what `chardev-add`, `chardev-change`,
+//! `chardev-remove`, `query-chardev` and `ringbuf-read` act on.
+//!
+//! The registry keeps every chardev behind a shared slot. A frontend gets a [`Handle`] with
+//! [`Registry::take`]; the handle is itself a [`Backend`] that forwards to the slot, so the
+//! registry can still report on the chardev, swap it ([`Registry::change`]) or read its ring
+//! while the frontend uses it. A chardev is **in use** while a handle to it lives; removing it
+//! then fails as busy. A mux (`mux,chardev=BASE` or `mux=on`) holds a handle to its base, so the
+//! base is busy while the mux exists, and hands out one handle per frontend.
+//!
+//! This module does no I/O of its own, except waiting for clients when asked to.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::io::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::backend::{Backend, Event, Interest, LineParams, Readiness};
+use crate::error::{Error, Result};
+use crate::mux::Mux;
+use crate::spec::{BackendSpec, ChardevSpec};
+
+/// One chardev's shared state.
+struct Slot {
+    backend: Box<dyn Backend>,
+    /// Events to deliver after a `change` (the frontend must also re-read `poll_fds`).
+    pending: Vec<Event>,
+}
+
+type SharedSlot = Arc<Mutex<Slot>>;
+
+fn lock(slot: &SharedSlot) -> MutexGuard<'_, Slot> {
+    // A panic while holding the lock leaves a backend in a state as good as any: keep going.
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A frontend's hold on a registered chardev. Dropping it makes the chardev free again.
+pub struct Handle {
+    slot: SharedSlot,
+}
+
+impl Handle {
+    fn with<R>(&self, f: impl FnOnce(&mut Slot) -> R) -> R {
+        f(&mut lock(&self.slot))
+    }
+}
+
+impl Backend for Handle {
+    fn kind(&self) -> &'static str {
+        self.with(|s| s.backend.kind())
+    }
+    fn filename(&self) -> String {
+        self.with(|s| s.backend.filename())
+    }
+    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
+        self.with(|s| s.backend.poll_fds())
+    }
+    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
+        self.with(|s| s.backend.on_ready(fd, readiness))
+    }
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.with(|s| s.backend.read(buf))
+    }
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.with(|s| s.backend.write(data))
+    }
+    fn set_input_wanted(&mut self, wanted: bool) {
+        self.with(|s| s.backend.set_input_wanted(wanted))
+    }
+    fn is_connected(&self) -> bool {
+        self.with(|s| s.backend.is_connected())
+    }
+    fn take_events(&mut self) -> Vec<Event> {
+        self.with(|s| {
+            let mut evs = std::mem::take(&mut s.pending);
+            evs.extend(s.backend.take_events());
+            evs
+        })
+    }
+    fn send_break(&mut self) {
+        self.with(|s| s.backend.send_break())
+    }
+    fn set_line_params(&mut self, params: LineParams) {
+        self.with(|s| s.backend.set_line_params(params))
+    }
+    fn dropped_bytes(&self) -> u64 {
+        self.with(|s| s.backend.dropped_bytes())
+    }
+    fn wait_for_client(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+        self.with(|s| s.backend.wait_for_client(timeout))
+    }
+    fn ringbuf_read(&mut self, max: usize) -> io::Result<Vec<u8>> {
+        self.with(|s| s.backend.ringbuf_read(max))
+    }
+    fn ringbuf_write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.with(|s| s.backend.ringbuf_write(data))
+    }
+    fn take_exit_request(&mut self) -> bool {
+        self.with(|s| s.backend.take_exit_request())
+    }
+}
+
+/// What the registry holds for an id.
+enum Entry {
+    Plain(SharedSlot),
+    Mux(Mux),
+}
+
+impl Entry {
+    fn in_use(&self) -> bool {
+        match self {
+            Entry::Plain(slot) => Arc::strong_count(slot) > 1,
+            Entry::Mux(m) => m.frontends() > 0,
+        }
+    }
+}
+
+/// One line of `query-chardev`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChardevInfo {
+    /// The id.
+    pub label: String,
+    /// The backend's type name.
+    pub kind: &'static str,
+    /// The backend's `filename()`.
+    pub filename: String,
+    /// Whether a frontend (or a mux) uses it.
+    pub in_use: bool,
+    /// Whether a peer is connected.
+    pub connected: bool,
+    /// Output dropped for want of a peer.
+    pub dropped_bytes: u64,
+}
+
+/// The named chardevs.
+#[derive(Default)]
+pub struct Registry {
+    entries: BTreeMap<String, Entry>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry::default()
+    }
+
+    /// Create and register the chardev `spec` describes. `mux=on` registers `ID-base` with
+    /// the backend and a mux `ID` over it; a `mux` spec needs its base registered first.
+    pub fn add(&mut self, spec: &ChardevSpec) -> Result<()> {
+        if self.entries.contains_key(&spec.id) {
+            return Err(Error::Duplicate(spec.id.clone()));
+        }
+        if let BackendSpec::Mux(m) = &spec.backend {
+            let base = self.take(&m.chardev)?;
+            let mux = Mux::new(&spec.id, base);
+            self.entries.insert(spec.id.clone(), Entry::Mux(mux));
+            return Ok(());
+        }
+        if spec.mux {
+            let base_id = spec.mux_base_id();
+            if self.entries.contains_key(&base_id) {
+                return Err(Error::Duplicate(base_id));
+            }
+            let backend = crate::create(spec)?;
+            self.insert(&base_id, backend)?;
+            let base = self.take(&base_id)?;
+            let mux = Mux::new(&spec.id, base);
+            self.entries.insert(spec.id.clone(), Entry::Mux(mux));
+            return Ok(());
+        }
+        let backend = crate::create(spec)?;
+        self.insert(&spec.id, backend)
+    }
+
+    /// Register an already created backend under `id`.
+    pub fn insert(&mut self, id: &str, backend: Box<dyn Backend>) -> Result<()> {
+        if self.entries.contains_key(id) {
+            return Err(Error::Duplicate(id.to_string()));
+        }
+        let slot = Arc::new(Mutex::new(Slot {
+            backend,
+            pending: Vec::new(),
+        }));
+        self.entries.insert(id.to_string(), Entry::Plain(slot));
+        Ok(())
+    }
+
+    /// Whether `id` is registered.
+    pub fn contains(&self, id: &str) -> bool {
+        self.entries.contains_key(id)
+    }
+
+    /// The registered ids, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
+    }
+
+    /// Whether a frontend uses `id`.
+    pub fn in_use(&self, id: &str) -> Result<bool> {
+        self.entries
+            .get(id)
+            .map(Entry::in_use)
+            .ok_or_else(|| Error::NotFound(id.to_string()))
+    }
+
+    /// Attach a frontend: a handle to `id`. A plain chardev has one frontend at a time
+    /// ("already in use"); a mux gives each frontend its own handle, up to its maximum.
+    pub fn take(&mut self, id: &str) -> Result<Box<dyn Backend>> {
+        match self.entries.get_mut(id) {
+            None => Err(Error::NotFound(id.to_string())),
+            Some(Entry::Mux(m)) => m.add_frontend().map(|f| Box::new(f) as Box<dyn Backend>),
+            Some(e @ Entry::Plain(_)) if e.in_use() => Err(Error::InUse(id.to_string())),
+            Some(Entry::Plain(slot)) => Ok(Box::new(Handle { slot: slot.clone() })),
+        }
+    }
+
+    /// Run `f` on chardev `id`, whether or not a frontend uses it (query, `ringbuf-read`,
+    /// `chardev-send-break`, waiting for a client). For a mux, `f` gets the base.
+    pub fn with<R>(&mut self, id: &str, f: impl FnOnce(&mut dyn Backend) -> R) -> Result<R> {
+        match self.entries.get_mut(id) {
+            None => Err(Error::NotFound(id.to_string())),
+            Some(Entry::Plain(slot)) => Ok(f(lock(slot).backend.as_mut())),
+            Some(Entry::Mux(m)) => Ok(m.with_base(f)),
+        }
+    }
+
+    /// Replace the backend of `id` (`chardev-change`), in place under its frontend, which
+    /// sees `Closed`/`Opened` as the connection state changes and must re-read `poll_fds`.
+    /// Returns the old backend. Muxes cannot be changed.
+    pub fn change(&mut self, id: &str, backend: Box<dyn Backend>) -> Result<Box<dyn Backend>> {
+        match self.entries.get_mut(id) {
+            None => Err(Error::NotFound(id.to_string())),
+            Some(Entry::Mux(_)) => Err(Error::Unsupported {
+                id: id.to_string(),
+                reason: "a mux cannot be changed",
+            }),
+            Some(Entry::Plain(slot)) => {
+                let mut s = lock(slot);
+                let was = s.backend.is_connected();
+                let now = backend.is_connected();
+                let mut old = std::mem::replace(&mut s.backend, backend);
+                // Events the old backend had not delivered no longer mean anything.
+                old.take_events();
+                if was {
+                    s.pending.push(Event::Closed);
+                }
+                if now {
+                    s.pending.push(Event::Opened);
+                }
+                Ok(old)
+            }
+        }
+    }
+
+    /// Unregister `id` (`chardev-remove`); fails as busy while a frontend or a mux uses it.
+    pub fn remove(&mut self, id: &str) -> Result<()> {
+        match self.entries.get(id) {
+            None => Err(Error::NotFound(id.to_string())),
+            Some(e) if e.in_use() => Err(Error::Busy(id.to_string())),
+            Some(_) => {
+                self.entries.remove(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// `query-chardev`.
+    pub fn list(&mut self) -> Vec<ChardevInfo> {
+        let mut out = Vec::new();
+        for id in self.ids() {
+            let Ok(in_use) = self.in_use(&id) else {
+                continue;
+            };
+            let is_mux = matches!(self.entries.get(&id), Some(Entry::Mux(_)));
+            if let Ok(info) = self.with(&id, |b| ChardevInfo {
+                label: id.clone(),
+                kind: if is_mux { "mux" } else { b.kind() },
+                filename: b.filename(),
+                in_use,
+                connected: b.is_connected(),
+                dropped_bytes: b.dropped_bytes(),
+            }) {
+                out.push(info);
+            }
+        }
+        out
+    }
+
+    /// Wait for the first client of every chardev configured with `wait=on`, at most
+    /// `timeout` each. Returns the ids that timed out.
+    pub fn wait_for_clients(&mut self, timeout: Option<Duration>) -> Result<Vec<String>> {
+        let mut timed_out = Vec::new();
+        for id in self.ids() {
+            let ok = self
+                .with(&id, |b| b.wait_for_client(timeout))?
+                .map_err(|e| Error::io(&id, "wait for a client on", id.clone(), e))?;
+            if !ok {
+                timed_out.push(id);
+            }
+        }
+        Ok(timed_out)
+    }
+}

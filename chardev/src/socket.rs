@@ -1,0 +1,1115 @@
+//! The `socket` backend: unix (`path=`, `abstract=on`) and tcp (`host=`, `port=`, `nodelay`)
+//! stream sockets, as a server (`server=on`, `wait=`) or a client (`reconnect-ms=`), or an
+//! inherited socket (`fd=N`, listening or connected, told apart with `SO_ACCEPTCONN`).
+//!
+//! - A server serves one client at a time, like QEMU: while a client is connected the listener
+//!   is not polled, so a second client waits in the kernel's listen backlog and is accepted
+//!   when the first leaves.
+//! - A client connects without blocking; with `reconnect-ms` it retries after a lost or failed
+//!   connection on a timerfd, doubling the delay up to [`MAX_RECONNECT_BACKOFF`], and logs only
+//!   the first failure of a series (quiet, backed-off).
+//! - While no peer is connected, output goes to the replay ring (`backlog=`), replayed to the
+//!   next peer; connect and disconnect are `Event::Opened` / `Event::Closed`.
+//! - Unix socket files are created with mode 0600 (the mode is set on the socket before
+//!   `bind`, so there is no window with a wider mode), a stale file left by a dead process is
+//!   replaced, a live one is refused, and the file is removed on drop if it is still ours.
+//!
+//! Nothing here blocks except [`Backend::wait_for_client`]. Writes use `MSG_NOSIGNAL`.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::backend::{Backend, Event, Interest, Readiness};
+use crate::buffer::DEFAULT_OUTBUF_SIZE;
+use crate::error::{Error, Result};
+use crate::spec::{SocketAddrSpec, SocketSpec};
+use crate::stream::Link;
+use crate::sys::{self, FdKind};
+
+/// Length of the kernel listen queue: where a second client waits its turn.
+pub const LISTEN_BACKLOG: libc::c_int = 8;
+/// Longest delay between client reconnect attempts (unless `reconnect-ms` is longer).
+pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
+/// Mode of unix socket files.
+const SOCKET_FILE_MODE: libc::mode_t = 0o600;
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// A socket address in the form the kernel takes.
+#[derive(Clone, Copy)]
+struct SockAddr {
+    storage: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl SockAddr {
+    fn empty() -> Self {
+        SockAddr {
+            // SAFETY: an all-zero sockaddr_storage is a valid (AF_UNSPEC) value.
+            storage: unsafe { std::mem::zeroed() },
+            len: std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+        }
+    }
+
+    fn family(&self) -> libc::c_int {
+        self.storage.ss_family as libc::c_int
+    }
+
+    fn unix(path: &Path, abstract_ns: bool) -> io::Result<Self> {
+        let mut a = SockAddr::empty();
+        // SAFETY: sockaddr_storage is large enough and suitably aligned for a sockaddr_un.
+        let sun = unsafe {
+            &mut *(&mut a.storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_un>()
+        };
+        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let bytes = path.as_os_str().as_bytes();
+        let offset = usize::from(abstract_ns);
+        // Leave room for the terminating NUL of a filesystem path.
+        if bytes.is_empty() || bytes.len() + offset >= sun.sun_path.len() {
+            return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        }
+        for (dst, &src) in sun.sun_path[offset..].iter_mut().zip(bytes) {
+            *dst = src as libc::c_char;
+        }
+        let path_offset = std::mem::size_of::<libc::sa_family_t>();
+        a.len = (path_offset + offset + bytes.len() + usize::from(!abstract_ns)) as libc::socklen_t;
+        Ok(a)
+    }
+
+    fn inet(addr: &SocketAddr) -> Self {
+        let mut a = SockAddr::empty();
+        match addr {
+            SocketAddr::V4(v4) => {
+                // SAFETY: sockaddr_storage is large enough and aligned for a sockaddr_in.
+                let sin = unsafe {
+                    &mut *(&mut a.storage as *mut libc::sockaddr_storage)
+                        .cast::<libc::sockaddr_in>()
+                };
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = v4.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+                a.len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            }
+            SocketAddr::V6(v6) => {
+                // SAFETY: sockaddr_storage is large enough and aligned for a sockaddr_in6.
+                let sin6 = unsafe {
+                    &mut *(&mut a.storage as *mut libc::sockaddr_storage)
+                        .cast::<libc::sockaddr_in6>()
+                };
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = v6.port().to_be();
+                sin6.sin6_addr.s6_addr = v6.ip().octets();
+                sin6.sin6_flowinfo = v6.flowinfo();
+                sin6.sin6_scope_id = v6.scope_id();
+                a.len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            }
+        }
+        a
+    }
+
+    /// The inet address, if this is one.
+    fn to_inet(self) -> Option<SocketAddr> {
+        match self.family() {
+            libc::AF_INET => {
+                // SAFETY: the family says the storage holds a sockaddr_in.
+                let sin = unsafe {
+                    &*(&self.storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+                };
+                let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+                Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says the storage holds a sockaddr_in6.
+                let sin6 = unsafe {
+                    &*(&self.storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+                };
+                Some(SocketAddr::new(
+                    IpAddr::V6(sin6.sin6_addr.s6_addr.into()),
+                    u16::from_be(sin6.sin6_port),
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    fn as_ptr(&self) -> *const libc::sockaddr {
+        (&self.storage as *const libc::sockaddr_storage).cast()
+    }
+}
+
+/// A new non-blocking, close-on-exec stream socket.
+fn new_socket(family: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket takes integers only and returns a new fd or -1.
+    let fd = check(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: fd is a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bind(fd: RawFd, a: &SockAddr) -> io::Result<()> {
+    // SAFETY: a points to a.len valid bytes of socket address, borrowed for the call.
+    check(unsafe { libc::bind(fd, a.as_ptr(), a.len) }).map(drop)
+}
+
+/// Start connecting. `Ok(true)`: connected; `Ok(false)`: in progress.
+fn connect(fd: RawFd, a: &SockAddr) -> io::Result<bool> {
+    loop {
+        // SAFETY: a points to a.len valid bytes of socket address, borrowed for the call.
+        let r = unsafe { libc::connect(fd, a.as_ptr(), a.len) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EINPROGRESS) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Accept one pending connection, non-blocking. `Ok(None)`: nobody waiting.
+fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
+    loop {
+        // SAFETY: null address pointers are allowed; the flags make the new fd non-blocking.
+        let fd = unsafe {
+            libc::accept4(
+                listener,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: fd is a fresh fd nothing else owns.
+            return Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
+            _ if sys::would_block(&e) => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+}
+
+fn sockname(fd: RawFd, peer: bool) -> io::Result<SockAddr> {
+    let mut a = SockAddr::empty();
+    // SAFETY: the kernel writes at most a.len bytes into a.storage and updates a.len.
+    let r = unsafe {
+        let p = (&mut a.storage as *mut libc::sockaddr_storage).cast();
+        if peer {
+            libc::getpeername(fd, p, &mut a.len)
+        } else {
+            libc::getsockname(fd, p, &mut a.len)
+        }
+    };
+    check(r)?;
+    Ok(a)
+}
+
+/// Resolve a host and port; an empty host is any (server) or loopback (client).
+pub(crate) fn resolve(host: &str, port: u16, server: bool) -> io::Result<SocketAddr> {
+    if host.is_empty() {
+        let ip = if server {
+            Ipv4Addr::UNSPECIFIED
+        } else {
+            Ipv4Addr::LOCALHOST
+        };
+        return Ok(SocketAddr::new(IpAddr::V4(ip), port));
+    }
+    (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))
+}
+
+/// A unix socket file we created: removed on drop if it is still the same inode.
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if m.dev() == self.dev && m.ino() == self.ino {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Clear the way for binding `path`: a stale socket (nobody listening) is removed, a live one
+/// or any other file is refused.
+fn clear_stale_socket(path: &Path, addr: &SockAddr) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(m) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !m.file_type().is_socket() {
+        return Err(io::Error::from_raw_os_error(libc::EADDRINUSE));
+    }
+    let probe = new_socket(libc::AF_UNIX)?;
+    match connect(probe.as_raw_fd(), addr) {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path),
+        _ => Err(io::Error::from_raw_os_error(libc::EADDRINUSE)),
+    }
+}
+
+/// Set the mode a unix socket file will get at bind time (Linux takes it from the socket inode).
+fn fchmod(fd: RawFd, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: fchmod on an fd we own, integer arguments.
+    check(unsafe { libc::fchmod(fd, mode) }).map(drop)
+}
+
+fn listen(fd: RawFd) -> io::Result<()> {
+    // SAFETY: listen on an fd we own.
+    check(unsafe { libc::listen(fd, LISTEN_BACKLOG) }).map(drop)
+}
+
+/// How this socket finds peers.
+#[derive(Debug)]
+enum Role {
+    /// Accepts one client at a time.
+    Server { listener: OwnedFd, wait: bool },
+    /// Connects, and with a delay reconnects.
+    Client(Client),
+    /// An inherited connected socket: once it closes, it stays closed.
+    Fixed,
+}
+
+#[derive(Debug)]
+struct Client {
+    addr: SockAddr,
+    reconnect: Option<Duration>,
+    backoff: Duration,
+    failures: u32,
+    timer: TimerFd,
+    timer_armed: bool,
+    connecting: Option<OwnedFd>,
+}
+
+impl std::fmt::Debug for SockAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SockAddr(family {}, len {})", self.family(), self.len)
+    }
+}
+
+/// The `socket` backend.
+#[derive(Debug)]
+pub struct SocketBackend {
+    id: String,
+    role: Role,
+    conn: Option<OwnedFd>,
+    link: Link,
+    nodelay: bool,
+    desc: String,
+    tcp: bool,
+    _file: Option<SocketFile>,
+}
+
+impl SocketBackend {
+    /// Set up the socket `spec` describes (bind and listen, or start connecting).
+    pub fn open(id: &str, spec: &SocketSpec) -> Result<Self> {
+        let mut b = SocketBackend {
+            id: id.to_string(),
+            role: Role::Fixed,
+            conn: None,
+            link: Link::new(spec.backlog, DEFAULT_OUTBUF_SIZE),
+            nodelay: spec.nodelay,
+            desc: String::new(),
+            tcp: false,
+            _file: None,
+        };
+        let (addr, desc) = match &spec.addr {
+            SocketAddrSpec::Unix { path, abstract_ns } => {
+                let shown = if *abstract_ns {
+                    format!("unix:@{}", path.display())
+                } else {
+                    format!("unix:{}", path.display())
+                };
+                let a = SockAddr::unix(path, *abstract_ns)
+                    .map_err(|e| Error::io(id, "use socket path", path.display().to_string(), e))?;
+                (a, shown)
+            }
+            SocketAddrSpec::Tcp { host, port } => {
+                b.tcp = true;
+                let sa = resolve(host, *port, spec.server)
+                    .map_err(|e| Error::io(id, "resolve", format!("{host}:{port}"), e))?;
+                (SockAddr::inet(&sa), format!("tcp:{sa}"))
+            }
+            SocketAddrSpec::Fd(n) => {
+                b.adopt_fd(*n, spec.wait)?;
+                return Ok(b);
+            }
+            SocketAddrSpec::FdName(_) => {
+                return Err(Error::Unsupported {
+                    id: id.to_string(),
+                    reason: "a named fd must be resolved by the monitor first",
+                });
+            }
+        };
+        if spec.server {
+            b.listen_on(&addr, &spec.addr, &desc, spec.wait)?;
+            b.desc = format!("{},server=on", b.local_desc(&desc));
+        } else {
+            let reconnect =
+                (spec.reconnect_ms > 0).then(|| Duration::from_millis(spec.reconnect_ms));
+            let timer = TimerFd::new()
+                .map_err(|e| Error::io(id, "create timer for", desc.clone(), e.into()))?;
+            b.desc = desc.clone();
+            b.role = Role::Client(Client {
+                addr,
+                reconnect,
+                backoff: reconnect.unwrap_or_default(),
+                failures: 0,
+                timer,
+                timer_armed: false,
+                connecting: None,
+            });
+            if let Err(e) = b.start_connect() {
+                if reconnect.is_none() {
+                    return Err(Error::io(id, "connect to", desc, e));
+                }
+                b.connect_failed(e);
+            }
+        }
+        Ok(b)
+    }
+
+    fn listen_on(
+        &mut self,
+        addr: &SockAddr,
+        spec: &SocketAddrSpec,
+        desc: &str,
+        wait: bool,
+    ) -> Result<()> {
+        let id = self.id.clone();
+        let err = |op, e| Error::io(&id, op, desc.to_string(), e);
+        let fd = new_socket(addr.family()).map_err(|e| err("create socket for", e))?;
+        let raw = fd.as_raw_fd();
+        match spec {
+            SocketAddrSpec::Unix {
+                path,
+                abstract_ns: false,
+            } => {
+                clear_stale_socket(path, addr).map_err(|e| err("bind", e))?;
+                fchmod(raw, SOCKET_FILE_MODE).map_err(|e| err("bind", e))?;
+                bind(raw, addr).map_err(|e| err("bind", e))?;
+                // Belt and braces where fchmod before bind is not honoured.
+                std::fs::set_permissions(
+                    path,
+                    std::os::unix::fs::PermissionsExt::from_mode(SOCKET_FILE_MODE.into()),
+                )
+                .map_err(|e| err("bind", e))?;
+                let m = std::fs::symlink_metadata(path).map_err(|e| err("bind", e))?;
+                self._file = Some(SocketFile {
+                    path: path.clone(),
+                    dev: m.dev(),
+                    ino: m.ino(),
+                });
+            }
+            SocketAddrSpec::Tcp { .. } => {
+                sys::setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+                    .map_err(|e| err("bind", e))?;
+                bind(raw, addr).map_err(|e| err("bind", e))?;
+            }
+            _ => bind(raw, addr).map_err(|e| err("bind", e))?,
+        }
+        listen(raw).map_err(|e| err("listen on", e))?;
+        self.role = Role::Server { listener: fd, wait };
+        Ok(())
+    }
+
+    /// `desc` with the port the kernel picked (for `port=0`).
+    fn local_desc(&self, desc: &str) -> String {
+        match (self.tcp, self.local_addr()) {
+            (true, Some(a)) => format!("tcp:{a}"),
+            _ => desc.to_string(),
+        }
+    }
+
+    /// Take over inherited fd `n`: a listening socket becomes a server, a connected one the
+    /// peer.
+    fn adopt_fd(&mut self, n: RawFd, wait: bool) -> Result<()> {
+        let id = self.id.clone();
+        let target = format!("fd {n}");
+        let err = |op, e| Error::io(&id, op, target.clone(), e);
+        if n < 0 || sys::get_fl(n).is_err() {
+            return Err(err("use", io::Error::from_raw_os_error(libc::EBADF)));
+        }
+        if sys::fd_kind(n).map_err(|e| err("use", e))? != FdKind::Socket
+            || sys::getsockopt_int(n, libc::SOL_SOCKET, libc::SO_TYPE).map_err(|e| err("use", e))?
+                != libc::SOCK_STREAM
+        {
+            return Err(Error::Unsupported {
+                id,
+                reason: "fd is not a stream socket",
+            });
+        }
+        // SAFETY: the fd is open (F_GETFL succeeded) and was handed to us on the command line
+        // to own: nothing else in the process uses it.
+        let fd = unsafe { OwnedFd::from_raw_fd(n) };
+        sys::set_nonblocking(n, true).map_err(|e| err("use", e))?;
+        sys::set_cloexec(n).map_err(|e| err("use", e))?;
+        let listening = sys::getsockopt_int(n, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
+            .map_err(|e| err("use", e))?
+            != 0;
+        self.tcp = sockname(n, false)
+            .map(|a| a.to_inet().is_some())
+            .unwrap_or(false);
+        if listening {
+            self.role = Role::Server { listener: fd, wait };
+            self.desc = format!("fd:{n},server=on");
+        } else {
+            self.role = Role::Fixed;
+            self.desc = format!("fd:{n}");
+            self.attach(fd);
+        }
+        Ok(())
+    }
+
+    /// The local address of a tcp listener (the port for `port=0`).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        let fd = match &self.role {
+            Role::Server { listener, .. } => listener.as_raw_fd(),
+            _ => self.conn.as_ref()?.as_raw_fd(),
+        };
+        sockname(fd, false).ok()?.to_inet()
+    }
+
+    fn attach(&mut self, fd: OwnedFd) {
+        if self.tcp && self.nodelay {
+            let _ = sys::setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+        }
+        match self.link.attach(fd.as_raw_fd()) {
+            Ok(()) => {
+                self.conn = Some(fd);
+                if let Role::Client(c) = &mut self.role {
+                    if c.failures > 0 {
+                        log::info!("chardev '{}': connected to {}", self.id, self.desc);
+                    }
+                    c.failures = 0;
+                    c.backoff = c.reconnect.unwrap_or_default();
+                }
+                // The peer may already be gone (the backlog flush failed).
+                self.after_io();
+            }
+            Err(e) => log::warn!("chardev '{}': cannot use connection: {e}", self.id),
+        }
+    }
+
+    /// After any I/O: if the link lost its peer, close the connection and look for the next.
+    fn after_io(&mut self) {
+        if !self.link.take_lost() {
+            return;
+        }
+        self.conn = None;
+        log::debug!("chardev '{}': peer disconnected", self.id);
+        if let Role::Client(c) = &mut self.role {
+            if let Some(delay) = c.reconnect {
+                c.backoff = delay;
+                arm(c, delay);
+            }
+        }
+    }
+
+    fn start_connect(&mut self) -> io::Result<()> {
+        let Role::Client(c) = &mut self.role else {
+            return Ok(());
+        };
+        let fd = new_socket(c.addr.family())?;
+        if connect(fd.as_raw_fd(), &c.addr)? {
+            self.attach(fd);
+        } else {
+            c.connecting = Some(fd);
+        }
+        Ok(())
+    }
+
+    fn connect_failed(&mut self, e: io::Error) {
+        let Role::Client(c) = &mut self.role else {
+            return;
+        };
+        c.connecting = None;
+        c.failures += 1;
+        if c.failures == 1 {
+            log::warn!(
+                "chardev '{}': cannot connect to {}: {e}",
+                self.id,
+                self.desc
+            );
+        } else {
+            log::debug!(
+                "chardev '{}': reconnect to {} failed: {e}",
+                self.id,
+                self.desc
+            );
+        }
+        if let Some(base) = c.reconnect {
+            let delay = c.backoff;
+            c.backoff = (c.backoff * 2).min(MAX_RECONNECT_BACKOFF.max(base));
+            arm(c, delay);
+        }
+    }
+
+    fn finish_connect(&mut self) {
+        let Role::Client(c) = &mut self.role else {
+            return;
+        };
+        let Some(fd) = c.connecting.take() else {
+            return;
+        };
+        match sys::getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR) {
+            Ok(0) => self.attach(fd),
+            Ok(errno) => self.connect_failed(io::Error::from_raw_os_error(errno)),
+            Err(e) => self.connect_failed(e),
+        }
+    }
+
+    fn accept_client(&mut self) {
+        let Role::Server { listener, .. } = &self.role else {
+            return;
+        };
+        match accept(listener.as_raw_fd()) {
+            Ok(Some(fd)) => self.attach(fd),
+            Ok(None) => {}
+            Err(e) => log::warn!("chardev '{}': accept failed: {e}", self.id),
+        }
+    }
+}
+
+fn arm(c: &mut Client, delay: Duration) {
+    // A zero duration would disarm the timer.
+    let delay = delay.max(Duration::from_millis(1));
+    match c.timer.reset(delay, None) {
+        Ok(()) => c.timer_armed = true,
+        Err(e) => log::warn!("chardev: cannot arm reconnect timer: {e}"),
+    }
+}
+
+impl Backend for SocketBackend {
+    fn kind(&self) -> &'static str {
+        "socket"
+    }
+
+    fn filename(&self) -> String {
+        let peer = self
+            .conn
+            .as_ref()
+            .and_then(|c| sockname(c.as_raw_fd(), true).ok())
+            .and_then(SockAddr::to_inet);
+        match (&self.role, self.conn.is_some(), peer) {
+            (Role::Server { .. }, true, Some(p)) => format!("{} <-> {p}", self.desc),
+            (Role::Server { .. }, _, _) => self.desc.clone(),
+            (_, true, _) => self.desc.clone(),
+            (_, false, _) => format!("disconnected:{}", self.desc),
+        }
+    }
+
+    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
+        if self.conn.is_some() {
+            return self.link.poll_fds();
+        }
+        match &self.role {
+            Role::Server { listener, .. } => vec![(listener.as_raw_fd(), Interest::READ)],
+            Role::Client(c) => {
+                let mut v = Vec::new();
+                if let Some(fd) = &c.connecting {
+                    v.push((fd.as_raw_fd(), Interest::WRITE));
+                }
+                if c.timer_armed {
+                    v.push((c.timer.as_raw_fd(), Interest::READ));
+                }
+                v
+            }
+            Role::Fixed => Vec::new(),
+        }
+    }
+
+    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
+        if let Some(conn) = &self.conn {
+            if conn.as_raw_fd() == fd {
+                self.link.on_ready(fd, readiness);
+                self.after_io();
+                return;
+            }
+        }
+        match &mut self.role {
+            Role::Server { listener, .. } if listener.as_raw_fd() == fd => {
+                if self.conn.is_none() {
+                    self.accept_client();
+                }
+            }
+            Role::Client(c) if c.connecting.as_ref().map(AsRawFd::as_raw_fd) == Some(fd) => {
+                self.finish_connect();
+            }
+            Role::Client(c) if c.timer.as_raw_fd() == fd => {
+                let _ = c.timer.wait();
+                c.timer_armed = false;
+                if self.conn.is_none() && c.connecting.is_none() {
+                    if let Err(e) = self.start_connect() {
+                        self.connect_failed(e);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.link.read(buf);
+        self.after_io();
+        Ok(n)
+    }
+
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.link.write(data);
+        self.after_io();
+        Ok(n)
+    }
+
+    fn set_input_wanted(&mut self, wanted: bool) {
+        self.link.set_input_wanted(wanted);
+    }
+
+    fn is_connected(&self) -> bool {
+        self.link.connected()
+    }
+
+    fn take_events(&mut self) -> Vec<Event> {
+        self.link.events.take()
+    }
+
+    fn dropped_bytes(&self) -> u64 {
+        self.link.dropped()
+    }
+
+    fn wait_for_client(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+        let Role::Server { listener, wait } = &self.role else {
+            return Ok(true);
+        };
+        if !*wait || self.conn.is_some() {
+            return Ok(true);
+        }
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+        log::info!(
+            "chardev '{}': waiting for a connection on {}",
+            self.id,
+            self.desc
+        );
+        let revents = sys::poll_one(listener.as_raw_fd(), libc::POLLIN, ms)?;
+        if revents & libc::POLLIN != 0 {
+            self.accept_client();
+        }
+        Ok(self.conn.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{pump, read_n, wait_closed, wait_event, DEADLINE};
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::io::IntoRawFd;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::time::Instant;
+
+    fn unix_spec(path: &Path, server: bool, wait: bool, backlog: usize) -> SocketSpec {
+        SocketSpec {
+            addr: SocketAddrSpec::Unix {
+                path: path.into(),
+                abstract_ns: false,
+            },
+            server,
+            wait,
+            nodelay: false,
+            reconnect_ms: 0,
+            backlog,
+        }
+    }
+
+    fn read_stream(s: &mut impl Read, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        s.read_exact(&mut got).unwrap();
+        got
+    }
+
+    fn blocking_unix(path: &Path) -> UnixStream {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s
+    }
+
+    #[test]
+    fn unix_server_wait_both_ways_mode_and_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut b = SocketBackend::open("c0", &unix_spec(&path, true, true, 64)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(b.filename(), format!("unix:{},server=on", path.display()));
+        // Nobody there yet: the wait times out.
+        assert!(!b.wait_for_client(Some(Duration::from_millis(20))).unwrap());
+        let mut c = blocking_unix(&path);
+        assert!(b.wait_for_client(Some(DEADLINE)).unwrap());
+        assert!(b.is_connected());
+        assert_eq!(b.take_events(), vec![Event::Opened]);
+        assert_eq!(b.write(b"hello client").unwrap(), 12);
+        assert_eq!(read_stream(&mut c, 12), b"hello client");
+        c.write_all(b"hello guest").unwrap();
+        assert_eq!(read_n(&mut b, 11), b"hello guest");
+        drop(c);
+        wait_closed(&mut b);
+        assert!(!b.is_connected());
+        drop(b);
+        assert!(!path.exists(), "socket file left behind");
+    }
+
+    #[test]
+    fn second_client_waits_in_backlog_then_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut b = SocketBackend::open("c0", &unix_spec(&path, true, false, 64)).unwrap();
+        let mut first = blocking_unix(&path);
+        wait_event(&mut b, |e| *e == Event::Opened);
+        // The second connect succeeds into the listen backlog but is not accepted.
+        let mut second = blocking_unix(&path);
+        second.write_all(b"from second").unwrap();
+        for _ in 0..10 {
+            pump(&mut b, 5);
+        }
+        assert!(!b.take_events().contains(&Event::Opened));
+        first.write_all(b"from first").unwrap();
+        assert_eq!(read_n(&mut b, 10), b"from first");
+        b.write(b"only first").unwrap();
+        assert_eq!(read_stream(&mut first, 10), b"only first");
+        drop(first);
+        wait_closed(&mut b);
+        wait_event(&mut b, |e| *e == Event::Opened);
+        assert_eq!(read_n(&mut b, 11), b"from second");
+        b.write(b"now second").unwrap();
+        assert_eq!(read_stream(&mut second, 10), b"now second");
+    }
+
+    #[test]
+    fn replay_ring_replays_newest_and_counts_drops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut b = SocketBackend::open("c0", &unix_spec(&path, true, false, 8)).unwrap();
+        assert_eq!(b.write(b"0123456789abcdef").unwrap(), 16);
+        assert_eq!(b.dropped_bytes(), 8);
+        let mut c = blocking_unix(&path);
+        wait_event(&mut b, |e| *e == Event::Opened);
+        assert_eq!(read_stream(&mut c, 8), b"89abcdef");
+        b.write(b"!").unwrap();
+        assert_eq!(read_stream(&mut c, 1), b"!");
+        assert_eq!(b.dropped_bytes(), 8);
+        drop(c);
+        wait_closed(&mut b);
+        // backlog=0 drops while disconnected.
+        let path0 = dir.path().join("z.sock");
+        let mut z = SocketBackend::open("c1", &unix_spec(&path0, true, false, 0)).unwrap();
+        z.write(b"lost").unwrap();
+        assert_eq!(z.dropped_bytes(), 4);
+        let mut c = blocking_unix(&path0);
+        wait_event(&mut z, |e| *e == Event::Opened);
+        z.write(b"kept").unwrap();
+        assert_eq!(read_stream(&mut c, 4), b"kept");
+    }
+
+    #[test]
+    fn client_connects_and_reconnects_quietly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("srv.sock");
+        let mut spec = unix_spec(&path, false, false, 64);
+        // Without reconnect, a missing server is an error naming the address.
+        let e = SocketBackend::open("c0", &spec).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("chardev 'c0': cannot connect to 'unix:{}'", path.display())
+        );
+        spec.reconnect_ms = 10;
+        let mut b = SocketBackend::open("c0", &spec).unwrap();
+        assert!(!b.is_connected());
+        assert!(b.filename().starts_with("disconnected:unix:"));
+        b.write(b"early").unwrap();
+        for _ in 0..5 {
+            pump(&mut b, 5);
+        }
+        let listener = UnixListener::bind(&path).unwrap();
+        wait_event(&mut b, |e| *e == Event::Opened);
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(DEADLINE)).unwrap();
+        assert_eq!(
+            read_stream(&mut conn, 5),
+            b"early",
+            "backlog replayed to the server"
+        );
+        drop(conn);
+        wait_closed(&mut b);
+        b.write(b"between").unwrap();
+        wait_event(&mut b, |e| *e == Event::Opened);
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(DEADLINE)).unwrap();
+        assert_eq!(read_stream(&mut conn, 7), b"between");
+        conn.write_all(b"pong").unwrap();
+        assert_eq!(read_n(&mut b, 4), b"pong");
+    }
+
+    #[test]
+    fn reconnect_backs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("never.sock");
+        let mut spec = unix_spec(&path, false, false, 64);
+        spec.reconnect_ms = 1;
+        let mut b = SocketBackend::open("c0", &spec).unwrap();
+        let end = Instant::now() + Duration::from_millis(100);
+        while Instant::now() < end {
+            pump(&mut b, 5);
+        }
+        let Role::Client(c) = &b.role else {
+            panic!("not a client")
+        };
+        // 1+2+4+...: about 7 attempts in 100 ms, not 100.
+        assert!((3..=12).contains(&c.failures), "{} attempts", c.failures);
+        assert!(c.backoff > Duration::from_millis(16));
+    }
+
+    #[test]
+    fn inherited_listening_and_connected_fds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inh.sock");
+        let fd = UnixListener::bind(&path).unwrap().into_raw_fd();
+        let spec = SocketSpec {
+            addr: SocketAddrSpec::Fd(fd),
+            server: true,
+            wait: true,
+            nodelay: false,
+            reconnect_ms: 0,
+            backlog: 64,
+        };
+        let mut b = SocketBackend::open("mon", &spec).unwrap();
+        assert_eq!(b.filename(), format!("fd:{fd},server=on"));
+        let mut c = blocking_unix(&path);
+        assert!(b.wait_for_client(Some(DEADLINE)).unwrap());
+        b.write(b"greeting").unwrap();
+        assert_eq!(read_stream(&mut c, 8), b"greeting");
+        drop(b);
+        // We owned the fd: it is closed now.
+        assert!(sys::get_fl(fd).is_err());
+
+        let (mine, mut theirs) = UnixStream::pair().unwrap();
+        theirs.set_read_timeout(Some(DEADLINE)).unwrap();
+        let fd = mine.into_raw_fd();
+        let spec = SocketSpec {
+            addr: SocketAddrSpec::Fd(fd),
+            server: false,
+            wait: false,
+            nodelay: false,
+            reconnect_ms: 0,
+            backlog: 64,
+        };
+        let mut b = SocketBackend::open("c", &spec).unwrap();
+        assert!(b.is_connected());
+        b.write(b"pair").unwrap();
+        assert_eq!(read_stream(&mut theirs, 4), b"pair");
+        theirs.write_all(b"back").unwrap();
+        assert_eq!(read_n(&mut b, 4), b"back");
+
+        let f = tempfile::tempfile().unwrap();
+        let spec = SocketSpec {
+            addr: SocketAddrSpec::Fd(f.as_raw_fd()),
+            ..spec
+        };
+        let e = SocketBackend::open("c", &spec).unwrap_err();
+        assert_eq!(e.to_string(), "chardev 'c': fd is not a stream socket");
+    }
+
+    #[test]
+    fn tcp_server_and_client_on_loopback() {
+        let spec = SocketSpec {
+            addr: SocketAddrSpec::Tcp {
+                host: "127.0.0.1".into(),
+                port: 0,
+            },
+            server: true,
+            wait: false,
+            nodelay: true,
+            reconnect_ms: 0,
+            backlog: 64,
+        };
+        let mut b = SocketBackend::open("t", &spec).unwrap();
+        let addr = b.local_addr().unwrap();
+        assert_eq!(b.filename(), format!("tcp:{addr},server=on"));
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(DEADLINE)).unwrap();
+        wait_event(&mut b, |e| *e == Event::Opened);
+        assert!(b.filename().contains(" <-> 127.0.0.1:"));
+        c.write_all(b"over tcp").unwrap();
+        assert_eq!(read_n(&mut b, 8), b"over tcp");
+        b.write(b"and back").unwrap();
+        assert_eq!(read_stream(&mut c, 8), b"and back");
+
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let spec = SocketSpec {
+            addr: SocketAddrSpec::Tcp {
+                host: "127.0.0.1".into(),
+                port: l.local_addr().unwrap().port(),
+            },
+            server: false,
+            ..spec
+        };
+        let mut b = SocketBackend::open("t", &spec).unwrap();
+        b.write(b"hi server").unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        wait_event(&mut b, |e| *e == Event::Opened);
+        assert_eq!(read_stream(&mut s, 9), b"hi server");
+    }
+
+    #[test]
+    fn stale_socket_replaced_live_one_refused_abstract_has_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let b = SocketBackend::open("a", &unix_spec(&path, true, false, 64)).unwrap();
+        let e = SocketBackend::open("b", &unix_spec(&path, true, false, 64)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("chardev 'b': cannot bind 'unix:{}'", path.display())
+        );
+        drop(b);
+        assert!(!path.exists());
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert!(SocketBackend::open("c", &unix_spec(&path, true, false, 64)).is_err());
+        assert!(path.exists(), "a regular file must not be removed");
+
+        let name = format!("minivmm-test-{}", std::process::id());
+        let spec = SocketSpec {
+            addr: SocketAddrSpec::Unix {
+                path: name.clone().into(),
+                abstract_ns: true,
+            },
+            ..unix_spec(&path, true, false, 64)
+        };
+        let mut b = SocketBackend::open("abs", &spec).unwrap();
+        assert_eq!(b.filename(), format!("unix:@{name},server=on"));
+        let addr = SockAddr::unix(Path::new(&name), true).unwrap();
+        let c = new_socket(libc::AF_UNIX).unwrap();
+        let _ = connect(c.as_raw_fd(), &addr);
+        wait_event(&mut b, |e| *e == Event::Opened);
+    }
+
+    /// 16 MiB through a client that reads slowly: the frontend only writes what the backend
+    /// accepts and waits for `Writable`; every byte must arrive, in order.
+    #[test]
+    fn backpressure_16mib_slow_reader_no_loss() {
+        const TOTAL: usize = 16 << 20;
+        const OFFER: usize = 8192;
+        const SLOW_READ: usize = 3000;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bp.sock");
+        let mut b = SocketBackend::open("bp", &unix_spec(&path, true, false, 64)).unwrap();
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.set_nonblocking(true).unwrap();
+        wait_event(&mut b, |e| *e == Event::Opened);
+        let mut x: u32 = 0x1234_5678;
+        let data: Vec<u8> = (0..TOTAL)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        let mut sent = 0;
+        let mut got = Vec::with_capacity(TOTAL);
+        let mut blocked = false;
+        let mut stalls = 0;
+        let mut buf = vec![0u8; SLOW_READ];
+        let end = Instant::now() + Duration::from_secs(120);
+        while got.len() < TOTAL {
+            assert!(Instant::now() < end, "stuck at {} of {TOTAL}", got.len());
+            if !blocked && sent < TOTAL {
+                let chunk = &data[sent..(sent + OFFER).min(TOTAL)];
+                let n = b.write(chunk).unwrap();
+                sent += n;
+                if n < chunk.len() {
+                    blocked = true;
+                    stalls += 1;
+                }
+            }
+            // The event loop, with the slow reader's fd alongside.
+            let mut fds: Vec<libc::pollfd> = b
+                .poll_fds()
+                .into_iter()
+                .map(|(fd, i)| libc::pollfd {
+                    fd,
+                    events: if i.read { libc::POLLIN } else { 0 }
+                        | if i.write { libc::POLLOUT } else { 0 },
+                    revents: 0,
+                })
+                .collect();
+            fds.push(libc::pollfd {
+                fd: c.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: poll reads and writes fds.len() pollfds, which we own.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+            for p in &fds[..fds.len() - 1] {
+                if p.revents != 0 {
+                    b.on_ready(
+                        p.fd,
+                        Readiness {
+                            readable: p.revents & libc::POLLIN != 0,
+                            writable: p.revents & libc::POLLOUT != 0,
+                            hangup: p.revents & libc::POLLHUP != 0,
+                        },
+                    );
+                }
+            }
+            for ev in b.take_events() {
+                assert_ne!(ev, Event::Closed);
+                if ev == Event::Writable {
+                    blocked = false;
+                }
+            }
+            if fds.last().unwrap().revents & libc::POLLIN != 0 {
+                match c.read(&mut buf) {
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        assert!(stalls > 0, "the reader was never slow enough to push back");
+        assert_eq!(b.dropped_bytes(), 0);
+        assert!(got == data, "bytes lost or reordered");
+    }
+}

@@ -1,0 +1,310 @@
+//! The `stdio` backend: the guest console on minivmm's own terminal.
+//!
+//! When stdin is a terminal it is put in raw mode (`cfmakeraw`, keeping ISIG when `signal=on`
+//! so ^C still reaches minivmm, and OPOST as QEMU does). The original settings come back when
+//! the backend drops, at `exit()` (an `atexit` hook), and whenever the VMM calls
+//! [`restore_terminal`], which is async-signal-safe for use from a signal handler or a fatal
+//! path that will not unwind.
+//!
+//! Non-blocking without touching the shell: `O_NONBLOCK` lives on the open file description,
+//! which stdin and stdout share with the user's shell, so setting it there would leave the shell
+//! with a non-blocking terminal after minivmm exits. Ttys, pipes and other character devices
+//! are therefore reopened through `/proc/self/fd/N`, which gives minivmm a description of its
+//! own; regular files need no `O_NONBLOCK` (they never block on readiness, and epoll refuses
+//! them anyway); only what cannot be reopened (sockets) gets `O_NONBLOCK` set on the shared
+//! description, and its old flags are restored with the termios.
+//!
+//! Only one stdio chardev exists at a time. This module must not close fds 0 and 1.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Once, OnceLock};
+
+use crate::backend::{Backend, Event, Interest, Readiness};
+use crate::error::{Error, Result};
+use crate::fdchan::FdChannel;
+use crate::spec::StdioSpec;
+use crate::sys::{self, FdKind};
+
+const STDIN: RawFd = libc::STDIN_FILENO;
+const STDOUT: RawFd = libc::STDOUT_FILENO;
+/// Marks a saved-flags slot as unused.
+const NO_FLAGS: i32 = -1;
+
+/// Whether a stdio backend exists.
+static IN_USE: AtomicBool = AtomicBool::new(false);
+/// The terminal settings found before the first stdio backend changed them.
+static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+/// Whether the terminal is currently changed and must be restored.
+static TERMIOS_CHANGED: AtomicBool = AtomicBool::new(false);
+/// File status flags of fds 0 and 1 before we set O_NONBLOCK on them, or [`NO_FLAGS`].
+static SAVED_FLAGS: [AtomicI32; 2] = [AtomicI32::new(NO_FLAGS), AtomicI32::new(NO_FLAGS)];
+/// Registers the `atexit` hook once.
+static ATEXIT: Once = Once::new();
+
+/// Put the terminal and the stdio file flags back as they were before the stdio backend
+/// changed them. Idempotent, and async-signal-safe (atomics, `tcsetattr`, `fcntl` only): call
+/// it from a signal handler or before any exit that skips destructors. Also runs at `exit()`.
+pub fn restore_terminal() {
+    if TERMIOS_CHANGED.swap(false, Ordering::SeqCst) {
+        if let Some(t) = SAVED_TERMIOS.get() {
+            // SAFETY: tcsetattr reads one termios that lives in a static; it is async-signal-safe.
+            unsafe { libc::tcsetattr(STDIN, libc::TCSANOW, t) };
+        }
+    }
+    for (fd, slot) in [STDIN, STDOUT].into_iter().zip(&SAVED_FLAGS) {
+        let flags = slot.swap(NO_FLAGS, Ordering::SeqCst);
+        if flags != NO_FLAGS {
+            // SAFETY: F_SETFL with an integer argument; async-signal-safe.
+            unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+        }
+    }
+}
+
+extern "C" fn restore_at_exit() {
+    restore_terminal();
+}
+
+/// Get a non-blocking fd for `fd` without changing the description the shell shares: see the
+/// module docs. Returns the fd to use and, if we opened one, its owner.
+fn private_fd(fd: RawFd, write: bool, slot: usize) -> io::Result<(RawFd, Option<OwnedFd>)> {
+    let kind = sys::fd_kind(fd)?;
+    if kind == FdKind::Regular {
+        return Ok((fd, None));
+    }
+    if kind != FdKind::Socket {
+        let flags = sys::get_fl(fd)?;
+        let mut o = OpenOptions::new();
+        o.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | (flags & libc::O_APPEND));
+        if write {
+            o.write(true);
+        } else {
+            o.read(true);
+        }
+        match o.open(format!("/proc/self/fd/{fd}")) {
+            Ok(f) => {
+                let owned: OwnedFd = f.into();
+                return Ok((owned.as_raw_fd(), Some(owned)));
+            }
+            Err(e) => log::debug!("stdio: cannot reopen fd {fd} ({e}), sharing its flags"),
+        }
+    }
+    let flags = sys::get_fl(fd)?;
+    if SAVED_FLAGS[slot]
+        .compare_exchange(NO_FLAGS, flags, Ordering::SeqCst, Ordering::SeqCst)
+        .is_ok()
+    {
+        ATEXIT.call_once(register_atexit);
+    }
+    sys::set_nonblocking(fd, true)?;
+    Ok((fd, None))
+}
+
+fn register_atexit() {
+    // SAFETY: registers a plain extern "C" function with no captured state.
+    if unsafe { libc::atexit(restore_at_exit) } != 0 {
+        log::warn!("stdio: cannot register the terminal restore at exit");
+    }
+}
+
+/// Put stdin's terminal in raw mode, remembering the original settings.
+fn make_raw(signal: bool) -> io::Result<()> {
+    let current = sys::tcgetattr(STDIN)?;
+    let original = *SAVED_TERMIOS.get_or_init(|| current);
+    let mut raw = sys::make_raw(&original);
+    raw.c_oflag |= libc::OPOST;
+    if signal {
+        raw.c_lflag |= libc::ISIG;
+    }
+    ATEXIT.call_once(register_atexit);
+    TERMIOS_CHANGED.store(true, Ordering::SeqCst);
+    sys::tcsetattr(STDIN, &raw)
+}
+
+/// The `stdio` backend.
+#[derive(Debug)]
+pub struct StdioBackend {
+    chan: FdChannel,
+}
+
+impl StdioBackend {
+    /// Take over stdin and stdout. Fails if another stdio backend exists.
+    pub fn open(id: &str, spec: &StdioSpec) -> Result<Self> {
+        if IN_USE.swap(true, Ordering::SeqCst) {
+            return Err(Error::StdioInUse(id.to_string()));
+        }
+        match Self::setup(id, spec) {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                restore_terminal();
+                IN_USE.store(false, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    fn setup(id: &str, spec: &StdioSpec) -> Result<Self> {
+        let err = |op, e| Error::io(id, op, "stdio", e);
+        let (rfd, rown) = private_fd(STDIN, false, 0).map_err(|e| err("use", e))?;
+        let (wfd, wown) = private_fd(STDOUT, true, 1).map_err(|e| err("use", e))?;
+        if sys::isatty(STDIN) {
+            make_raw(spec.signal).map_err(|e| err("set raw mode on", e))?;
+        }
+        let owned = rown.into_iter().chain(wown).collect();
+        let chan = FdChannel::new("stdio", "stdio".to_string(), Some(rfd), Some(wfd), owned)
+            .map_err(|e| err("use", e))?;
+        Ok(StdioBackend { chan })
+    }
+}
+
+impl Drop for StdioBackend {
+    fn drop(&mut self) {
+        restore_terminal();
+        IN_USE.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Backend for StdioBackend {
+    fn kind(&self) -> &'static str {
+        "stdio"
+    }
+    fn filename(&self) -> String {
+        "stdio".to_string()
+    }
+    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
+        self.chan.poll_fds()
+    }
+    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
+        self.chan.on_ready(fd, readiness)
+    }
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.chan.read(buf)
+    }
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.chan.write(data)
+    }
+    fn set_input_wanted(&mut self, wanted: bool) {
+        self.chan.set_input_wanted(wanted)
+    }
+    fn is_connected(&self) -> bool {
+        true
+    }
+    fn take_events(&mut self) -> Vec<Event> {
+        self.chan.take_events()
+    }
+    fn dropped_bytes(&self) -> u64 {
+        self.chan.dropped_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! stdio is tested in a child process (this test binary re-run on one test), with its
+    //! stdin and stdout on a real pty whose settings and flags the parent checks afterwards.
+    use super::*;
+    use crate::pty::open_pty_pair;
+    use crate::testutil::{pump, DEADLINE};
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    const CHILD_ENV: &str = "CHARDEV_STDIO_CHILD";
+
+    /// The child: echo input upper-cased until 'q', then leave by the path in CHILD_ENV.
+    #[test]
+    fn stdio_child() {
+        let Ok(mode) = std::env::var(CHILD_ENV) else {
+            return;
+        };
+        let mut b = StdioBackend::open("s", &StdioSpec { signal: false }).unwrap();
+        assert!(matches!(
+            StdioBackend::open("t", &StdioSpec { signal: true }),
+            Err(Error::StdioInUse(_))
+        ));
+        let t = sys::tcgetattr(STDIN).unwrap();
+        assert_eq!(t.c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG), 0);
+        b.write(b"ready\n").unwrap();
+        let end = Instant::now() + DEADLINE;
+        'outer: while Instant::now() < end {
+            pump(&mut b, 10);
+            let mut buf = [0u8; 64];
+            let n = b.read(&mut buf).unwrap();
+            for &c in &buf[..n] {
+                if c == b'q' {
+                    break 'outer;
+                }
+                b.write(&[c.to_ascii_uppercase()]).unwrap();
+            }
+        }
+        b.write(b"bye\n").unwrap();
+        if mode == "exit" {
+            // No destructor runs: the atexit hook must restore the terminal.
+            std::process::exit(0);
+        }
+    }
+
+    fn run_child(mode: &str) {
+        let (master, slave) = open_pty_pair().unwrap();
+        let before = sys::tcgetattr(slave.as_raw_fd()).unwrap();
+        assert_ne!(before.c_lflag & libc::ICANON, 0);
+        let fl_before = sys::get_fl(slave.as_raw_fd()).unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "stdio::tests::stdio_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, mode)
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mfd = master.as_raw_fd();
+        let mut seen = Vec::new();
+        let read_until = |seen: &mut Vec<u8>, needle: &[u8]| {
+            let end = Instant::now() + DEADLINE;
+            while !seen.windows(needle.len()).any(|w| w == needle) {
+                assert!(
+                    Instant::now() < end,
+                    "child said {:?}",
+                    String::from_utf8_lossy(seen)
+                );
+                if sys::poll_one(mfd, libc::POLLIN, 10).unwrap() & libc::POLLIN != 0 {
+                    let mut buf = [0u8; 256];
+                    if let Ok(n) = sys::read(mfd, &mut buf) {
+                        seen.extend_from_slice(&buf[..n]);
+                    }
+                }
+            }
+        };
+        read_until(&mut seen, b"ready");
+        sys::write(mfd, b"abc").unwrap();
+        read_until(&mut seen, b"ABC");
+        sys::write(mfd, b"q").unwrap();
+        read_until(&mut seen, b"bye");
+        assert!(child.wait().unwrap().success());
+        let after = sys::tcgetattr(slave.as_raw_fd()).unwrap();
+        assert_eq!(after.c_lflag, before.c_lflag, "local modes not restored");
+        assert_eq!(after.c_iflag, before.c_iflag, "input modes not restored");
+        assert_eq!(after.c_oflag, before.c_oflag, "output modes not restored");
+        assert_eq!(
+            sys::get_fl(slave.as_raw_fd()).unwrap(),
+            fl_before,
+            "flags changed"
+        );
+    }
+
+    #[test]
+    fn stdio_raw_echo_and_restore_on_drop() {
+        run_child("drop");
+    }
+
+    #[test]
+    fn stdio_restore_at_exit() {
+        run_child("exit");
+    }
+}

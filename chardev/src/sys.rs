@@ -1,0 +1,239 @@
+//! Small safe wrappers over the libc calls the backends share: file status flags, non-blocking
+//! read/write/send, fd classification, termios, one-shot poll.
+//!
+//! Every function here is non-blocking on a non-blocking fd (the one-shot [`poll_one`] blocks
+//! at most for the timeout it is given). This module must not keep state.
+
+use std::io;
+use std::os::unix::io::RawFd;
+
+/// Return `Err(last_os_error)` when a libc call returned -1.
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Whether `e` means "try again later".
+pub(crate) fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// The fd's file status flags (`F_GETFL`).
+pub(crate) fn get_fl(fd: RawFd) -> io::Result<libc::c_int> {
+    // SAFETY: F_GETFL reads flags of an fd we were given; an invalid fd only yields EBADF.
+    check(unsafe { libc::fcntl(fd, libc::F_GETFL) })
+}
+
+/// Set the fd's file status flags (`F_SETFL`).
+pub(crate) fn set_fl(fd: RawFd, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: F_SETFL with an integer argument touches no memory of ours.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }).map(drop)
+}
+
+/// Turn `O_NONBLOCK` on or off.
+pub(crate) fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    let flags = get_fl(fd)?;
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    if new != flags {
+        set_fl(fd, new)?;
+    }
+    Ok(())
+}
+
+/// Set `FD_CLOEXEC` (for inherited fds).
+pub(crate) fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFD/F_SETFD on an fd we own; integer arguments only.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) }).map(drop)
+}
+
+/// `read(2)`, retried on EINTR. `Ok(0)` is end of file.
+pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the kernel writes at most buf.len() bytes into buf, which we borrow mutably.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `write(2)`, retried on EINTR. One attempt otherwise: callers handle short writes.
+pub(crate) fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the kernel reads at most buf.len() bytes from buf, which we borrow.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `send(2)` with MSG_NOSIGNAL | MSG_DONTWAIT: a gone peer is EPIPE, not SIGPIPE.
+pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the kernel reads at most buf.len() bytes from buf, which we borrow.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// What an fd refers to, as far as polling and writing are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FdKind {
+    /// A regular file or block device: always ready, and epoll refuses it.
+    Regular,
+    /// A socket: written with `send(MSG_NOSIGNAL)`.
+    Socket,
+    /// A FIFO or pipe.
+    Fifo,
+    /// A character device (tty, /dev/null, ...).
+    Char,
+}
+
+impl FdKind {
+    /// Whether epoll can watch this kind of fd.
+    pub(crate) fn pollable(self) -> bool {
+        self != FdKind::Regular
+    }
+}
+
+/// Classify `fd` with `fstat`.
+pub(crate) fn fd_kind(fd: RawFd) -> io::Result<FdKind> {
+    // SAFETY: an all-zero stat is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat into st, which we own.
+    check(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(match st.st_mode & libc::S_IFMT {
+        libc::S_IFSOCK => FdKind::Socket,
+        libc::S_IFIFO => FdKind::Fifo,
+        libc::S_IFCHR => FdKind::Char,
+        _ => FdKind::Regular,
+    })
+}
+
+/// Whether `fd` is a terminal.
+pub(crate) fn isatty(fd: RawFd) -> bool {
+    // SAFETY: isatty only inspects the fd.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+/// `tcgetattr`.
+pub(crate) fn tcgetattr(fd: RawFd) -> io::Result<libc::termios> {
+    // SAFETY: an all-zero termios is a valid value of this plain C struct.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr writes one termios into t, which we own.
+    check(unsafe { libc::tcgetattr(fd, &mut t) })?;
+    Ok(t)
+}
+
+/// `tcsetattr(TCSANOW)`.
+pub(crate) fn tcsetattr(fd: RawFd, t: &libc::termios) -> io::Result<()> {
+    // SAFETY: tcsetattr reads one termios from t, which we borrow.
+    check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, t) }).map(drop)
+}
+
+/// `cfmakeraw` on a copy of `t`.
+pub(crate) fn make_raw(t: &libc::termios) -> libc::termios {
+    let mut raw = *t;
+    // SAFETY: cfmakeraw only edits the termios we pass, which we own.
+    unsafe { libc::cfmakeraw(&mut raw) };
+    raw
+}
+
+/// Poll one fd once for `events`, waiting at most `timeout_ms` (-1: forever). Returns revents.
+pub(crate) fn poll_one(
+    fd: RawFd,
+    events: libc::c_short,
+    timeout_ms: libc::c_int,
+) -> io::Result<libc::c_short> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: poll reads and writes exactly one pollfd, which we own.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n >= 0 {
+            return Ok(if n == 0 { 0 } else { pfd.revents });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// An `int` socket option.
+pub(crate) fn getsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most len bytes into v, both of which we own.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(v)
+}
+
+/// Set an `int` socket option.
+pub(crate) fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the kernel reads len bytes from v, which we borrow.
+    check(unsafe { libc::setsockopt(fd, level, name, (&v as *const libc::c_int).cast(), len) })
+        .map(drop)
+}
+
+/// Ignore SIGPIPE process-wide, so a write to a pipe whose reader left is EPIPE instead of
+/// death. Rust binaries already start this way; a VMM embedding this crate in another runtime
+/// should call it once at startup. Sockets never need it (they are written with MSG_NOSIGNAL).
+pub fn ignore_sigpipe() {
+    // SAFETY: installing SIG_IGN for SIGPIPE has no memory effects and is always valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}

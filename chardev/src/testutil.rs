@@ -1,0 +1,159 @@
+//! Test helpers: a tiny poll(2) event loop that drives backends the way the VMM's event loop
+//! does, with a deadline on everything so a broken backend fails a test instead of hanging it.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, Event, Readiness};
+
+/// How long any test helper waits before failing.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Poll the fds of `backends` once for up to `timeout_ms` and dispatch what was ready.
+/// Returns whether anything was.
+pub fn pump_many(backends: &mut [&mut dyn Backend], timeout_ms: i32) -> bool {
+    let mut pfds = Vec::new();
+    let mut owner = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        for (fd, interest) in b.poll_fds() {
+            let mut events = 0;
+            if interest.read {
+                events |= libc::POLLIN;
+            }
+            if interest.write {
+                events |= libc::POLLOUT;
+            }
+            pfds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+            owner.push(i);
+        }
+    }
+    if pfds.is_empty() {
+        std::thread::sleep(Duration::from_millis(timeout_ms.clamp(0, 5) as u64));
+        return false;
+    }
+    // SAFETY: poll reads and writes pfds.len() pollfds, which we own.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if n <= 0 {
+        return false;
+    }
+    for (p, &i) in pfds.iter().zip(&owner) {
+        if p.revents == 0 {
+            continue;
+        }
+        let r = Readiness {
+            readable: p.revents & libc::POLLIN != 0,
+            writable: p.revents & libc::POLLOUT != 0,
+            hangup: p.revents & (libc::POLLHUP | libc::POLLERR) != 0,
+        };
+        backends[i].on_ready(p.fd, r);
+    }
+    true
+}
+
+/// Poll one backend once.
+pub fn pump(b: &mut dyn Backend, timeout_ms: i32) -> bool {
+    pump_many(&mut [b], timeout_ms)
+}
+
+/// Pump `b` until `cond` holds; panics after [`DEADLINE`].
+pub fn pump_until(b: &mut dyn Backend, mut cond: impl FnMut(&mut dyn Backend) -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !cond(b) {
+        assert!(Instant::now() < end, "timed out pumping {}", b.filename());
+        pump(b, 10);
+    }
+}
+
+/// Pump and pull input until `n` bytes arrived; panics after [`DEADLINE`].
+pub fn read_n(b: &mut dyn Backend, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + DEADLINE;
+    while got.len() < n {
+        assert!(
+            Instant::now() < end,
+            "timed out reading {} bytes, got {got:?}",
+            n
+        );
+        let want = (n - got.len()).min(buf.len());
+        let k = b.read(&mut buf[..want]).unwrap();
+        got.extend_from_slice(&buf[..k]);
+        if k == 0 {
+            pump(b, 10);
+        }
+    }
+    got
+}
+
+/// Pull whatever input is available now.
+pub fn drain_input(b: &mut dyn Backend) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let k = b.read(&mut buf).unwrap();
+        if k == 0 {
+            return got;
+        }
+        got.extend_from_slice(&buf[..k]);
+    }
+}
+
+/// Pump until an event matching `pred` arrives; returns the events seen up to it.
+pub fn wait_event(b: &mut dyn Backend, pred: impl Fn(&Event) -> bool) -> Vec<Event> {
+    let mut seen = Vec::new();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let evs = b.take_events();
+        let hit = evs.iter().any(&pred);
+        seen.extend(evs);
+        if hit {
+            return seen;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for an event, saw {}",
+            tail(&seen)
+        );
+        pump(b, 10);
+    }
+}
+
+/// Make a FIFO.
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: c is a valid NUL-terminated path that outlives the call.
+    let r = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(r, 0, "mkfifo {}", path.display());
+}
+
+/// Pump like a frontend that reads (and discards) input until the peer is gone.
+pub fn wait_closed(b: &mut dyn Backend) -> Vec<Event> {
+    let mut seen = Vec::new();
+    let end = Instant::now() + DEADLINE;
+    loop {
+        drain_input(b);
+        let evs = b.take_events();
+        let hit = evs.contains(&Event::Closed);
+        seen.extend(evs);
+        if hit {
+            return seen;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for Closed, saw {}",
+            tail(&seen)
+        );
+        pump(b, 10);
+    }
+}
+
+/// The last few events, for a short failure message.
+fn tail(seen: &[Event]) -> String {
+    const SHOWN: usize = 8;
+    let from = seen.len().saturating_sub(SHOWN);
+    format!("{} events, last {:?}", seen.len(), &seen[from..])
+}

@@ -1,0 +1,732 @@
+//! An ISA serial port: a [`Serial`] register model coupled to a chardev [`Backend`].
+//!
+//! The vCPU side reaches the port through [`BusDevice`]: it does the register work and, when
+//! the event loop has something to do (new output, changed line parameters, RX room opened),
+//! writes the "kick" eventfd. The event-loop side calls [`SerialPort::service`] on a kick, on
+//! the port's timer, or after [`SerialPort::on_backend_ready`]; `service` moves output to the
+//! backend, pulls input only as far as the UART can take it, forwards connection and break
+//! events, and returns the next instant its timer must fire.
+//!
+//! This module must not block, must not read from the backend more than the UART can accept,
+//! must not drop guest output the backend has merely refused (that is backpressure: the
+//! transmitter holds), and must not know anything about KVM or about a particular event loop.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use chardev::{Backend, Event, Interest, LineParams, Readiness};
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::bus::BusDevice;
+use crate::serial::{ModemInputs, Serial, SerialConfig, FIFO_SIZE, REGISTER_SPAN};
+use crate::{Clock, IrqLine};
+
+/// Bytes of port space a serial port occupies.
+pub const SERIAL_PORT_SPAN: u64 = REGISTER_SPAN as u64;
+/// What an ISA read of a byte outside the device returns (the data lines float high).
+const UNCLAIMED_BYTE: u8 = 0xff;
+/// Rounds of "do I/O, then handle the events it produced" in one [`SerialPort::service`].
+const SERVICE_ROUNDS: usize = 4;
+
+/// Errors from building a serial port.
+#[derive(Debug, Error)]
+pub enum SerialPortError {
+    /// The kick eventfd could not be created.
+    #[error("cannot create the serial kick eventfd")]
+    Kick(#[source] io::Error),
+}
+
+/// A 16550A on the ISA bus, wired to a chardev backend. See the module documentation.
+pub struct SerialPort {
+    serial: Serial,
+    backend: Box<dyn Backend>,
+    kick: EventFd,
+    /// Line parameters last given to the backend.
+    sent_params: Option<LineParams>,
+    /// Break state the backend was last told about.
+    sent_break: bool,
+    /// What the backend was last told by `set_input_wanted`.
+    input_wanted: Option<bool>,
+    /// Input taken from the backend that the UART could not take yet (normally empty: reads
+    /// are sized to the UART's room).
+    carry: Vec<u8>,
+    /// Output lost to backend errors other than "would block".
+    output_errors: u64,
+}
+
+impl SerialPort {
+    /// A port in its reset state, its modem inputs following whether `backend` has a peer.
+    pub fn new(
+        config: SerialConfig,
+        irq: Arc<dyn IrqLine>,
+        clock: Arc<dyn Clock>,
+        backend: Box<dyn Backend>,
+    ) -> Result<Self, SerialPortError> {
+        let kick = EventFd::new(EFD_NONBLOCK).map_err(SerialPortError::Kick)?;
+        let serial = Serial::new(config, irq, clock).with_modem_inputs(modem_for(&*backend));
+        Ok(SerialPort {
+            serial,
+            backend,
+            kick,
+            sent_params: None,
+            sent_break: false,
+            input_wanted: None,
+            carry: Vec::with_capacity(FIFO_SIZE),
+            output_errors: 0,
+        })
+    }
+
+    /// The eventfd the port writes when the event loop must call [`SerialPort::service`].
+    pub fn kick_fd(&self) -> RawFd {
+        self.kick.as_raw_fd()
+    }
+
+    /// The backend's fds and what to watch them for.
+    pub fn backend_fds(&self) -> Vec<(RawFd, Interest)> {
+        self.backend.poll_fds()
+    }
+
+    /// The event loop saw `readiness` on one of the backend's fds. Call
+    /// [`SerialPort::service`] afterwards.
+    pub fn on_backend_ready(&mut self, fd: RawFd, readiness: Readiness) {
+        self.backend.on_ready(fd, readiness);
+    }
+
+    /// Run the port: move finished output to the backend, pull input as far as the UART can
+    /// take it, forward backend events, line parameters and break. Returns the clock instant
+    /// at which the event loop must call `service` again without any other wakeup (`None`:
+    /// only a kick or backend readiness will need it).
+    pub fn service(&mut self) -> Option<u64> {
+        self.consume_kick();
+        self.serial.tick();
+        self.handle_events();
+        let mut settled = false;
+        for _ in 0..SERVICE_ROUNDS {
+            self.flush_output();
+            self.sync_line_state();
+            self.pull_input();
+            if !self.handle_events() {
+                settled = true;
+                break;
+            }
+        }
+        self.update_input_wanted();
+        let deadline = self.serial.arm_deadline();
+        if settled {
+            deadline
+        } else {
+            // The backend kept producing events: come back at once.
+            Some(0)
+        }
+    }
+
+    /// Swap in a new backend (chardev hot-swap) and return the old one. The new backend is
+    /// told the line parameters, break state and input interest; the modem inputs follow its
+    /// connection state. Output held in the UART goes to the new backend.
+    pub fn replace_backend(&mut self, backend: Box<dyn Backend>) -> Box<dyn Backend> {
+        let old = std::mem::replace(&mut self.backend, backend);
+        self.sent_params = None;
+        self.sent_break = false;
+        self.input_wanted = None;
+        self.serial.set_modem_inputs(modem_for(&*self.backend));
+        self.write_kick();
+        old
+    }
+
+    /// The UART.
+    pub fn serial(&self) -> &Serial {
+        &self.serial
+    }
+
+    /// The UART, mutably.
+    pub fn serial_mut(&mut self) -> &mut Serial {
+        &mut self.serial
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// Output bytes lost because the backend failed with an error other than "would block".
+    pub fn output_errors(&self) -> u64 {
+        self.output_errors
+    }
+
+    fn consume_kick(&mut self) {
+        // EAGAIN just means nobody kicked.
+        let _ = self.kick.read();
+    }
+
+    fn write_kick(&self) {
+        if let Err(e) = self.kick.write(1) {
+            // A full counter (EAGAIN) already means "kicked".
+            if e.kind() != io::ErrorKind::WouldBlock {
+                log::warn!("serial: kick eventfd: {e}");
+            }
+        }
+    }
+
+    fn kick_if_needed(&mut self) {
+        if self.serial.take_kick() {
+            self.write_kick();
+        }
+    }
+
+    /// Forward backend events to the UART. Returns whether there were any.
+    fn handle_events(&mut self) -> bool {
+        let events = self.backend.take_events();
+        for event in &events {
+            match event {
+                Event::Opened => self.serial.set_modem_inputs(ModemInputs::CONNECTED),
+                Event::Closed => self.serial.set_modem_inputs(ModemInputs::DISCONNECTED),
+                Event::Break => self.serial.receive_break(),
+                Event::Readable => self.serial.set_input_waiting(true),
+                // The next flush retries.
+                Event::Writable => {}
+            }
+        }
+        !events.is_empty()
+    }
+
+    fn flush_output(&mut self) {
+        let backend = &mut self.backend;
+        let errors = &mut self.output_errors;
+        self.serial
+            .drain_tx(&mut |bytes: &[u8]| match backend.write(bytes) {
+                Ok(n) => n.min(bytes.len()),
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    0
+                }
+                Err(e) => {
+                    // Not backpressure but a broken backend (a missing peer goes to the
+                    // backend's replay ring, not here). Holding the bytes would wedge the guest's
+                    // transmitter for good, so they are counted and dropped.
+                    if *errors == 0 {
+                        log::warn!("serial: backend {} write failed: {e}", backend.kind());
+                    }
+                    *errors += bytes.len() as u64;
+                    bytes.len()
+                }
+            });
+    }
+
+    fn sync_line_state(&mut self) {
+        let params = self.serial.line_params();
+        if self.sent_params != Some(params) {
+            self.backend.set_line_params(params);
+            self.sent_params = Some(params);
+        }
+        let brk = self.serial.break_active();
+        if brk && !self.sent_break {
+            self.backend.send_break();
+        }
+        self.sent_break = brk;
+    }
+
+    fn pull_input(&mut self) {
+        if !self.carry.is_empty() {
+            let taken = self.serial.receive(&self.carry);
+            self.carry.drain(..taken);
+            if !self.carry.is_empty() {
+                self.serial.set_input_waiting(true);
+                return;
+            }
+        }
+        let room = self.serial.rx_room();
+        if room == 0 {
+            // Unknown whether input waits: assume it does, so room opening wakes us.
+            self.serial.set_input_waiting(true);
+            return;
+        }
+        let mut buf = [0u8; FIFO_SIZE];
+        let want = room.min(buf.len());
+        let got = match self.backend.read(&mut buf[..want]) {
+            Ok(n) => n.min(want),
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                0
+            }
+            Err(e) => {
+                log::warn!("serial: backend {} read failed: {e}", self.backend.kind());
+                0
+            }
+        };
+        let taken = self.serial.receive(&buf[..got]);
+        self.carry.extend_from_slice(&buf[taken..got]);
+        // A full read may have left more behind; a short one drained the backend.
+        self.serial
+            .set_input_waiting(got == want || !self.carry.is_empty());
+    }
+
+    fn update_input_wanted(&mut self) {
+        // Input is wanted only while the UART has room now. While it waits for its next
+        // line slot the port's timer covers it instead: a readable fd that is not read would
+        // keep a level-triggered event loop spinning.
+        let wanted = self.carry.is_empty() && self.serial.rx_room() > 0;
+        if self.input_wanted != Some(wanted) {
+            self.backend.set_input_wanted(wanted);
+            self.input_wanted = Some(wanted);
+        }
+    }
+}
+
+/// Modem inputs for a backend's connection state.
+fn modem_for(backend: &dyn Backend) -> ModemInputs {
+    if backend.is_connected() {
+        ModemInputs::CONNECTED
+    } else {
+        ModemInputs::DISCONNECTED
+    }
+}
+
+/// The ISA bus turns an access wider than the device's 8-bit data path into consecutive byte
+/// cycles at increasing addresses, so a 16-bit `in` at the base reads RBR then IER. Bytes
+/// beyond the port's range float high on reads and are ignored on writes.
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        for (index, byte) in data.iter_mut().enumerate() {
+            *byte = match register_at(offset, index) {
+                Some(reg) => self.serial.read(reg),
+                None => UNCLAIMED_BYTE,
+            };
+        }
+        self.kick_if_needed();
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for (index, &byte) in data.iter().enumerate() {
+            if let Some(reg) = register_at(offset, index) {
+                self.serial.write(reg, byte);
+            }
+        }
+        self.kick_if_needed();
+    }
+}
+
+/// The register the `index`th byte of an access at `offset` reaches, if it is in range.
+fn register_at(offset: u64, index: usize) -> Option<u8> {
+    let addr = offset.checked_add(u64::try_from(index).ok()?)?;
+    if addr < SERIAL_PORT_SPAN {
+        u8::try_from(addr).ok()
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::serial::testing::{FakeClock, RecordingIrq};
+    use crate::serial::{
+        FCR_FIFO_ENABLE, FCR_RX_RESET, FCR_TX_RESET, IER_EDSSI, IER_ERBFI, IER_ETBEI, IIR_ID_MASK,
+        IIR_MSI, IIR_THRI, LCR_BREAK, LCR_DLAB, LCR_WORD_LENGTH_MASK, LSR_BI, LSR_DR, LSR_OE,
+        LSR_TEMT, LSR_THRE, MCR_OUT2, MSR_CTS, MSR_DCD, MSR_DCTS, MSR_DDCD, MSR_DDSR, MSR_DSR,
+        REG_DLL, REG_DLM, REG_IER, REG_IIR_FCR, REG_LCR, REG_LSR, REG_MCR, REG_MSR, REG_RBR_THR,
+        REG_SCR,
+    };
+
+    /// 8 data bits, no parity, 1 stop bit.
+    const LCR_8N1: u8 = LCR_WORD_LENGTH_MASK;
+    /// 115200 baud 8N1.
+    const C115200: u64 = 86_805;
+    /// 9600 baud 8N1.
+    const C9600: u64 = 1_041_666;
+
+    /// What the fake backend saw and what it will do, shared with the test.
+    #[derive(Default)]
+    struct FakeState {
+        out: Vec<u8>,
+        /// Bytes `write` accepts before refusing; `None` is unlimited.
+        budget: Option<usize>,
+        input: VecDeque<u8>,
+        read_sizes: Vec<usize>,
+        events: Vec<Event>,
+        connected: bool,
+        input_wanted: Option<bool>,
+        params: Vec<LineParams>,
+        breaks: usize,
+    }
+
+    struct FakeBackend(Arc<Mutex<FakeState>>);
+
+    impl FakeBackend {
+        fn boxed(connected: bool) -> (Box<dyn Backend>, Arc<Mutex<FakeState>>) {
+            let state = Arc::new(Mutex::new(FakeState {
+                connected,
+                ..FakeState::default()
+            }));
+            (Box::new(FakeBackend(state.clone())), state)
+        }
+
+        fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+            crate::bus::lock(&self.0)
+        }
+    }
+
+    impl Backend for FakeBackend {
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+        fn filename(&self) -> String {
+            "fake".into()
+        }
+        fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
+            Vec::new()
+        }
+        fn on_ready(&mut self, _fd: RawFd, _readiness: Readiness) {}
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let mut s = self.state();
+            s.read_sizes.push(buf.len());
+            let n = buf.len().min(s.input.len());
+            for (dst, src) in buf.iter_mut().zip(s.input.drain(..n)) {
+                *dst = src;
+            }
+            Ok(n)
+        }
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            let mut s = self.state();
+            let n = s.budget.map_or(data.len(), |b| b.min(data.len()));
+            if let Some(b) = s.budget.as_mut() {
+                *b -= n;
+            }
+            s.out.extend_from_slice(&data[..n]);
+            Ok(n)
+        }
+        fn set_input_wanted(&mut self, wanted: bool) {
+            self.state().input_wanted = Some(wanted);
+        }
+        fn is_connected(&self) -> bool {
+            self.state().connected
+        }
+        fn take_events(&mut self) -> Vec<Event> {
+            std::mem::take(&mut self.state().events)
+        }
+        fn send_break(&mut self) {
+            self.state().breaks += 1;
+        }
+        fn set_line_params(&mut self, params: LineParams) {
+            self.state().params.push(params);
+        }
+    }
+
+    struct Rig {
+        clock: Arc<FakeClock>,
+        port: SerialPort,
+        state: Arc<Mutex<FakeState>>,
+    }
+
+    impl Rig {
+        fn new(connected: bool) -> Rig {
+            let clock = Arc::new(FakeClock::default());
+            let irq = Arc::new(RecordingIrq::default());
+            let (backend, state) = FakeBackend::boxed(connected);
+            let port = SerialPort::new(SerialConfig::default(), irq, clock.clone(), backend)
+                .expect("eventfd");
+            Rig { clock, port, state }
+        }
+
+        /// Divisor, 8N1, FIFOs on, OUT2.
+        fn program(&mut self, divisor: u16) {
+            let [lo, hi] = divisor.to_le_bytes();
+            self.outb(REG_LCR, LCR_DLAB);
+            self.outb(REG_DLL, lo);
+            self.outb(REG_DLM, hi);
+            self.outb(REG_LCR, LCR_8N1);
+            self.outb(REG_IIR_FCR, FCR_FIFO_ENABLE | FCR_RX_RESET | FCR_TX_RESET);
+            self.outb(REG_MCR, MCR_OUT2);
+        }
+
+        fn outb(&mut self, reg: u8, value: u8) {
+            self.port.write(u64::from(reg), &[value]);
+        }
+
+        fn inb(&mut self, reg: u8) -> u8 {
+            let mut b = [0u8];
+            self.port.read(u64::from(reg), &mut b);
+            b[0]
+        }
+
+        fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+            crate::bus::lock(&self.state)
+        }
+
+        /// Whether the kick eventfd was written since the last look (and reset it).
+        fn kicked(&self) -> bool {
+            self.port.kick.read().is_ok()
+        }
+
+        /// Play the event loop on simulated time up to `until`: service, sleep to the
+        /// returned deadline, repeat.
+        fn run_until(&mut self, until: u64) {
+            for _ in 0..100_000 {
+                let now = self.clock.now_ns();
+                match self.port.service() {
+                    // Due already: service again at once.
+                    Some(t) if t <= now => {}
+                    Some(t) if t <= until => self.clock.set(t),
+                    _ if now >= until => return,
+                    _ => self.clock.set(until),
+                }
+            }
+            panic!("the port never settled (busy loop)");
+        }
+    }
+
+    #[test]
+    fn output_leaves_at_line_rate() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        rig.port.service();
+        let msg = b"hello, world";
+        for &b in msg {
+            rig.outb(REG_RBR_THR, b);
+        }
+        assert!(rig.kicked());
+        let n = msg.len() as u64;
+        // The transmitter goes idle after n characters: that is the collection deadline.
+        assert_eq!(rig.port.service(), Some(n * C115200));
+        // Part way: exactly the characters whose stop bit has ended.
+        rig.clock.set(5 * C115200 - 1);
+        rig.port.service();
+        assert_eq!(rig.state().out, b"hell");
+        rig.clock.set(5 * C115200);
+        rig.port.service();
+        assert_eq!(rig.state().out, b"hello");
+        rig.run_until(n * C115200);
+        assert_eq!(rig.state().out, msg);
+        assert_eq!(
+            rig.inb(REG_LSR) & (LSR_THRE | LSR_TEMT),
+            LSR_THRE | LSR_TEMT
+        );
+        assert_eq!(rig.port.service(), None);
+    }
+
+    #[test]
+    fn refused_output_holds_then_flows_without_loss() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        rig.state().budget = Some(0);
+        for &b in b"abc" {
+            rig.outb(REG_RBR_THR, b);
+        }
+        rig.run_until(10 * C115200);
+        assert!(rig.state().out.is_empty());
+        // Transmitter stalled: THRE and TEMT clear; no timer needed while the backend is full.
+        assert_eq!(rig.inb(REG_LSR) & (LSR_THRE | LSR_TEMT), 0);
+        assert_eq!(rig.port.service(), None);
+        // The backend takes one byte, then says it is writable again.
+        rig.state().budget = Some(1);
+        rig.state().events.push(Event::Writable);
+        rig.port.service();
+        assert_eq!(rig.state().out, b"a");
+        assert_eq!(rig.inb(REG_LSR) & LSR_THRE, 0);
+        rig.state().budget = None;
+        rig.state().events.push(Event::Writable);
+        rig.port.service();
+        rig.run_until(20 * C115200);
+        assert_eq!(rig.state().out, b"abc");
+        assert_eq!(
+            rig.inb(REG_LSR) & (LSR_THRE | LSR_TEMT),
+            LSR_THRE | LSR_TEMT
+        );
+        assert_eq!(rig.port.output_errors(), 0);
+    }
+
+    #[test]
+    fn input_pulled_no_faster_than_the_line() {
+        let mut rig = Rig::new(true);
+        rig.program(12);
+        rig.state().input.extend(b"abcdefgh".iter());
+        rig.clock.set(10 * C9600);
+        let start = rig.clock.now_ns();
+        let deadline = rig.port.service();
+        // One character now, the next slot one character time later.
+        assert_eq!(rig.state().read_sizes, vec![1]);
+        assert_eq!(deadline, Some(start + C9600));
+        assert_eq!(rig.state().input_wanted, Some(false));
+        // Halfway to the slot nothing more is read.
+        rig.clock.set(start + C9600 / 2);
+        rig.port.service();
+        assert_eq!(rig.state().read_sizes, vec![1]);
+        // Every read asks for at most the room the UART has.
+        rig.run_until(start + 5 * C9600);
+        {
+            let s = rig.state();
+            assert!(s.read_sizes.iter().all(|&n| n == 1), "{:?}", s.read_sizes);
+            assert_eq!(s.input.len(), 2);
+        }
+        let mut got = Vec::new();
+        while rig.inb(REG_LSR) & LSR_DR != 0 {
+            got.push(rig.inb(REG_RBR_THR));
+        }
+        assert_eq!(got, b"abcdef");
+        rig.run_until(start + 20 * C9600);
+        assert!(rig.state().input.is_empty());
+        // Input exhausted: the backend is asked to poll for more.
+        assert_eq!(rig.state().input_wanted, Some(true));
+    }
+
+    #[test]
+    fn full_fifo_stops_input_until_the_guest_reads() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        rig.state().input.extend([7u8; 40].iter());
+        rig.run_until(100 * C115200);
+        assert_eq!(rig.state().input.len(), 40 - FIFO_SIZE);
+        assert_eq!(rig.state().input_wanted, Some(false));
+        assert_eq!(rig.port.service(), None);
+        // Draining one byte opens room: the vCPU side kicks the event loop.
+        rig.inb(REG_RBR_THR);
+        assert!(rig.kicked());
+        rig.port.service();
+        assert_eq!(rig.state().input.len(), 40 - FIFO_SIZE - 1);
+        assert_eq!(rig.inb(REG_LSR) & LSR_OE, 0, "no overrun");
+    }
+
+    #[test]
+    fn connection_events_drive_msr() {
+        let mut rig = Rig::new(false);
+        rig.program(1);
+        rig.outb(REG_IER, IER_EDSSI);
+        assert_eq!(rig.inb(REG_MSR), 0);
+        rig.state().events.push(Event::Opened);
+        rig.port.service();
+        assert_eq!(rig.inb(REG_IIR_FCR) & IIR_ID_MASK, IIR_MSI);
+        assert_eq!(
+            rig.inb(REG_MSR),
+            MSR_DCD | MSR_DSR | MSR_CTS | MSR_DCTS | MSR_DDSR | MSR_DDCD
+        );
+        assert_eq!(rig.inb(REG_MSR), MSR_DCD | MSR_DSR | MSR_CTS);
+        rig.state().events.push(Event::Closed);
+        rig.port.service();
+        assert_eq!(rig.inb(REG_MSR), MSR_DCTS | MSR_DDSR | MSR_DDCD);
+    }
+
+    #[test]
+    fn backend_break_and_guest_break() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        rig.state().events.push(Event::Break);
+        rig.port.service();
+        assert_eq!(rig.inb(REG_LSR) & (LSR_BI | LSR_DR), LSR_BI | LSR_DR);
+        assert_eq!(rig.inb(REG_RBR_THR), 0);
+        rig.port.service();
+        assert_eq!(rig.state().breaks, 0);
+        rig.outb(REG_LCR, LCR_8N1 | LCR_BREAK);
+        assert!(rig.kicked());
+        rig.port.service();
+        rig.port.service();
+        assert_eq!(rig.state().breaks, 1);
+        rig.outb(REG_LCR, LCR_8N1);
+        rig.port.service();
+        rig.outb(REG_LCR, LCR_8N1 | LCR_BREAK);
+        rig.port.service();
+        assert_eq!(rig.state().breaks, 2);
+    }
+
+    #[test]
+    fn line_params_reach_the_backend_on_change() {
+        let mut rig = Rig::new(true);
+        rig.port.service();
+        assert_eq!(rig.state().params.len(), 1);
+        rig.program(3);
+        assert!(rig.kicked());
+        rig.port.service();
+        let last = *rig.state().params.last().expect("params sent");
+        assert_eq!(
+            last,
+            LineParams {
+                baud: 38400,
+                data_bits: 8,
+                parity: 'N',
+                stop_bits: 1
+            }
+        );
+        let sent = rig.state().params.len();
+        rig.port.service();
+        assert_eq!(rig.state().params.len(), sent);
+    }
+
+    #[test]
+    fn wide_accesses_are_byte_cycles() {
+        let mut rig = Rig::new(true);
+        rig.outb(REG_LCR, LCR_DLAB);
+        rig.port.write(u64::from(REG_DLL), &[0x34, 0x12]);
+        let mut two = [0u8; 2];
+        rig.port.read(u64::from(REG_DLL), &mut two);
+        assert_eq!(two, [0x34, 0x12]);
+        rig.outb(REG_LCR, LCR_8N1);
+        assert_eq!(rig.port.serial().line_params().baud, 115_200 / 0x1234);
+        rig.port.write(u64::from(REG_SCR), &[0xaa, 0xbb]);
+        rig.port.read(u64::from(REG_SCR), &mut two);
+        assert_eq!(two, [0xaa, UNCLAIMED_BYTE]);
+        let mut four = [0u8; 4];
+        rig.port.read(u64::MAX - 1, &mut four);
+        assert_eq!(four, [UNCLAIMED_BYTE; 4]);
+        rig.port.write(u64::MAX, &[1, 2]);
+    }
+
+    #[test]
+    fn interrupt_driven_tx_gets_its_timer() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        rig.outb(REG_IER, IER_ETBEI | IER_ERBFI);
+        assert_eq!(rig.inb(REG_IIR_FCR) & IIR_ID_MASK, IIR_THRI);
+        rig.port.service();
+        for b in 0..8u8 {
+            rig.outb(REG_RBR_THR, b);
+        }
+        // THRE rises when the 8th byte enters the shift register, after 7 characters.
+        assert_eq!(rig.port.service(), Some(7 * C115200));
+    }
+
+    #[test]
+    fn replace_backend_resyncs() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        rig.state().budget = Some(0);
+        rig.outb(REG_RBR_THR, b'q');
+        rig.run_until(3 * C115200);
+        assert!(rig.state().out.is_empty());
+        let (new, new_state) = FakeBackend::boxed(false);
+        let old = rig.port.replace_backend(new);
+        assert_eq!(old.kind(), "fake");
+        assert!(rig.kicked());
+        rig.port.service();
+        let s = crate::bus::lock(&new_state);
+        assert_eq!(s.out, b"q");
+        assert_eq!(s.params.len(), 1);
+        assert_eq!(s.input_wanted, Some(true));
+        drop(s);
+        assert_eq!(rig.inb(REG_MSR), MSR_DCTS | MSR_DDSR | MSR_DDCD);
+    }
+
+    #[test]
+    fn kick_only_when_needed() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        rig.port.service();
+        assert!(!rig.kicked());
+        // Register traffic that changes nothing the event loop cares about.
+        rig.outb(REG_SCR, 1);
+        rig.inb(REG_LSR);
+        rig.inb(REG_IER);
+        assert!(!rig.kicked());
+        rig.outb(REG_RBR_THR, b'x');
+        assert!(rig.kicked());
+        // Already kicked: more output before the service does not kick again.
+        rig.outb(REG_RBR_THR, b'y');
+        assert!(!rig.kicked());
+    }
+}

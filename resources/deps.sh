@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install the Debian packages minivmm's build, guest images and tests need, when missing.
+# Idempotent and quiet when everything is there.
+set -euo pipefail
+pkgs=()
+need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || pkgs+=("$1"); }
+for p in flex bison bc libelf-dev libssl-dev busybox-static cpio xz-utils make gcc binutils python3; do
+    need "$p"
+done
+if [ ${#pkgs[@]} -gt 0 ]; then
+    echo "deps: installing ${pkgs[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi

@@ -1,0 +1,287 @@
+//! The `minivmm` command line: option definitions, value parsing, and validation that turns
+//! every bad value into one line naming the option.
+//!
+//! Only syntax and static checks live here (a file exists, a size parses, a count is in
+//! range). Nothing here opens a device or touches KVM.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use thiserror::Error;
+
+use crate::layout::{COM_PORTS, MIN_MEMORY, MMIO_HOLE_START};
+
+/// Largest vCPU count accepted: one LAPIC id per vCPU, below the IOAPIC's id.
+pub const MAX_VCPUS: u8 = 254;
+/// Default guest RAM.
+pub const DEFAULT_MEMORY: &str = "256M";
+/// Largest guest RAM accepted (1 TiB): far above what this VMM is for, below overflow.
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// A KVM virtual machine monitor for the channels between a host and its guests.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "minivmm", version, about, long_about = None)]
+pub struct Cli {
+    /// Guest kernel: a bzImage (64-bit boot protocol) or an uncompressed ELF vmlinux with a
+    /// PVH entry note (booted through PVH, as Firecracker and Cloud Hypervisor do).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+
+    /// Initial ramdisk (cpio, optionally compressed) loaded high in guest RAM.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line. Default: "console=ttyS0 reboot=k panic=1".
+    #[arg(long, value_name = "CMDLINE")]
+    pub append: Option<String>,
+
+    /// Guest RAM: a number of bytes with an optional K, M, G or T suffix (binary units).
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEMORY)]
+    pub memory: String,
+
+    /// Number of vCPUs (1 to 254).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub smp: u32,
+
+    /// A COM port's backend, repeated for COM1, COM2, ... (up to 4): `stdio`, `file:PATH`,
+    /// `null`, `none`, and the other chardev forms. Default: one COM1 on stdio.
+    #[arg(long, value_name = "SPEC")]
+    pub serial: Vec<String>,
+
+    /// A name for the VM, shown in logs and (later) in the monitor's instance list.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+/// The validated machine configuration the VMM builds from.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest kernel image.
+    pub kernel: PathBuf,
+    /// Optional initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Backend spec per COM port, in port order.
+    pub serial: Vec<String>,
+    /// VM name.
+    pub name: String,
+}
+
+/// A rejected command-line value. The message names the option.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CliError {
+    /// The kernel image cannot be read.
+    #[error("--kernel: cannot read '{path}': {reason}")]
+    Kernel {
+        /// The path given.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The initrd cannot be read.
+    #[error("--initrd: cannot read '{path}': {reason}")]
+    Initrd {
+        /// The path given.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The memory size did not parse or is out of range.
+    #[error("--memory: {0}")]
+    Memory(String),
+    /// The vCPU count is out of range.
+    #[error("--smp: {0} vCPUs is out of range (1 to {max})", max = MAX_VCPUS)]
+    Smp(u32),
+    /// Too many serial ports.
+    #[error("--serial: at most {max} ports (COM1 to COM{max}), got {0}", max = COM_PORTS.len())]
+    TooManySerial(usize),
+    /// The command line is too long.
+    #[error("--append: the command line is {0} bytes, the limit is {max}", max = crate::layout::CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(usize),
+}
+
+/// Default kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Parse a size such as `256M`, `1G`, `65536`, `512k`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty size".into());
+    }
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => {
+                    return Err(format!(
+                        "'{s}' has an unknown unit '{c}' (use K, M, G or T)"
+                    ))
+                }
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 256M, 1G, 1048576)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+impl Cli {
+    /// Check every value and build the machine configuration.
+    pub fn validate(&self) -> Result<VmConfig, CliError> {
+        std::fs::File::open(&self.kernel).map_err(|e| CliError::Kernel {
+            path: self.kernel.display().to_string(),
+            reason: io_reason(&e),
+        })?;
+        if let Some(initrd) = &self.initrd {
+            std::fs::File::open(initrd).map_err(|e| CliError::Initrd {
+                path: initrd.display().to_string(),
+                reason: io_reason(&e),
+            })?;
+        }
+        let memory = parse_size(&self.memory).map_err(CliError::Memory)?;
+        if memory < MIN_MEMORY {
+            return Err(CliError::Memory(format!(
+                "'{}' is too small: at least {} MiB",
+                self.memory,
+                MIN_MEMORY >> 20
+            )));
+        }
+        if memory > MAX_MEMORY {
+            return Err(CliError::Memory(format!(
+                "'{}' is too large: at most {} GiB",
+                self.memory,
+                MAX_MEMORY >> 30
+            )));
+        }
+        if memory % 4096 != 0 {
+            return Err(CliError::Memory(format!(
+                "'{}' is not a multiple of 4 KiB",
+                self.memory
+            )));
+        }
+        let vcpus = match u8::try_from(self.smp) {
+            Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
+            _ => return Err(CliError::Smp(self.smp)),
+        };
+        if self.serial.len() > COM_PORTS.len() {
+            return Err(CliError::TooManySerial(self.serial.len()));
+        }
+        let cmdline = self
+            .append
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        if cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
+            return Err(CliError::CmdlineTooLong(cmdline.len()));
+        }
+        let serial = if self.serial.is_empty() {
+            vec!["stdio".to_string()]
+        } else {
+            self.serial.clone()
+        };
+        Ok(VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline,
+            memory,
+            vcpus,
+            serial,
+            name: self
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("minivmm-{}", std::process::id())),
+        })
+    }
+}
+
+/// Above 3 GiB of RAM the rest goes above 4 GiB; this says how much sits below the hole.
+pub fn low_memory(total: u64) -> u64 {
+    total.min(MMIO_HOLE_START)
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut v = vec!["minivmm", "--kernel", "/dev/null"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn defaults_give_one_vcpu_256m_and_stdio_console() {
+        let c = cli(&[]).validate().unwrap();
+        assert_eq!(c.memory, 256 << 20);
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.serial, vec!["stdio"]);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn bad_values_name_their_option() {
+        let e = cli(&["--memory", "lots"]).validate().unwrap_err();
+        assert!(e.to_string().starts_with("--memory:"), "{e}");
+        let e = cli(&["--memory", "1M"]).validate().unwrap_err();
+        assert!(e.to_string().contains("too small"), "{e}");
+        let e = cli(&["--smp", "0"]).validate().unwrap_err();
+        assert!(e.to_string().starts_with("--smp:"), "{e}");
+        let e = cli(&["--smp", "300"]).validate().unwrap_err();
+        assert!(e.to_string().starts_with("--smp:"), "{e}");
+        let five: Vec<&str> = ["--serial", "stdio"].repeat(5);
+        let e = cli(&five).validate().unwrap_err();
+        assert!(e.to_string().starts_with("--serial:"), "{e}");
+        let long = "x".repeat(3000);
+        let e = cli(&["--append", &long]).validate().unwrap_err();
+        assert!(e.to_string().starts_with("--append:"), "{e}");
+    }
+
+    #[test]
+    fn missing_kernel_file_names_kernel() {
+        let c = Cli::try_parse_from(["minivmm", "--kernel", "/nonexistent/vmlinux"]).unwrap();
+        let e = c.validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--kernel: cannot read '/nonexistent/vmlinux': no such file"
+        );
+    }
+
+    #[test]
+    fn memory_splits_around_the_hole() {
+        assert_eq!(low_memory(256 << 20), 256 << 20);
+        assert_eq!(low_memory(4 << 30), MMIO_HOLE_START);
+    }
+}

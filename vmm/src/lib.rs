@@ -1,0 +1,14 @@
+//! minivmm's VMM: KVM, guest memory, vCPUs, boot, machine layout, ACPI, buses, the event
+//! loop and the command line. Devices live in the `devices` crate, backends in `chardev`.
+
+pub mod acpi;
+pub mod boot;
+pub mod cli;
+pub mod cpu;
+pub mod event_loop;
+pub mod irq;
+pub mod layout;
+pub mod memory;
+pub mod serial;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,261 @@
+//! Building and running a VM: KVM VM and irqchip, guest RAM, the boot images and ACPI tables,
+//! the legacy devices on the port-I/O bus, the vCPU threads, and the event loop that runs on
+//! the calling thread until the guest powers off, resets, crashes or a signal stops it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chardev::spec::SerialArg;
+use devices::bus::{Bus, SharedDevice};
+use devices::power::{AcpiPm, I8042};
+use devices::serial::SerialConfig;
+use devices::serial_port::SerialPort;
+use devices::{Clock, MonotonicClock};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::acpi::{self, ComPort};
+use crate::boot;
+use crate::cli::VmConfig;
+use crate::cpu;
+use crate::event_loop::{block_stop_signals, Lifecycle, SignalFd};
+use crate::irq::IrqLines;
+use crate::layout::{
+    ACPI_PM_BASE, ACPI_PM_LEN, COM_PORTS, COM_PORT_SIZE, I8042_DATA_PORT, I8042_PORT_LEN,
+};
+use crate::serial::SerialHandler;
+use crate::vcpu::{self, ExitLatch, VcpuContext, VmExit};
+
+/// TSS address KVM needs on Intel hosts (three pages just below the BIOS ROM window).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Identity-map page KVM needs on Intel hosts, just below the TSS.
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Errors while building or running the VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    /// Opening /dev/kvm failed.
+    #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A KVM VM ioctl failed.
+    #[error("KVM {0} failed")]
+    KvmIoctl(&'static str, #[source] kvm_ioctls::Error),
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate guest memory")]
+    Memory(#[source] vm_memory::mmap::FromRangesError),
+    /// Loading the kernel or initrd failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Writing ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// vCPU set-up failed.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// A device could not be placed on a bus.
+    #[error("device bus")]
+    Bus(#[from] devices::bus::BusError),
+    /// A `--serial` value is invalid.
+    #[error("--serial: {0}")]
+    SerialSpec(String),
+    /// A chardev backend could not be opened.
+    #[error("--serial: cannot open COM{index} backend")]
+    SerialBackend {
+        /// 1-based port.
+        index: usize,
+        /// Why.
+        #[source]
+        source: chardev::Error,
+    },
+    /// A COM port could not be created.
+    #[error("cannot create serial port")]
+    SerialPort(#[source] devices::serial_port::SerialPortError),
+    /// An OS call failed.
+    #[error("{0}")]
+    Io(&'static str, #[source] std::io::Error),
+    /// The event loop failed.
+    #[error("event loop")]
+    EventLoop(#[source] event_manager::Error),
+}
+
+/// Longest time spent draining device output after the guest stopped.
+const EXIT_DRAIN_TIME: Duration = Duration::from_millis(500);
+/// Draining ends once the event loop has been idle this long (ms).
+const EXIT_DRAIN_IDLE_MS: i32 = 30;
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A built VM, ready to run.
+pub struct Vm {
+    vcpus: Vec<VcpuContext>,
+    event_manager: EventManager<Subscriber>,
+    exit: Arc<ExitLatch>,
+}
+
+impl Vm {
+    /// Build the VM described by `config`.
+    pub fn new(config: &VmConfig) -> Result<Vm, VmError> {
+        block_stop_signals().map_err(|e| VmError::Io("cannot block signals", e))?;
+        let signals = SignalFd::new().map_err(|e| VmError::Io("cannot create signalfd", e))?;
+
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let kvm_vm = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VM", e))?,
+        );
+        let mem = crate::memory::create_guest_memory(config.memory).map_err(VmError::Memory)?;
+        register_memory(&kvm_vm, &mem)?;
+        kvm_vm
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| VmError::KvmIoctl("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        kvm_vm
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| VmError::KvmIoctl("KVM_SET_TSS_ADDR", e))?;
+        kvm_vm
+            .create_irq_chip()
+            .map_err(|e| VmError::KvmIoctl("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        kvm_vm
+            .create_pit2(pit)
+            .map_err(|e| VmError::KvmIoctl("KVM_CREATE_PIT2", e))?;
+
+        let exit = ExitLatch::new().map_err(|e| VmError::Io("cannot create eventfd", e))?;
+        let irqs = IrqLines::new(kvm_vm.clone());
+        let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
+        let mut event_manager: EventManager<Subscriber> =
+            EventManager::new().map_err(VmError::EventLoop)?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(Lifecycle::new(exit.clone(), signals))));
+
+        let mut pio = Bus::new();
+        let mut com_ports = Vec::new();
+        for (i, spec) in config.serial.iter().enumerate() {
+            let (base, irq) = COM_PORTS[i];
+            let id = format!("serial{i}");
+            let arg = chardev::spec::parse_serial(spec, &id)
+                .map_err(|e| VmError::SerialSpec(e.to_string()))?;
+            let backend_spec = match arg {
+                SerialArg::None => continue,
+                SerialArg::Spec(s) => s,
+                SerialArg::Chardev(name) => {
+                    return Err(VmError::SerialSpec(format!(
+                        "chardev:{name}: no --chardev with that id"
+                    )))
+                }
+            };
+            let backend =
+                chardev::create(&backend_spec).map_err(|source| VmError::SerialBackend {
+                    index: i + 1,
+                    source,
+                })?;
+            let port = SerialPort::new(
+                SerialConfig::default(),
+                irqs.source(irq),
+                clock.clone(),
+                backend,
+            )
+            .map_err(VmError::SerialPort)?;
+            let port = Arc::new(Mutex::new(port));
+            pio.insert(port.clone() as SharedDevice, u64::from(base), COM_PORT_SIZE)?;
+            let handler = SerialHandler::new(port.clone(), clock.clone())
+                .map_err(|e| VmError::Io("cannot create serial timer", e))?;
+            event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+            com_ports.push(ComPort {
+                index: (i + 1) as u8,
+                base,
+                irq,
+            });
+        }
+        let power: Arc<dyn devices::power::PowerControl> = exit.clone();
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(power.clone()))) as SharedDevice,
+            u64::from(I8042_DATA_PORT),
+            I8042_PORT_LEN,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPm::new(power))) as SharedDevice,
+            u64::from(ACPI_PM_BASE),
+            ACPI_PM_LEN,
+        )?;
+
+        let rsdp = acpi::create_acpi_tables(&mem, config.vcpus, &com_ports, &[])?;
+        let boot = boot::load(
+            &mem,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+            rsdp,
+        )?;
+
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::KvmIoctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = kvm_vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VCPU", e))?;
+            cpu::configure_vcpu(&fd, id, &cpuid, &mem, boot.mode)?;
+            vcpus.push(VcpuContext {
+                id,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: mem.clone(),
+                exit: exit.clone(),
+            });
+        }
+        Ok(Vm {
+            vcpus,
+            event_manager,
+            exit,
+        })
+    }
+
+    /// Run until the guest stops; returns how it ended. The event loop runs on this thread.
+    pub fn run(mut self) -> Result<VmExit, VmError> {
+        let mut threads = Vec::new();
+        for ctx in self.vcpus.drain(..) {
+            threads.push(vcpu::spawn(ctx).map_err(|e| VmError::Io("cannot spawn vCPU thread", e))?);
+        }
+        while !self.exit.stopping() {
+            self.event_manager.run().map_err(VmError::EventLoop)?;
+        }
+        // Let the paced UARTs and the backends' buffers drain what the guest wrote before it
+        // stopped (its last console lines), for a bounded time.
+        let deadline = Instant::now() + EXIT_DRAIN_TIME;
+        while Instant::now() < deadline {
+            match self.event_manager.run_with_timeout(EXIT_DRAIN_IDLE_MS) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        Ok(self.exit.reason().unwrap_or(VmExit::PowerOff))
+    }
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the VM keeps (vCPU contexts
+        // hold clones) for as long as the guest runs; size and address come from the mapping.
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(|e| VmError::KvmIoctl("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(())
+}
