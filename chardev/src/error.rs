@@ -1,7 +1,7 @@
 //! Error types of the chardev crate.
 //!
 //! [`SpecError`] is what the option parser returns: one short line naming the chardev and the
-//! offending option, fit to print after `minivmm: `. [`Error`] is what creating, registering or
+//! offending option, fit to print after `minivmm: `. [`enum@Error`] is what creating, registering or
 //! waiting on a backend returns; it wraps the OS error as its `source` and does not repeat it in
 //! its own message. This module must not format anything over several lines.
 

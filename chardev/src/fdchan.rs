@@ -2,7 +2,7 @@
 //! and `serial` build on.
 //!
 //! An [`FdChannel`] owns (or borrows, for stdio) an input fd and an output fd and drives them
-//! with a [`Stream`]. Its peer is always "connected"; an output fd that fails for good (a pipe
+//! with a `Stream`. Its peer is always "connected"; an output fd that fails for good (a pipe
 //! whose reader left, a full disk) makes later output count as dropped instead of blocking the
 //! guest forever.
 //!

@@ -8,6 +8,20 @@
 //! - [`create`] turns a spec into a `Box<dyn Backend>`;
 //! - [`Registry`] keeps named chardevs, hands them to frontends and refuses to remove busy ones;
 //! - [`mux::Mux`] shares one backend between several frontends (Ctrl-A escapes).
+//!
+//! # Driving a backend
+//!
+//! The event loop is level-triggered. After registering `poll_fds()` it calls `on_ready` for
+//! each ready fd, then `take_events()`, then re-reads `poll_fds()`; it does the same after any
+//! frontend call (`read`, `write`, `set_input_wanted`). On `Readable` the frontend pulls with
+//! `read` until it returns 0 or the frontend is full (then `set_input_wanted(false)`). A peer
+//! closing is seen when the frontend pulls the end of input, or when a write fails: a frontend
+//! that never reads notices a disconnect only through its writes (or, for a pty, the periodic
+//! hangup check). After a mux's Ctrl-A x, `take_exit_request()` returns true once.
+//!
+//! Before starting vCPUs the VMM calls `wait_for_client` (or [`Registry::wait_for_clients`])
+//! for `wait=on` servers; that is the only blocking call. On fatal paths that skip destructors
+//! it calls [`restore_terminal`] (also registered with `atexit`).
 
 pub mod backend;
 pub mod buffer;
@@ -23,7 +37,7 @@ pub mod socket;
 pub mod spec;
 pub mod stdio;
 mod stream;
-pub mod sys;
+mod sys;
 pub mod udp;
 
 #[cfg(test)]
@@ -36,7 +50,8 @@ pub use spec::{parse_serial, BackendSpec, ChardevSpec, SerialArg};
 pub use stdio::restore_terminal;
 pub use sys::ignore_sigpipe;
 
-/// Create the backend `spec` describes, with its `logfile=` wrapper if any. A `mux` spec needs
+/// Create the backend `spec` describes, with its `logfile=` wrapper if any. A `wait=on` server
+/// does not wait here: see [`Backend::wait_for_client`]. A `mux` spec needs
 /// the [`Registry`] (it names another chardev) and `mux=on` is the registry's business too:
 /// here it is ignored and the plain backend is created.
 pub fn create(spec: &ChardevSpec) -> Result<Box<dyn Backend>> {

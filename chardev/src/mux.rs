@@ -286,7 +286,9 @@ fn lock(core: &Arc<Mutex<Core>>) -> MutexGuard<'_, Core> {
 
 impl Mux {
     /// A mux named `id` over `base`.
-    pub fn new(id: &str, base: Box<dyn Backend>) -> Self {
+    pub fn new(id: &str, mut base: Box<dyn Backend>) -> Self {
+        // Events from before any frontend existed: each frontend learns the state on attach.
+        base.take_events();
         Mux {
             core: Arc::new(Mutex::new(Core {
                 id: id.to_string(),
@@ -485,5 +487,185 @@ impl Backend for MuxFrontend {
             Some(Some(f)) => std::mem::take(&mut f.exit),
             _ => false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::socket::SocketBackend;
+    use crate::spec::{SocketAddrSpec, SocketSpec};
+    use crate::sys;
+    use crate::testutil::{pump_many, DEADLINE};
+    use std::io::{Read, Write};
+    use std::os::unix::io::IntoRawFd;
+    use std::os::unix::net::UnixStream;
+
+    /// A mux over a connected socket whose other end the test holds.
+    fn setup() -> (Mux, MuxFrontend, MuxFrontend, UnixStream) {
+        let (mine, theirs) = UnixStream::pair().unwrap();
+        theirs.set_read_timeout(Some(DEADLINE)).unwrap();
+        let spec = SocketSpec {
+            addr: SocketAddrSpec::Fd(mine.into_raw_fd()),
+            server: false,
+            wait: false,
+            nodelay: false,
+            reconnect_ms: 0,
+            backlog: 1024,
+        };
+        let base = SocketBackend::open("base", &spec).unwrap();
+        let mut m = Mux::new("m", Box::new(base));
+        let a = m.add_frontend().unwrap();
+        let b = m.add_frontend().unwrap();
+        (m, a, b, theirs)
+    }
+
+    /// Run the event loop over both frontends, reading input like frontends do, until `done`.
+    fn run(
+        a: &mut MuxFrontend,
+        b: &mut MuxFrontend,
+        got: &mut [Vec<u8>; 2],
+        evs: &mut [Vec<Event>; 2],
+        done: impl Fn(&[Vec<u8>; 2], &[Vec<Event>; 2]) -> bool,
+    ) {
+        let end = std::time::Instant::now() + DEADLINE;
+        while !done(got, evs) {
+            assert!(
+                std::time::Instant::now() < end,
+                "mux stuck: {got:?} {evs:?}"
+            );
+            pump_many(&mut [&mut *a, &mut *b], 10);
+            for (i, f) in [&mut *a, &mut *b].into_iter().enumerate() {
+                evs[i].extend(f.take_events());
+                let mut buf = [0u8; 64];
+                loop {
+                    let n = f.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got[i].extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn input_follows_focus_output_from_all() {
+        let (m, mut a, mut b, mut peer) = setup();
+        assert_eq!(m.frontends(), 2);
+        let mut got = [Vec::new(), Vec::new()];
+        let mut evs = [Vec::new(), Vec::new()];
+        // Both saw the base already connected.
+        run(&mut a, &mut b, &mut got, &mut evs, |_, e| {
+            e[0].contains(&Event::Opened) && e[1].contains(&Event::Opened)
+        });
+        assert_eq!(
+            evs,
+            [vec![Event::Opened], vec![Event::Opened]],
+            "one Opened each"
+        );
+        peer.write_all(b"to a").unwrap();
+        run(&mut a, &mut b, &mut got, &mut evs, |g, _| g[0] == b"to a");
+        // Ctrl-A c switches focus mid-read: the rest goes to b.
+        peer.write_all(b"\x01cto b\x01\x01").unwrap();
+        run(&mut a, &mut b, &mut got, &mut evs, |g, _| {
+            g[1] == b"to b\x01"
+        });
+        assert_eq!(got[0], b"to a");
+        assert_eq!(m.focus(), 1);
+        peer.write_all(b"more b").unwrap();
+        run(&mut a, &mut b, &mut got, &mut evs, |g, _| {
+            g[1] == b"to b\x01more b"
+        });
+        // Ctrl-A b: a break for the focused frontend only.
+        peer.write_all(b"\x01b").unwrap();
+        run(&mut a, &mut b, &mut got, &mut evs, |_, e| {
+            e[1].contains(&Event::Break)
+        });
+        assert!(!evs[0].contains(&Event::Break));
+        // Output from either frontend reaches the peer.
+        a.write(b"A").unwrap();
+        b.write(b"B").unwrap();
+        let mut out = [0u8; 2];
+        peer.read_exact(&mut out).unwrap();
+        assert_eq!(&out, b"AB");
+        // Back to a.
+        peer.write_all(b"\x01cagain a").unwrap();
+        run(&mut a, &mut b, &mut got, &mut evs, |g, _| {
+            g[0] == b"to aagain a"
+        });
+        assert_eq!(m.focus(), 0);
+    }
+
+    #[test]
+    fn escapes_exit_timestamps_help() {
+        let (_m, mut a, mut b, mut peer) = setup();
+        let mut got = [Vec::new(), Vec::new()];
+        let mut evs = [Vec::new(), Vec::new()];
+        peer.write_all(b"\x01t").unwrap();
+        run(&mut a, &mut b, &mut got, &mut evs, |_, _| {
+            // Timestamps are on once the escape has been read.
+            lock(&_m.core).timestamps
+        });
+        // With timestamps on, a write stops after a newline so the next line gets its stamp.
+        assert_eq!(a.write(b"line one\nline two\n").unwrap(), 9);
+        assert_eq!(a.write(b"line two\n").unwrap(), 9);
+        let mut out = vec![0u8; 2 * 15 + 9 + 9];
+        peer.read_exact(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text:?}");
+        for (l, want) in lines.iter().zip(["line one", "line two"]) {
+            assert!(
+                l.starts_with("[00:00:0") && l.ends_with(want) && l.len() == 15 + 8,
+                "{l:?}"
+            );
+        }
+        peer.write_all(b"\x01h").unwrap();
+        run(&mut a, &mut b, &mut got, &mut evs, |_, _| {
+            let r = sys::poll_one(peer.as_raw_fd(), libc::POLLIN, 0).unwrap();
+            r & libc::POLLIN != 0
+        });
+        let mut help = vec![0u8; HELP.len()];
+        peer.read_exact(&mut help).unwrap();
+        assert_eq!(help, HELP);
+        peer.write_all(b"\x01x").unwrap();
+        run(&mut a, &mut b, &mut got, &mut evs, |_, _| {
+            lock(&_m.core).fronts[1].as_ref().unwrap().exit
+        });
+        assert!(a.take_exit_request());
+        assert!(b.take_exit_request());
+        assert!(!a.take_exit_request());
+        assert!(
+            got[0].is_empty() && got[1].is_empty(),
+            "escapes leaked: {got:?}"
+        );
+    }
+
+    #[test]
+    fn one_driver_reports_base_fds_and_hands_over() {
+        let (mut m, a, b, _peer) = setup();
+        let base_fds = m.with_base(|bk| bk.poll_fds());
+        assert!(!base_fds.is_empty());
+        let fa = a.poll_fds();
+        let fb = b.poll_fds();
+        assert_eq!(fa.len(), 1 + base_fds.len(), "driver reports base fds");
+        assert_eq!(fb.len(), 1, "others only their eventfd");
+        let kick_b = fb[0].0;
+        drop(a);
+        // b is the driver and the focus now, and was woken to re-read its fds.
+        assert_ne!(
+            sys::poll_one(kick_b, libc::POLLIN, 0).unwrap() & libc::POLLIN,
+            0
+        );
+        assert_eq!(b.poll_fds().len(), 1 + base_fds.len());
+        assert_eq!(m.focus(), 1);
+        let _c = m.add_frontend().unwrap();
+        let _d = m.add_frontend().unwrap();
+        let _e = m.add_frontend().unwrap();
+        assert_eq!(
+            m.add_frontend().err().unwrap().to_string(),
+            "chardev 'm': too many mux frontends"
+        );
     }
 }

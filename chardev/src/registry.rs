@@ -302,3 +302,189 @@ impl Registry {
         Ok(timed_out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{read_n, wait_event};
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    fn add(r: &mut Registry, s: &str) -> Result<()> {
+        r.add(&ChardevSpec::parse(s)?)
+    }
+
+    #[test]
+    fn add_take_busy_remove() {
+        let mut r = Registry::new();
+        add(&mut r, "ringbuf,id=rb,size=16").unwrap();
+        assert_eq!(
+            add(&mut r, "null,id=rb").unwrap_err().to_string(),
+            "chardev with id 'rb' already exists"
+        );
+        assert_eq!(
+            add(&mut r, "bogus,id=x").unwrap_err().to_string(),
+            "unknown chardev backend 'bogus'"
+        );
+        let mut h = r.take("rb").unwrap();
+        assert!(r.in_use("rb").unwrap());
+        assert_eq!(
+            r.take("rb").err().unwrap().to_string(),
+            "chardev 'rb' is already in use"
+        );
+        assert_eq!(
+            r.remove("rb").unwrap_err().to_string(),
+            "chardev 'rb' is busy"
+        );
+        // The registry still reaches it while the frontend uses it (ringbuf-read).
+        h.write(b"guest said").unwrap();
+        let got = r.with("rb", |b| b.ringbuf_read(64)).unwrap().unwrap();
+        assert_eq!(got, b"guest said");
+        drop(h);
+        assert!(!r.in_use("rb").unwrap());
+        r.remove("rb").unwrap();
+        assert_eq!(
+            r.remove("rb").unwrap_err().to_string(),
+            "chardev 'rb' not found"
+        );
+        assert!(r.take("nope").is_err());
+    }
+
+    #[test]
+    fn change_swaps_under_the_frontend() {
+        let mut r = Registry::new();
+        add(&mut r, "null,id=c").unwrap();
+        let mut h = r.take("c").unwrap();
+        h.write(b"into null").unwrap();
+        let rb = crate::create(&ChardevSpec::parse("ringbuf,id=c").unwrap()).unwrap();
+        let old = r.change("c", rb).unwrap();
+        assert_eq!(old.kind(), "null");
+        assert_eq!(h.kind(), "ringbuf");
+        // null was connected, so is the ringbuf: Closed then Opened.
+        assert_eq!(h.take_events(), vec![Event::Closed, Event::Opened]);
+        h.write(b"into ring").unwrap();
+        assert_eq!(h.ringbuf_read(64).unwrap(), b"into ring");
+    }
+
+    #[test]
+    fn list_reports_each_chardev() {
+        let mut r = Registry::new();
+        add(&mut r, "null,id=a").unwrap();
+        add(&mut r, "ringbuf,id=b").unwrap();
+        let _h = r.take("b").unwrap();
+        let l = r.list();
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            (l[0].label.as_str(), l[0].kind, l[0].in_use),
+            ("a", "null", false)
+        );
+        assert_eq!(
+            (l[1].label.as_str(), l[1].kind, l[1].in_use),
+            ("b", "ringbuf", true)
+        );
+    }
+
+    #[test]
+    fn mux_on_registers_base_and_mux_and_guards_removal() {
+        let mut r = Registry::new();
+        add(&mut r, "ringbuf,id=con,mux=on").unwrap();
+        assert_eq!(r.ids(), vec!["con".to_string(), "con-base".to_string()]);
+        assert_eq!(
+            r.remove("con-base").unwrap_err().to_string(),
+            "chardev 'con-base' is busy"
+        );
+        let mut uart = r.take("con").unwrap();
+        let mut mon = r.take("con").unwrap();
+        uart.write(b"u").unwrap();
+        mon.write(b"m").unwrap();
+        assert_eq!(
+            r.with("con-base", |b| b.ringbuf_read(8)).unwrap().unwrap(),
+            b"um"
+        );
+        assert_eq!(
+            r.remove("con").unwrap_err().to_string(),
+            "chardev 'con' is busy"
+        );
+        drop(uart);
+        drop(mon);
+        r.remove("con").unwrap();
+        r.remove("con-base").unwrap();
+        // A mux over an existing chardev.
+        add(&mut r, "null,id=base").unwrap();
+        add(&mut r, "mux,id=m,chardev=base").unwrap();
+        assert!(r.in_use("base").unwrap());
+        assert_eq!(
+            add(&mut r, "mux,id=m2,chardev=missing")
+                .unwrap_err()
+                .to_string(),
+            "chardev 'missing' not found"
+        );
+        assert_eq!(
+            crate::create(&ChardevSpec::parse("mux,id=m3,chardev=base").unwrap())
+                .err()
+                .unwrap()
+                .to_string(),
+            "chardev 'm3': a mux needs the chardev registry"
+        );
+    }
+
+    #[test]
+    fn wait_for_clients_times_out_per_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.sock");
+        let mut r = Registry::new();
+        add(
+            &mut r,
+            &format!("socket,id=w,path={},server=on", path.display()),
+        )
+        .unwrap();
+        add(&mut r, "null,id=n").unwrap();
+        let t = Some(std::time::Duration::from_millis(10));
+        assert_eq!(r.wait_for_clients(t).unwrap(), vec!["w".to_string()]);
+        let _c = UnixStream::connect(&path).unwrap();
+        assert!(r.wait_for_clients(t).unwrap().is_empty());
+        assert!(r.list()[1].connected);
+    }
+
+    #[test]
+    fn logfile_records_output_with_and_without_a_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sock");
+        let log = dir.path().join("out.log");
+        let spec = format!(
+            "socket,id=s,path={},server=on,wait=off,backlog=0,logfile={}",
+            path.display(),
+            log.display()
+        );
+        let mut b = crate::create(&ChardevSpec::parse(&spec).unwrap()).unwrap();
+        b.write(b"nobody listening;").unwrap();
+        assert_eq!(b.dropped_bytes(), 17);
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.set_read_timeout(Some(crate::testutil::DEADLINE)).unwrap();
+        wait_event(b.as_mut(), |e| *e == Event::Opened);
+        b.write(b" now someone").unwrap();
+        let mut got = [0u8; 12];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b" now someone");
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            b"nobody listening; now someone"
+        );
+        // Input is not logged.
+        std::io::Write::write_all(&mut c, b"typed").unwrap();
+        assert_eq!(read_n(b.as_mut(), 5), b"typed");
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            b"nobody listening; now someone"
+        );
+        drop(b);
+        // logappend=on keeps what was there.
+        let spec = format!("null,id=n,logfile={},logappend=on", log.display());
+        let mut b = crate::create(&ChardevSpec::parse(&spec).unwrap()).unwrap();
+        b.write(b"!").unwrap();
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            b"nobody listening; now someone!"
+        );
+    }
+}

@@ -323,8 +323,7 @@ impl Link {
             let n = s.write(data);
             self.flush();
             if self.stream.is_some() {
-                let _ = n;
-                return data.len();
+                return n;
             }
             // The peer went away during the flush: what it did not take is in the ring now.
             self.ring.push(&data[n..]);
@@ -364,11 +363,5 @@ impl Link {
     /// Bytes dropped by the replay ring.
     pub(crate) fn dropped(&self) -> u64 {
         self.ring.dropped()
-    }
-
-    /// Bytes waiting in the replay ring.
-    #[cfg(test)]
-    pub(crate) fn backlog_len(&self) -> usize {
-        self.ring.len()
     }
 }

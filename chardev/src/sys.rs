@@ -1,7 +1,7 @@
 //! Small safe wrappers over the libc calls the backends share: file status flags, non-blocking
 //! read/write/send, fd classification, termios, one-shot poll.
 //!
-//! Every function here is non-blocking on a non-blocking fd (the one-shot [`poll_one`] blocks
+//! Every function here is non-blocking on a non-blocking fd (the one-shot `poll_one` blocks
 //! at most for the timeout it is given). This module must not keep state.
 
 use std::io;

@@ -59,15 +59,6 @@ pub fn pump(b: &mut dyn Backend, timeout_ms: i32) -> bool {
     pump_many(&mut [b], timeout_ms)
 }
 
-/// Pump `b` until `cond` holds; panics after [`DEADLINE`].
-pub fn pump_until(b: &mut dyn Backend, mut cond: impl FnMut(&mut dyn Backend) -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !cond(b) {
-        assert!(Instant::now() < end, "timed out pumping {}", b.filename());
-        pump(b, 10);
-    }
-}
-
 /// Pump and pull input until `n` bytes arrived; panics after [`DEADLINE`].
 pub fn read_n(b: &mut dyn Backend, n: usize) -> Vec<u8> {
     let mut got = Vec::new();

@@ -66,8 +66,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// vCPU count.
     pub vcpus: u8,
-    /// Backend spec per COM port, in port order.
-    pub serial: Vec<String>,
+    /// Backend per COM port, in port order (COM1 first).
+    pub serial: Vec<chardev::SerialArg>,
     /// VM name.
     pub name: String,
 }
@@ -100,6 +100,12 @@ pub enum CliError {
     /// Too many serial ports.
     #[error("--serial: at most {max} ports (COM1 to COM{max}), got {0}", max = COM_PORTS.len())]
     TooManySerial(usize),
+    /// A `--serial` value does not parse.
+    #[error("--serial: {0}")]
+    Serial(chardev::SpecError),
+    /// `--serial chardev:ID` names no `--chardev`.
+    #[error("--serial: chardev:{0}: no --chardev with that id")]
+    UnknownChardev(String),
     /// The command line is too long.
     #[error("--append: the command line is {0} bytes, the limit is {max}", max = crate::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
@@ -186,11 +192,23 @@ impl Cli {
         if cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
             return Err(CliError::CmdlineTooLong(cmdline.len()));
         }
-        let serial = if self.serial.is_empty() {
+        let specs = if self.serial.is_empty() {
             vec!["stdio".to_string()]
         } else {
             self.serial.clone()
         };
+        let serial = specs
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| chardev::parse_serial(spec, &format!("serial{i}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CliError::Serial)?;
+        if let Some(chardev::SerialArg::Chardev(id)) = serial
+            .iter()
+            .find(|a| matches!(a, chardev::SerialArg::Chardev(_)))
+        {
+            return Err(CliError::UnknownChardev(id.clone()));
+        }
         Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -247,7 +265,8 @@ mod tests {
         let c = cli(&[]).validate().unwrap();
         assert_eq!(c.memory, 256 << 20);
         assert_eq!(c.vcpus, 1);
-        assert_eq!(c.serial, vec!["stdio"]);
+        assert_eq!(c.serial.len(), 1);
+        assert!(matches!(&c.serial[0], chardev::SerialArg::Spec(s) if s.backend.kind() == "stdio"));
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
     }
 
@@ -263,6 +282,10 @@ mod tests {
         assert!(e.to_string().starts_with("--smp:"), "{e}");
         let five: Vec<&str> = ["--serial", "stdio"].repeat(5);
         let e = cli(&five).validate().unwrap_err();
+        assert!(e.to_string().starts_with("--serial:"), "{e}");
+        let e = cli(&["--serial", "bogus:thing"]).validate().unwrap_err();
+        assert!(e.to_string().starts_with("--serial:"), "{e}");
+        let e = cli(&["--serial", "chardev:nope"]).validate().unwrap_err();
         assert!(e.to_string().starts_with("--serial:"), "{e}");
         let long = "x".repeat(3000);
         let e = cli(&["--append", &long]).validate().unwrap_err();

@@ -136,11 +136,8 @@ impl Vm {
 
         let mut pio = Bus::new();
         let mut com_ports = Vec::new();
-        for (i, spec) in config.serial.iter().enumerate() {
+        for (i, arg) in config.serial.iter().enumerate() {
             let (base, irq) = COM_PORTS[i];
-            let id = format!("serial{i}");
-            let arg = chardev::spec::parse_serial(spec, &id)
-                .map_err(|e| VmError::SerialSpec(e.to_string()))?;
             let backend_spec = match arg {
                 SerialArg::None => continue,
                 SerialArg::Spec(s) => s,
@@ -151,7 +148,7 @@ impl Vm {
                 }
             };
             let backend =
-                chardev::create(&backend_spec).map_err(|source| VmError::SerialBackend {
+                chardev::create(backend_spec).map_err(|source| VmError::SerialBackend {
                     index: i + 1,
                     source,
                 })?;

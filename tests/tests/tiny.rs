@@ -1,0 +1,107 @@
+//! Tiny guest programs booted through the `minivmm` CLI under real KVM: the boot path (PVH
+//! entry, start info, memory map), the COM1 16550 at register level, and every way a VM ends
+//! (ACPI power-off, i8042 reset, triple fault, host signals).
+
+use std::time::Duration;
+
+use tests::{require_kvm, Vmm};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn boot(guest: &str, extra: &[&str]) -> Vmm {
+    require_kvm();
+    let mut args = vec!["--kernel", guest, "--serial", "stdio"];
+    args.extend_from_slice(extra);
+    Vmm::start(&args)
+}
+
+#[test]
+fn hello_prints_on_com1_and_power_off_exits_zero() {
+    let mut vm = boot(env!("TINY_GUEST_HELLO"), &[]);
+    vm.wait_for("hello from a tiny guest", TIMEOUT);
+    let status = vm.wait_exit(TIMEOUT);
+    assert_eq!(status.code(), Some(0), "{}", vm.transcript());
+}
+
+#[test]
+fn uart_registers_behave_like_a_16550a() {
+    let mut vm = boot(env!("TINY_GUEST_UART_REGS"), &[]);
+    vm.wait_for("DONE", TIMEOUT);
+    let status = vm.wait_exit(TIMEOUT);
+    assert_eq!(status.code(), Some(0));
+    let fails: Vec<&String> = vm.output.iter().filter(|l| l.contains("FAIL")).collect();
+    let passes = vm.output.iter().filter(|l| l.starts_with("PASS")).count();
+    assert!(fails.is_empty(), "register checks failed: {fails:?}");
+    assert!(
+        passes >= 20,
+        "only {passes} checks ran:\n{}",
+        vm.transcript()
+    );
+}
+
+#[test]
+fn pvh_start_info_carries_cmdline_rsdp_and_memory_map() {
+    let mut vm = boot(
+        env!("TINY_GUEST_PVH_INFO"),
+        &["--memory", "64M", "--append", "hello=world quiet"],
+    );
+    vm.wait_for("DONE", TIMEOUT);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    let out = vm.output.join("\n");
+    assert!(out.contains("PASS start-info-magic"), "{out}");
+    assert!(out.contains("cmdline=hello=world quiet"), "{out}");
+    assert!(out.contains("rsdp=00000000000E0000"), "{out}");
+    assert!(out.contains("memmap=3"), "{out}");
+    // RAM from 1 MiB to the end of the 64 MiB: 0x3F00000 bytes, type 1.
+    assert!(out.contains("0000000000100000 0000000003F00000 1"), "{out}");
+}
+
+#[test]
+fn i8042_reset_ends_the_vm_with_status_zero() {
+    let mut vm = boot(env!("TINY_GUEST_RESET"), &[]);
+    vm.wait_for("resetting through the i8042", TIMEOUT);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+}
+
+#[test]
+fn triple_fault_is_reported_with_registers_and_fails() {
+    let mut vm = boot(env!("TINY_GUEST_TRIPLE_FAULT"), &[]);
+    vm.wait_for("about to triple fault", TIMEOUT);
+    let status = vm.wait_exit(TIMEOUT);
+    assert_eq!(status.code(), Some(1));
+    let err = vm.stderr_lines().join("\n");
+    assert!(err.contains("triple fault"), "{err}");
+    assert!(err.contains("rip=0x"), "{err}");
+    // The faulting instruction is ud2 (0f 0b).
+    assert!(err.contains("code at rip: 0f 0b"), "{err}");
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_vm_cleanly() {
+    for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+        let mut vm = boot(env!("TINY_GUEST_SPIN"), &["--smp", "2"]);
+        vm.wait_for("spinning until a signal", TIMEOUT);
+        // SAFETY: sending a signal to the child process we spawned and still own.
+        let rc = unsafe { libc::kill(vm.pid() as i32, sig) };
+        assert_eq!(rc, 0);
+        let status = vm.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            status.code(),
+            Some(128 + sig),
+            "{name}: {}",
+            vm.transcript()
+        );
+    }
+}
+
+#[test]
+fn serial_file_backend_receives_the_console() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("console.log");
+    let spec = format!("file:{}", path.display());
+    let mut vm = Vmm::start(&["--kernel", env!("TINY_GUEST_HELLO"), "--serial", &spec]);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text, "hello from a tiny guest\n");
+}
