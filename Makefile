@@ -42,7 +42,7 @@ build:
 run: guest build
 	$(MINIVMM) --kernel $(KERNEL) --initrd $(INITRD) --append "$(GUEST_CMDLINE)" --memory 256M
 
-test: deps guest build
+test: deps guest stock build
 	@if cargo nextest --version >/dev/null 2>&1; then \
 	    cargo nextest run --workspace --no-fail-fast; \
 	else \
@@ -56,7 +56,7 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-stock:
+stock: deps
 	@bash resources/stock/build.sh $(BUILD)/stock
 
 clean:
