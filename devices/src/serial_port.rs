@@ -150,6 +150,12 @@ impl SerialPort {
         &*self.backend
     }
 
+    /// The backend, for calls the port does not make itself (a wait for the first client
+    /// before the guest starts, a mux's quit request).
+    pub fn backend_mut(&mut self) -> &mut dyn Backend {
+        &mut *self.backend
+    }
+
     /// Output bytes lost because the backend failed with an error other than "would block".
     pub fn output_errors(&self) -> u64 {
         self.output_errors

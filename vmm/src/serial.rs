@@ -12,6 +12,8 @@ use devices::bus::lock;
 use devices::serial_port::SerialPort;
 use devices::Clock;
 use event_manager::{EventOps, Events, MutEventSubscriber};
+
+use crate::vcpu::{ExitLatch, VmExit};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -82,11 +84,16 @@ pub struct SerialHandler {
     timer: TimerFd,
     clock: Arc<dyn Clock>,
     fds: FdRegistrations,
+    exit: Arc<ExitLatch>,
 }
 
 impl SerialHandler {
     /// A handler for `port`, whose device uses `clock`.
-    pub fn new(port: Arc<Mutex<SerialPort>>, clock: Arc<dyn Clock>) -> std::io::Result<Self> {
+    pub fn new(
+        port: Arc<Mutex<SerialPort>>,
+        clock: Arc<dyn Clock>,
+        exit: Arc<ExitLatch>,
+    ) -> std::io::Result<Self> {
         let kick = lock(&port).kick_fd();
         Ok(SerialHandler {
             port,
@@ -94,15 +101,21 @@ impl SerialHandler {
             timer: TimerFd::new()?,
             clock,
             fds: FdRegistrations::default(),
+            exit,
         })
     }
 
     fn service(&mut self, ops: &mut EventOps) {
-        let (deadline, wanted) = {
+        let (deadline, wanted, quit) = {
             let mut port = lock(&self.port);
             let deadline = port.service();
-            (deadline, port.backend_fds())
+            let quit = port.backend_mut().take_exit_request();
+            (deadline, port.backend_fds(), quit)
         };
+        if quit {
+            // A mux's Ctrl-A x: the user quits minivmm as QEMU's `-serial mon:stdio` allows.
+            self.exit.exit(VmExit::Quit);
+        }
         self.fds.sync(ops, &wanted);
         let result = match deadline {
             Some(at) => {

@@ -28,6 +28,8 @@ pub enum VmExit {
     Reset,
     /// A host signal asked the VMM to stop.
     Signal(i32),
+    /// The user quit from a console (a mux's Ctrl-A x).
+    Quit,
     /// The guest crashed or KVM failed: the message says how.
     Crash(String),
 }
@@ -36,7 +38,7 @@ impl VmExit {
     /// The process exit status for this exit.
     pub fn status(&self) -> i32 {
         match self {
-            VmExit::PowerOff | VmExit::Reset => 0,
+            VmExit::PowerOff | VmExit::Reset | VmExit::Quit => 0,
             VmExit::Signal(sig) => 128 + sig,
             VmExit::Crash(_) => 1,
         }

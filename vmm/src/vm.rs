@@ -100,9 +100,6 @@ pub struct Vm {
 impl Vm {
     /// Build the VM described by `config`.
     pub fn new(config: &VmConfig) -> Result<Vm, VmError> {
-        block_stop_signals().map_err(|e| VmError::Io("cannot block signals", e))?;
-        let signals = SignalFd::new().map_err(|e| VmError::Io("cannot create signalfd", e))?;
-
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let kvm_vm = Arc::new(
             kvm.create_vm()
@@ -132,7 +129,6 @@ impl Vm {
         let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
         let mut event_manager: EventManager<Subscriber> =
             EventManager::new().map_err(VmError::EventLoop)?;
-        event_manager.add_subscriber(Arc::new(Mutex::new(Lifecycle::new(exit.clone(), signals))));
 
         let mut pio = Bus::new();
         let mut com_ports = Vec::new();
@@ -147,11 +143,23 @@ impl Vm {
                     )))
                 }
             };
-            let backend =
+            let mut backend =
                 chardev::create(backend_spec).map_err(|source| VmError::SerialBackend {
                     index: i + 1,
                     source,
                 })?;
+            if backend.kind() == "pty" {
+                // Where to connect, as QEMU says it.
+                eprintln!(
+                    "minivmm: char device redirected to {} (label {})",
+                    backend.filename().trim_start_matches("pty:"),
+                    backend_spec.id
+                );
+            }
+            // A `wait=on` server holds the boot until its first client connects.
+            backend
+                .wait_for_client(None)
+                .map_err(|e| VmError::Io("waiting for the first client", e))?;
             let port = SerialPort::new(
                 SerialConfig::default(),
                 irqs.source(irq),
@@ -161,7 +169,7 @@ impl Vm {
             .map_err(VmError::SerialPort)?;
             let port = Arc::new(Mutex::new(port));
             pio.insert(port.clone() as SharedDevice, u64::from(base), COM_PORT_SIZE)?;
-            let handler = SerialHandler::new(port.clone(), clock.clone())
+            let handler = SerialHandler::new(port.clone(), clock.clone(), exit.clone())
                 .map_err(|e| VmError::Io("cannot create serial timer", e))?;
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
             com_ports.push(ComPort {
@@ -190,6 +198,13 @@ impl Vm {
             &config.cmdline,
             rsdp,
         )?;
+
+        // From here on the stop signals are read from a signalfd by the event loop; every
+        // thread spawned later (the vCPUs) inherits the blocked mask. Blocking only now lets
+        // Ctrl-C end a `wait=on` wait above the usual way.
+        block_stop_signals().map_err(|e| VmError::Io("cannot block signals", e))?;
+        let signals = SignalFd::new().map_err(|e| VmError::Io("cannot create signalfd", e))?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(Lifecycle::new(exit.clone(), signals))));
 
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
