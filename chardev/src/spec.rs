@@ -229,6 +229,12 @@ pub fn is_valid_id(id: &str) -> bool {
         && id.len() <= MAX_ID_LEN
 }
 
+/// Split an option string at single commas; `,,` is a literal comma. Shared with the other
+/// QEMU-style options of the command line (`--device`).
+pub fn split_options(s: &str) -> Vec<String> {
+    split_opts(s)
+}
+
 /// Split an option string at single commas; `,,` is a literal comma.
 fn split_opts(s: &str) -> Vec<String> {
     let mut out = Vec::new();

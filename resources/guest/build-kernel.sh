@@ -45,6 +45,11 @@ if [ -z "$deb" ]; then
     fi
 fi
 
+# One build at a time per cache: a second `make guest` (say, `make run` while `make test` builds)
+# waits for the first instead of deleting its source tree.
+exec 9>"$cache/.build-lock"
+flock 9
+
 key=$( (echo "$version"; cat "$here/kernel.fragment" "$here"/[0-9]*.patch "$here/build-kernel.sh") \
        | sha256sum | cut -c1-16)
 built="$cache/kernel-$key"
@@ -52,7 +57,8 @@ if [ ! -f "$built/vmlinux" ]; then
     echo "build-kernel: building linux-source $version (key $key); several minutes on 2 cores" >&2
     start=$(date +%s)
     src="$cache/src-$key"
-    rm -rf "$src" && mkdir -p "$src"
+    # Sources of interrupted builds are 1.3 GB each: keep none of them around.
+    rm -rf "$cache"/src-* && mkdir -p "$src"
     dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$src" --wildcards '*/linux-source-6.1.tar.xz'
     tar -xJf "$src"/usr/src/linux-source-6.1.tar.xz -C "$src"
     tree="$src/linux-source-6.1"

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use thiserror::Error;
 
+use crate::device_spec::{plan_com_ports, ComPortPlan, DeviceSpec};
 use crate::layout::{COM_PORTS, MIN_MEMORY, MMIO_HOLE_START};
 
 /// Largest vCPU count accepted: one LAPIC id per vCPU, below the IOAPIC's id.
@@ -48,6 +49,16 @@ pub struct Cli {
     #[arg(long, value_name = "SPEC")]
     pub serial: Vec<String>,
 
+    /// A character-device backend: `BACKEND,id=ID[,opt=val...]` in QEMU's syntax (socket,
+    /// pty, file, pipe, stdio, null, ringbuf, udp, serial; `mux=on` shares it). Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub chardev: Vec<String>,
+
+    /// A device: `isa-serial,chardev=ID[,index=N][,iobase=0x..][,irq=N][,baudbase=N][,pacing=on|off]`.
+    /// Repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub device: Vec<String>,
+
     /// A name for the VM, shown in logs and (later) in the monitor's instance list.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
@@ -66,8 +77,10 @@ pub struct VmConfig {
     pub memory: u64,
     /// vCPU count.
     pub vcpus: u8,
-    /// Backend per COM port, in port order (COM1 first).
-    pub serial: Vec<chardev::SerialArg>,
+    /// Every chardev to create, `--chardev` ones and those `--serial` implies.
+    pub chardevs: Vec<chardev::ChardevSpec>,
+    /// The COM ports, in index order.
+    pub com_ports: Vec<ComPortPlan>,
     /// VM name.
     pub name: String,
 }
@@ -103,6 +116,18 @@ pub enum CliError {
     /// A `--serial` value does not parse.
     #[error("--serial: {0}")]
     Serial(chardev::SpecError),
+    /// A `--chardev` value does not parse.
+    #[error("--chardev: {0}")]
+    Chardev(chardev::SpecError),
+    /// Two chardevs with one id.
+    #[error("--chardev: duplicate id '{0}'")]
+    DuplicateChardev(String),
+    /// A chardev used by two frontends without `mux=on`.
+    #[error("--device: chardev '{0}' is used by two devices (add mux=on to share it)")]
+    ChardevInUse(String),
+    /// A `--device` value is invalid.
+    #[error("{0}")]
+    Device(crate::device_spec::DeviceError),
     /// `--serial chardev:ID` names no `--chardev`.
     #[error("--serial: chardev:{0}: no --chardev with that id")]
     UnknownChardev(String),
@@ -197,17 +222,60 @@ impl Cli {
         } else {
             self.serial.clone()
         };
-        let serial = specs
-            .iter()
-            .enumerate()
-            .map(|(i, spec)| chardev::parse_serial(spec, &format!("serial{i}")))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(CliError::Serial)?;
-        if let Some(chardev::SerialArg::Chardev(id)) = serial
-            .iter()
-            .find(|a| matches!(a, chardev::SerialArg::Chardev(_)))
-        {
-            return Err(CliError::UnknownChardev(id.clone()));
+        let mut chardevs = Vec::new();
+        for spec in &self.chardev {
+            let spec = chardev::ChardevSpec::parse(spec).map_err(CliError::Chardev)?;
+            if chardevs
+                .iter()
+                .any(|c: &chardev::ChardevSpec| c.id == spec.id)
+            {
+                return Err(CliError::DuplicateChardev(spec.id));
+            }
+            chardevs.push(spec);
+        }
+        let mut serial_ids = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            match chardev::parse_serial(spec, &format!("serial{i}")).map_err(CliError::Serial)? {
+                chardev::SerialArg::None => serial_ids.push(None),
+                chardev::SerialArg::Chardev(id) => {
+                    if !chardevs.iter().any(|c| c.id == id) {
+                        return Err(CliError::UnknownChardev(id));
+                    }
+                    serial_ids.push(Some(id));
+                }
+                chardev::SerialArg::Spec(spec) => {
+                    if chardevs.iter().any(|c| c.id == spec.id) {
+                        return Err(CliError::DuplicateChardev(spec.id));
+                    }
+                    serial_ids.push(Some(spec.id.clone()));
+                    chardevs.push(spec);
+                }
+            }
+        }
+        let mut isa = Vec::new();
+        for d in &self.device {
+            match DeviceSpec::parse(d).map_err(CliError::Device)? {
+                DeviceSpec::IsaSerial(s) => {
+                    if !chardevs.iter().any(|c| c.id == s.chardev) {
+                        return Err(CliError::Device(
+                            crate::device_spec::DeviceError::Placement(format!(
+                                "chardev '{}' is not defined with --chardev",
+                                s.chardev
+                            )),
+                        ));
+                    }
+                    isa.push(s);
+                }
+            }
+        }
+        let com_ports = plan_com_ports(&serial_ids, &isa).map_err(CliError::Device)?;
+        let mut users: Vec<&str> = com_ports.iter().map(|p| p.chardev.as_str()).collect();
+        users.sort_unstable();
+        if let Some(w) = users.windows(2).find(|w| w[0] == w[1]) {
+            let muxed = chardevs.iter().any(|c| c.id == w[0] && c.mux);
+            if !muxed {
+                return Err(CliError::ChardevInUse(w[0].to_string()));
+            }
         }
         Ok(VmConfig {
             kernel: self.kernel.clone(),
@@ -215,7 +283,8 @@ impl Cli {
             cmdline,
             memory,
             vcpus,
-            serial,
+            chardevs,
+            com_ports,
             name: self
                 .name
                 .clone()
@@ -265,8 +334,9 @@ mod tests {
         let c = cli(&[]).validate().unwrap();
         assert_eq!(c.memory, 256 << 20);
         assert_eq!(c.vcpus, 1);
-        assert_eq!(c.serial.len(), 1);
-        assert!(matches!(&c.serial[0], chardev::SerialArg::Spec(s) if s.backend.kind() == "stdio"));
+        assert_eq!(c.com_ports.len(), 1);
+        assert_eq!(c.com_ports[0].chardev, "serial0");
+        assert_eq!(c.chardevs[0].backend.kind(), "stdio");
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
     }
 
@@ -290,6 +360,52 @@ mod tests {
         let long = "x".repeat(3000);
         let e = cli(&["--append", &long]).validate().unwrap_err();
         assert!(e.to_string().starts_with("--append:"), "{e}");
+    }
+
+    #[test]
+    fn chardevs_and_devices_make_com_ports() {
+        let c = cli(&[
+            "--chardev",
+            "null,id=n0",
+            "--chardev",
+            "file,id=f0,path=/tmp/x",
+            "--device",
+            "isa-serial,chardev=n0",
+            "--device",
+            "isa-serial,chardev=f0,index=3,pacing=off",
+        ])
+        .validate()
+        .unwrap();
+        let ports: Vec<(usize, &str, bool)> = c
+            .com_ports
+            .iter()
+            .map(|p| (p.index, p.chardev.as_str(), p.pacing))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![(0, "serial0", true), (1, "n0", true), (3, "f0", false)]
+        );
+        let e = cli(&["--chardev", "null,id=a", "--chardev", "null,id=a"])
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.to_string(), "--chardev: duplicate id 'a'");
+        let e = cli(&["--device", "isa-serial,chardev=zz"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("'zz'"), "{e}");
+        let e = cli(&[
+            "--chardev",
+            "null,id=a",
+            "--serial",
+            "chardev:a",
+            "--device",
+            "isa-serial,chardev=a",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("mux=on"), "{e}");
+        let e = cli(&["--chardev", "bogus,id=a"]).validate().unwrap_err();
+        assert!(e.to_string().starts_with("--chardev:"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chardev::spec::SerialArg;
+use chardev::Registry;
 use devices::bus::{Bus, SharedDevice};
 use devices::power::{AcpiPm, I8042};
 use devices::serial::SerialConfig;
@@ -25,9 +25,7 @@ use crate::cli::VmConfig;
 use crate::cpu;
 use crate::event_loop::{block_stop_signals, Lifecycle, SignalFd};
 use crate::irq::IrqLines;
-use crate::layout::{
-    ACPI_PM_BASE, ACPI_PM_LEN, COM_PORTS, COM_PORT_SIZE, I8042_DATA_PORT, I8042_PORT_LEN,
-};
+use crate::layout::{ACPI_PM_BASE, ACPI_PM_LEN, COM_PORT_SIZE, I8042_DATA_PORT, I8042_PORT_LEN};
 use crate::serial::SerialHandler;
 use crate::vcpu::{self, ExitLatch, VcpuContext, VmExit};
 
@@ -60,14 +58,11 @@ pub enum VmError {
     /// A device could not be placed on a bus.
     #[error("device bus")]
     Bus(#[from] devices::bus::BusError),
-    /// A `--serial` value is invalid.
-    #[error("--serial: {0}")]
-    SerialSpec(String),
-    /// A chardev backend could not be opened.
-    #[error("--serial: cannot open COM{index} backend")]
-    SerialBackend {
-        /// 1-based port.
-        index: usize,
+    /// A chardev backend could not be opened or attached.
+    #[error("--chardev {id}")]
+    Chardev {
+        /// The chardev id.
+        id: String,
         /// Why.
         #[source]
         source: chardev::Error,
@@ -95,6 +90,8 @@ pub struct Vm {
     vcpus: Vec<VcpuContext>,
     event_manager: EventManager<Subscriber>,
     exit: Arc<ExitLatch>,
+    /// The named chardevs (the monitor will add, change and remove them at run time).
+    _chardevs: Registry,
 }
 
 impl Vm {
@@ -130,52 +127,59 @@ impl Vm {
         let mut event_manager: EventManager<Subscriber> =
             EventManager::new().map_err(VmError::EventLoop)?;
 
+        let mut registry = Registry::new();
+        for spec in &config.chardevs {
+            registry.add(spec).map_err(|source| VmError::Chardev {
+                id: spec.id.clone(),
+                source,
+            })?;
+            if let Some(info) = registry.list().into_iter().find(|i| i.label == spec.id) {
+                if info.kind == "pty" {
+                    // Where to connect, as QEMU says it.
+                    eprintln!(
+                        "minivmm: char device redirected to {} (label {})",
+                        info.filename.trim_start_matches("pty:"),
+                        spec.id
+                    );
+                }
+            }
+        }
+        // `wait=on` servers hold the boot until their first client connects.
+        registry
+            .wait_for_clients(None)
+            .map_err(|source| VmError::Chardev {
+                id: "wait=on".into(),
+                source,
+            })?;
+
         let mut pio = Bus::new();
         let mut com_ports = Vec::new();
-        for (i, arg) in config.serial.iter().enumerate() {
-            let (base, irq) = COM_PORTS[i];
-            let backend_spec = match arg {
-                SerialArg::None => continue,
-                SerialArg::Spec(s) => s,
-                SerialArg::Chardev(name) => {
-                    return Err(VmError::SerialSpec(format!(
-                        "chardev:{name}: no --chardev with that id"
-                    )))
-                }
-            };
-            let mut backend =
-                chardev::create(backend_spec).map_err(|source| VmError::SerialBackend {
-                    index: i + 1,
+        for plan in &config.com_ports {
+            let backend = registry
+                .take(&plan.chardev)
+                .map_err(|source| VmError::Chardev {
+                    id: plan.chardev.clone(),
                     source,
                 })?;
-            if backend.kind() == "pty" {
-                // Where to connect, as QEMU says it.
-                eprintln!(
-                    "minivmm: char device redirected to {} (label {})",
-                    backend.filename().trim_start_matches("pty:"),
-                    backend_spec.id
-                );
-            }
-            // A `wait=on` server holds the boot until its first client connects.
-            backend
-                .wait_for_client(None)
-                .map_err(|e| VmError::Io("waiting for the first client", e))?;
-            let port = SerialPort::new(
-                SerialConfig::default(),
-                irqs.source(irq),
-                clock.clone(),
-                backend,
-            )
-            .map_err(VmError::SerialPort)?;
+            let uart_config = SerialConfig {
+                baud_base: plan.baud_base,
+                pacing: plan.pacing,
+            };
+            let port = SerialPort::new(uart_config, irqs.source(plan.irq), clock.clone(), backend)
+                .map_err(VmError::SerialPort)?;
             let port = Arc::new(Mutex::new(port));
-            pio.insert(port.clone() as SharedDevice, u64::from(base), COM_PORT_SIZE)?;
+            pio.insert(
+                port.clone() as SharedDevice,
+                u64::from(plan.iobase),
+                COM_PORT_SIZE,
+            )?;
             let handler = SerialHandler::new(port.clone(), clock.clone(), exit.clone())
                 .map_err(|e| VmError::Io("cannot create serial timer", e))?;
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
             com_ports.push(ComPort {
-                index: (i + 1) as u8,
-                base,
-                irq,
+                index: (plan.index + 1) as u8,
+                base: plan.iobase,
+                irq: plan.irq,
             });
         }
         let power: Arc<dyn devices::power::PowerControl> = exit.clone();
@@ -230,6 +234,7 @@ impl Vm {
             vcpus,
             event_manager,
             exit,
+            _chardevs: registry,
         })
     }
 

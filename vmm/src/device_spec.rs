@@ -1,0 +1,368 @@
+//! `--device DRIVER,key=value,...` in QEMU's syntax, and the COM-port plan it produces together
+//! with `--serial`: which chardev each of COM1..COM4 uses, at which port, IRQ and line clock.
+//!
+//! Only parsing and static checks here; backends are opened when the VM is built.
+
+use thiserror::Error;
+
+use crate::layout::COM_PORTS;
+
+/// Default UART input clock divided by 16: the 1.8432 MHz crystal of a PC.
+pub const DEFAULT_BAUD_BASE: u32 = 115_200;
+
+/// A rejected `--device`. The message names the option and the device.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DeviceError {
+    /// The driver name is not one minivmm has.
+    #[error("--device: unknown device '{0}' (known: isa-serial)")]
+    UnknownDriver(String),
+    /// An option the driver does not take.
+    #[error("--device {driver}: unknown option '{key}'")]
+    UnknownOption {
+        /// The driver.
+        driver: String,
+        /// The option.
+        key: String,
+    },
+    /// A value that does not parse.
+    #[error("--device {driver}: bad value '{value}' for '{key}'")]
+    BadValue {
+        /// The driver.
+        driver: String,
+        /// The option.
+        key: String,
+        /// The value given.
+        value: String,
+    },
+    /// A required option is missing.
+    #[error("--device {driver}: '{key}' is required")]
+    Missing {
+        /// The driver.
+        driver: String,
+        /// The option.
+        key: &'static str,
+    },
+    /// Two devices want the same COM index, or there is none left.
+    #[error("--device isa-serial: {0}")]
+    Placement(String),
+}
+
+/// An ISA 16550 UART as `--device isa-serial` or `--serial` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsaSerialSpec {
+    /// The chardev id it uses.
+    pub chardev: String,
+    /// COM index (0 = COM1), when given.
+    pub index: Option<usize>,
+    /// I/O base, when given (else the index's standard port).
+    pub iobase: Option<u16>,
+    /// IRQ, when given (else the index's standard IRQ).
+    pub irq: Option<u32>,
+    /// UART clock / 16.
+    pub baud_base: u32,
+    /// Whether the UART keeps line-rate timing.
+    pub pacing: bool,
+}
+
+/// One parsed `--device`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// `isa-serial`.
+    IsaSerial(IsaSerialSpec),
+}
+
+fn parse_bool(driver: &str, key: &str, v: &str) -> Result<bool, DeviceError> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(DeviceError::BadValue {
+            driver: driver.into(),
+            key: key.into(),
+            value: v.into(),
+        }),
+    }
+}
+
+fn parse_num(driver: &str, key: &str, v: &str) -> Result<u64, DeviceError> {
+    let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    parsed.map_err(|_| DeviceError::BadValue {
+        driver: driver.into(),
+        key: key.into(),
+        value: v.into(),
+    })
+}
+
+impl DeviceSpec {
+    /// Parse one `--device` value.
+    pub fn parse(s: &str) -> Result<DeviceSpec, DeviceError> {
+        let mut parts = chardev::spec::split_options(s).into_iter();
+        let driver = parts.next().unwrap_or_default();
+        match driver.as_str() {
+            "isa-serial" => {
+                let mut spec = IsaSerialSpec {
+                    chardev: String::new(),
+                    index: None,
+                    iobase: None,
+                    irq: None,
+                    baud_base: DEFAULT_BAUD_BASE,
+                    pacing: true,
+                };
+                for item in parts {
+                    let (key, value) = item.split_once('=').unwrap_or((item.as_str(), "on"));
+                    let bad = || DeviceError::BadValue {
+                        driver: driver.clone(),
+                        key: key.into(),
+                        value: value.into(),
+                    };
+                    match key {
+                        "chardev" if chardev::spec::is_valid_id(value) => {
+                            spec.chardev = value.into()
+                        }
+                        "chardev" => return Err(bad()),
+                        "id" => {}
+                        "index" => {
+                            let n = parse_num(&driver, key, value)? as usize;
+                            if n >= COM_PORTS.len() {
+                                return Err(bad());
+                            }
+                            spec.index = Some(n);
+                        }
+                        "iobase" => {
+                            let n = parse_num(&driver, key, value)?;
+                            spec.iobase = Some(u16::try_from(n).map_err(|_| bad())?);
+                        }
+                        "irq" => {
+                            let n = parse_num(&driver, key, value)?;
+                            if !(1..16).contains(&n) {
+                                return Err(bad());
+                            }
+                            spec.irq = Some(n as u32);
+                        }
+                        "baudbase" => {
+                            let n = parse_num(&driver, key, value)?;
+                            spec.baud_base =
+                                u32::try_from(n).ok().filter(|&b| b > 0).ok_or_else(bad)?;
+                        }
+                        "pacing" => spec.pacing = parse_bool(&driver, key, value)?,
+                        _ => {
+                            return Err(DeviceError::UnknownOption {
+                                driver: driver.clone(),
+                                key: key.into(),
+                            })
+                        }
+                    }
+                }
+                if spec.chardev.is_empty() {
+                    return Err(DeviceError::Missing {
+                        driver,
+                        key: "chardev",
+                    });
+                }
+                Ok(DeviceSpec::IsaSerial(spec))
+            }
+            other => Err(DeviceError::UnknownDriver(other.to_string())),
+        }
+    }
+}
+
+/// A COM port as the machine builds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComPortPlan {
+    /// 0-based COM index.
+    pub index: usize,
+    /// I/O base.
+    pub iobase: u16,
+    /// IRQ.
+    pub irq: u32,
+    /// Chardev id.
+    pub chardev: String,
+    /// UART clock / 16.
+    pub baud_base: u32,
+    /// Line-rate timing.
+    pub pacing: bool,
+}
+
+/// Give every UART a COM index: explicit indexes first, then the rest in order into the free
+/// ones. `serial` are the `--serial` ports (chardev ids, `None` for `none`), which take COM1,
+/// COM2, ... by position like QEMU's `-serial`.
+pub fn plan_com_ports(
+    serial: &[Option<String>],
+    devices: &[IsaSerialSpec],
+) -> Result<Vec<ComPortPlan>, DeviceError> {
+    let mut slots: [Option<ComPortPlan>; 4] = Default::default();
+    let mut taken = [false; 4];
+    let plan = |index: usize, s: &IsaSerialSpec| ComPortPlan {
+        index,
+        iobase: s.iobase.unwrap_or(COM_PORTS[index].0),
+        irq: s.irq.unwrap_or(COM_PORTS[index].1),
+        chardev: s.chardev.clone(),
+        baud_base: s.baud_base,
+        pacing: s.pacing,
+    };
+    for (i, id) in serial.iter().enumerate() {
+        taken[i] = true;
+        if let Some(id) = id {
+            slots[i] = Some(plan(
+                i,
+                &IsaSerialSpec {
+                    chardev: id.clone(),
+                    index: Some(i),
+                    iobase: None,
+                    irq: None,
+                    baud_base: DEFAULT_BAUD_BASE,
+                    pacing: true,
+                },
+            ));
+        }
+    }
+    for d in devices.iter().filter(|d| d.index.is_some()) {
+        let i = d.index.unwrap_or_default();
+        if taken[i] {
+            return Err(DeviceError::Placement(format!(
+                "COM{} is already in use",
+                i + 1
+            )));
+        }
+        taken[i] = true;
+        slots[i] = Some(plan(i, d));
+    }
+    for d in devices.iter().filter(|d| d.index.is_none()) {
+        let i = taken
+            .iter()
+            .position(|t| !t)
+            .ok_or_else(|| DeviceError::Placement("all four COM ports are in use".into()))?;
+        taken[i] = true;
+        slots[i] = Some(plan(i, d));
+    }
+    let ports: Vec<ComPortPlan> = slots.into_iter().flatten().collect();
+    for (a, p) in ports.iter().enumerate() {
+        for q in &ports[a + 1..] {
+            let (lo, hi) = (p.iobase.min(q.iobase), p.iobase.max(q.iobase));
+            if hi - lo < 8 {
+                return Err(DeviceError::Placement(format!(
+                    "COM{} and COM{} overlap at I/O {:#x}",
+                    p.index + 1,
+                    q.index + 1,
+                    hi
+                )));
+            }
+        }
+    }
+    Ok(ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn isa(s: &str) -> IsaSerialSpec {
+        match DeviceSpec::parse(s).unwrap() {
+            DeviceSpec::IsaSerial(s) => s,
+        }
+    }
+
+    #[test]
+    fn isa_serial_options_parse() {
+        let s = isa("isa-serial,chardev=c0,index=1,iobase=0x2f8,irq=3,baudbase=9600,pacing=off");
+        assert_eq!(s.chardev, "c0");
+        assert_eq!(s.index, Some(1));
+        assert_eq!(s.iobase, Some(0x2f8));
+        assert_eq!(s.irq, Some(3));
+        assert_eq!(s.baud_base, 9600);
+        assert!(!s.pacing);
+        let d = isa("isa-serial,chardev=c1");
+        assert_eq!(
+            (d.index, d.baud_base, d.pacing),
+            (None, DEFAULT_BAUD_BASE, true)
+        );
+    }
+
+    #[test]
+    fn bad_device_options_name_themselves() {
+        let e = |s: &str| DeviceSpec::parse(s).unwrap_err().to_string();
+        assert_eq!(
+            e("floppy,chardev=x"),
+            "--device: unknown device 'floppy' (known: isa-serial)"
+        );
+        assert_eq!(
+            e("isa-serial,chardev=c0,speed=9"),
+            "--device isa-serial: unknown option 'speed'"
+        );
+        assert_eq!(
+            e("isa-serial,index=0"),
+            "--device isa-serial: 'chardev' is required"
+        );
+        assert!(e("isa-serial,chardev=c0,index=4").contains("'index'"));
+        assert!(e("isa-serial,chardev=c0,irq=99").contains("'irq'"));
+        assert!(e("isa-serial,chardev=c0,pacing=maybe").contains("'pacing'"));
+        assert!(e("isa-serial,chardev=c0,baudbase=0").contains("'baudbase'"));
+        assert!(e("isa-serial,chardev=c0,iobase=0x10000").contains("'iobase'"));
+    }
+
+    #[test]
+    fn serial_ports_take_com1_on_and_devices_fill_the_rest() {
+        let ports = plan_com_ports(
+            &[Some("s0".into()), None],
+            &[
+                isa("isa-serial,chardev=d0"),
+                isa("isa-serial,chardev=d1,index=3"),
+            ],
+        )
+        .unwrap();
+        let got: Vec<(usize, u16, u32, &str)> = ports
+            .iter()
+            .map(|p| (p.index, p.iobase, p.irq, p.chardev.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 0x3f8, 4, "s0"),
+                (2, 0x3e8, 4, "d0"),
+                (3, 0x2e8, 3, "d1")
+            ]
+        );
+    }
+
+    #[test]
+    fn clashes_are_refused() {
+        assert!(
+            plan_com_ports(&[Some("a".into())], &[isa("isa-serial,chardev=b,index=0")]).is_err()
+        );
+        let five: Vec<IsaSerialSpec> = (0..5).map(|_| isa("isa-serial,chardev=x")).collect();
+        assert!(plan_com_ports(&[], &five).is_err());
+        assert!(plan_com_ports(
+            &[],
+            &[
+                isa("isa-serial,chardev=a,index=0"),
+                isa("isa-serial,chardev=b,index=1,iobase=0x3fc")
+            ]
+        )
+        .is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in ".{0,80}") {
+            let _ = DeviceSpec::parse(&s);
+        }
+
+        #[test]
+        fn plans_never_overlap(idx in proptest::collection::vec(proptest::option::of(0usize..4), 0..6)) {
+            let devs: Vec<IsaSerialSpec> = idx.iter().map(|i| IsaSerialSpec {
+                chardev: "c".into(), index: *i, iobase: None, irq: None,
+                baud_base: DEFAULT_BAUD_BASE, pacing: true,
+            }).collect();
+            if let Ok(ports) = plan_com_ports(&[], &devs) {
+                let mut seen = std::collections::HashSet::new();
+                for p in &ports {
+                    prop_assert!(seen.insert(p.index));
+                }
+                prop_assert_eq!(ports.len(), devs.len());
+            }
+        }
+    }
+}
