@@ -105,3 +105,58 @@ fn serial_file_backend_receives_the_console() {
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text, "hello from a tiny guest\n");
 }
+
+/// Four UARTs on four different backends (stdio, file, a unix socket server the boot waits
+/// for, and a `--device isa-serial` on a file): each line reaches its own backend only.
+#[test]
+fn four_com_ports_reach_their_own_backends() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let com2 = dir.path().join("com2.log");
+    let com4 = dir.path().join("com4.log");
+    let sock = dir.path().join("com3.sock");
+    let com2_spec = format!("file:{}", com2.display());
+    let sock_spec = format!("unix:{},server=on,wait=on", sock.display());
+    let com4_dev = format!("file,id=c4,path={}", com4.display());
+    let mut vm = Vmm::start(&[
+        "--kernel",
+        env!("TINY_GUEST_FOUR_PORTS"),
+        "--serial",
+        "stdio",
+        "--serial",
+        &com2_spec,
+        "--serial",
+        &sock_spec,
+        "--chardev",
+        &com4_dev,
+        "--device",
+        "isa-serial,chardev=c4,index=3",
+    ]);
+    // wait=on: the guest does not start before this client connects.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no socket {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    vm.wait_for("hello from COM1", TIMEOUT);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    let mut got = String::new();
+    client.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "hello from COM3\n");
+    assert_eq!(std::fs::read_to_string(&com2).unwrap(), "hello from COM2\n");
+    assert_eq!(std::fs::read_to_string(&com4).unwrap(), "hello from COM4\n");
+    assert!(!vm
+        .output
+        .iter()
+        .any(|l| l.contains("COM2") || l.contains("COM3")));
+    assert!(!sock.exists(), "socket file left behind");
+}
