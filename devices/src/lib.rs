@@ -6,6 +6,7 @@ pub mod bus;
 pub mod power;
 pub mod serial;
 pub mod serial_port;
+pub mod virtio;
 
 use std::sync::Arc;
 use std::time::Instant;

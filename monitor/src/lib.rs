@@ -1,1 +1,43 @@
-//! placeholder
+//! minivmm's monitor: QMP (QEMU's machine protocol) on unix sockets and chardevs, the human
+//! monitor, events, fd passing and runtime-directory instance discovery.
+//!
+//! The monitor talks to the VM only through the [`Machine`] trait, which the VMM implements;
+//! it never sees KVM, a device model or the event loop. Like a chardev backend, every
+//! endpoint is driven by the VMM's event loop through `poll_fds()` / `on_ready()`.
+//!
+//! - [`json`]: QEMU-compatible streaming JSON splitter and writer;
+//! - [`protocol`]: the sans-IO QMP session (greeting, negotiation, replies, events);
+//! - [`commands`]: the dispatcher of every QMP command;
+//! - [`hmp`]: the human monitor and its line editor;
+//! - [`server`]: the multi-client unix-socket QMP server;
+//! - [`chardev_mon`]: a QMP or HMP session on any chardev backend;
+//! - [`hub`]: [`Monitor`], all of a VM's monitors behind one object;
+//! - [`events`], [`fdstore`]: the event queue and the named-fd store;
+//! - [`instance`]: the runtime directory, instance file, listing and stale cleanup;
+//! - [`client`]: a small blocking QMP client (`minivmm qmp NAME CMD`).
+//!
+//! This crate depends on `chardev` only among minivmm's crates.
+
+pub mod chardev_mon;
+pub mod client;
+pub mod commands;
+pub mod events;
+pub mod fdstore;
+pub mod hmp;
+pub mod hub;
+pub mod instance;
+pub mod json;
+pub mod machine;
+pub mod protocol;
+pub mod server;
+mod sys;
+
+pub use chardev_mon::{ChardevMonitor, MonitorMode};
+pub use client::{qmp_command, ClientError, QmpClient};
+pub use events::{EventQueue, ShutdownCause};
+pub use fdstore::FdStore;
+pub use hub::Monitor;
+pub use instance::{Instance, InstanceConfig, InstanceError, InstanceInfo};
+pub use machine::{DeviceDriver, DeviceSpec, Machine, MachineError, PortInfo, RunState};
+pub use protocol::{ErrorClass, QmpError, QmpEvent};
+pub use server::{Limits, QmpServer, ServerError};

@@ -100,7 +100,9 @@ pub fn dsdt(com_ports: &[ComPort], virtio: &[VirtioMmioSlot]) -> Vec<u8> {
     }
     for (i, slot) in virtio.iter().enumerate() {
         let mem = aml::Memory32Fixed::new(true, slot.base as u32, slot.size as u32);
-        let irq = aml::Interrupt::new(true, true, false, false, slot.gsi);
+        // Level-triggered, active high: the transport holds its line up while InterruptStatus
+        // is non-zero, and KVM's IOAPIC re-delivers after EOI while it stays up.
+        let irq = aml::Interrupt::new(true, false, false, false, slot.gsi);
         let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
         let hid: &'static str = "LNRO0005";
         let uid = i as u32;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use thiserror::Error;
 
-use crate::device_spec::{plan_com_ports, ComPortPlan, DeviceSpec};
+use crate::device_spec::{plan_com_ports, ComPortPlan, DeviceSpec, VirtioPortSpec};
 use crate::layout::{COM_PORTS, MIN_MEMORY, MMIO_HOLE_START};
 
 /// Largest vCPU count accepted: one LAPIC id per vCPU, below the IOAPIC's id.
@@ -81,8 +81,21 @@ pub struct VmConfig {
     pub chardevs: Vec<chardev::ChardevSpec>,
     /// The COM ports, in index order.
     pub com_ports: Vec<ComPortPlan>,
+    /// The virtio-serial devices with their ports, in slot order.
+    pub virtio_serial: Vec<VirtioSerialPlan>,
     /// VM name.
     pub name: String,
+}
+
+/// A virtio-serial device and the ports on it.
+#[derive(Debug, Clone)]
+pub struct VirtioSerialPlan {
+    /// Device id.
+    pub id: String,
+    /// Ports offered to the guest.
+    pub max_ports: u32,
+    /// Ports present at boot.
+    pub ports: Vec<VirtioPortSpec>,
 }
 
 /// A rejected command-line value. The message names the option.
@@ -125,6 +138,23 @@ pub enum CliError {
     /// A chardev used by two frontends without `mux=on`.
     #[error("--device: chardev '{0}' is used by two devices (add mux=on to share it)")]
     ChardevInUse(String),
+    /// A device names a chardev that `--chardev` did not define.
+    #[error("--device {driver}: chardev '{id}' is not defined with --chardev")]
+    UnknownDeviceChardev {
+        /// The device driver.
+        driver: String,
+        /// The chardev id.
+        id: String,
+    },
+    /// Two devices with one id.
+    #[error("--device: duplicate id '{0}'")]
+    DuplicateDevice(String),
+    /// A port's `bus=` names no virtio-serial.
+    #[error("--device: bus '{0}' is not a virtio-serial device")]
+    UnknownBus(String),
+    /// Two ports with one name.
+    #[error("--device: port name '{0}' is used twice")]
+    DuplicatePortName(String),
     /// A `--device` value is invalid.
     #[error("{0}")]
     Device(crate::device_spec::DeviceError),
@@ -253,23 +283,86 @@ impl Cli {
             }
         }
         let mut isa = Vec::new();
+        let mut virtio_serial: Vec<VirtioSerialPlan> = Vec::new();
+        let mut virtio_ports = Vec::new();
+        let known = |id: &str, driver: &str| {
+            if chardevs.iter().any(|c| c.id == id) {
+                Ok(())
+            } else {
+                Err(CliError::UnknownDeviceChardev {
+                    driver: driver.to_string(),
+                    id: id.to_string(),
+                })
+            }
+        };
         for d in &self.device {
             match DeviceSpec::parse(d).map_err(CliError::Device)? {
                 DeviceSpec::IsaSerial(s) => {
-                    if !chardevs.iter().any(|c| c.id == s.chardev) {
-                        return Err(CliError::Device(
-                            crate::device_spec::DeviceError::Placement(format!(
-                                "chardev '{}' is not defined with --chardev",
-                                s.chardev
-                            )),
-                        ));
-                    }
+                    known(&s.chardev, "isa-serial")?;
                     isa.push(s);
+                }
+                DeviceSpec::VirtioSerial(mut s) => {
+                    if s.id.is_empty() {
+                        s.id = format!("vser{}", virtio_serial.len());
+                    }
+                    if virtio_serial.iter().any(|v| v.id == s.id) {
+                        return Err(CliError::DuplicateDevice(s.id));
+                    }
+                    virtio_serial.push(VirtioSerialPlan {
+                        id: s.id,
+                        max_ports: s.max_ports,
+                        ports: Vec::new(),
+                    });
+                }
+                DeviceSpec::VirtioPort(p) => {
+                    known(
+                        &p.chardev,
+                        if p.console {
+                            "virtconsole"
+                        } else {
+                            "virtserialport"
+                        },
+                    )?;
+                    virtio_ports.push(p);
                 }
             }
         }
+        for port in virtio_ports {
+            if virtio_serial.is_empty() {
+                // A port without a virtio-serial gets one, as QEMU's machines do.
+                virtio_serial.push(VirtioSerialPlan {
+                    id: "vser0".into(),
+                    max_ports: crate::device_spec::DEFAULT_VIRTIO_SERIAL_PORTS,
+                    ports: Vec::new(),
+                });
+            }
+            let bus = match &port.bus {
+                Some(b) => virtio_serial
+                    .iter_mut()
+                    .find(|v| &v.id == b)
+                    .ok_or_else(|| CliError::UnknownBus(b.clone()))?,
+                None => &mut virtio_serial[0],
+            };
+            bus.ports.push(port);
+        }
+        let mut names: Vec<&str> = virtio_serial
+            .iter()
+            .flat_map(|v| v.ports.iter().filter_map(|p| p.name.as_deref()))
+            .collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(CliError::DuplicatePortName(w[0].to_string()));
+        }
         let com_ports = plan_com_ports(&serial_ids, &isa).map_err(CliError::Device)?;
-        let mut users: Vec<&str> = com_ports.iter().map(|p| p.chardev.as_str()).collect();
+        let mut users: Vec<&str> = com_ports
+            .iter()
+            .map(|p| p.chardev.as_str())
+            .chain(
+                virtio_serial
+                    .iter()
+                    .flat_map(|v| v.ports.iter().map(|p| p.chardev.as_str())),
+            )
+            .collect();
         users.sort_unstable();
         if let Some(w) = users.windows(2).find(|w| w[0] == w[1]) {
             let muxed = chardevs.iter().any(|c| c.id == w[0] && c.mux);
@@ -285,6 +378,7 @@ impl Cli {
             vcpus,
             chardevs,
             com_ports,
+            virtio_serial,
             name: self
                 .name
                 .clone()
@@ -404,6 +498,43 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(e.to_string().contains("mux=on"), "{e}");
+        let c = cli(&[
+            "--chardev",
+            "null,id=a",
+            "--chardev",
+            "null,id=b",
+            "--device",
+            "virtserialport,chardev=a,name=org.x.a",
+            "--device",
+            "virtconsole,chardev=b",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(c.virtio_serial.len(), 1);
+        assert_eq!(c.virtio_serial[0].id, "vser0");
+        assert_eq!(c.virtio_serial[0].ports.len(), 2);
+        let e = cli(&[
+            "--chardev",
+            "null,id=a",
+            "--chardev",
+            "null,id=b",
+            "--device",
+            "virtserialport,chardev=a,name=same",
+            "--device",
+            "virtserialport,chardev=b,name=same",
+        ])
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.to_string(), "--device: port name 'same' is used twice");
+        let e = cli(&[
+            "--chardev",
+            "null,id=a",
+            "--device",
+            "virtserialport,chardev=a,bus=nope",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("'nope'"), "{e}");
         let e = cli(&["--chardev", "bogus,id=a"]).validate().unwrap_err();
         assert!(e.to_string().starts_with("--chardev:"), "{e}");
     }

@@ -14,7 +14,7 @@ pub const DEFAULT_BAUD_BASE: u32 = 115_200;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DeviceError {
     /// The driver name is not one minivmm has.
-    #[error("--device: unknown device '{0}' (known: isa-serial)")]
+    #[error("--device: unknown device '{0}' (known: isa-serial, virtio-serial, virtserialport, virtconsole)")]
     UnknownDriver(String),
     /// An option the driver does not take.
     #[error("--device {driver}: unknown option '{key}'")]
@@ -64,11 +64,44 @@ pub struct IsaSerialSpec {
     pub pacing: bool,
 }
 
+/// A `virtio-serial` device (a multiport virtio-console on its own virtio-mmio slot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioSerialSpec {
+    /// Device id (`id=`), which ports name with `bus=`.
+    pub id: String,
+    /// Port count the device offers (`max_ports=`).
+    pub max_ports: u32,
+}
+
+/// A `virtserialport` or `virtconsole`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioPortSpec {
+    /// Device id (`id=`, default the chardev id).
+    pub id: String,
+    /// The chardev behind it.
+    pub chardev: String,
+    /// The name the guest sees (`/dev/virtio-ports/NAME`).
+    pub name: Option<String>,
+    /// Port number (`nr=`).
+    pub nr: Option<u32>,
+    /// The `virtio-serial` it belongs to (`bus=`); default: the first.
+    pub bus: Option<String>,
+    /// `virtconsole` (an hvc console) rather than `virtserialport`.
+    pub console: bool,
+}
+
+/// Default `max_ports` of a virtio-serial device, as QEMU.
+pub const DEFAULT_VIRTIO_SERIAL_PORTS: u32 = 31;
+
 /// One parsed `--device`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceSpec {
     /// `isa-serial`.
     IsaSerial(IsaSerialSpec),
+    /// `virtio-serial`.
+    VirtioSerial(VirtioSerialSpec),
+    /// `virtserialport` / `virtconsole`.
+    VirtioPort(VirtioPortSpec),
 }
 
 fn parse_bool(driver: &str, key: &str, v: &str) -> Result<bool, DeviceError> {
@@ -162,6 +195,97 @@ impl DeviceSpec {
                     });
                 }
                 Ok(DeviceSpec::IsaSerial(spec))
+            }
+            "virtio-serial" | "virtio-serial-device" => {
+                let mut spec = VirtioSerialSpec {
+                    id: String::new(),
+                    max_ports: DEFAULT_VIRTIO_SERIAL_PORTS,
+                };
+                for item in parts {
+                    let (key, value) = item.split_once('=').unwrap_or((item.as_str(), "on"));
+                    match key {
+                        "id" if chardev::spec::is_valid_id(value) => spec.id = value.into(),
+                        "max_ports" => {
+                            let n = parse_num(&driver, key, value)?;
+                            spec.max_ports = u32::try_from(n)
+                                .ok()
+                                .filter(|n| (1..=511).contains(n))
+                                .ok_or_else(|| DeviceError::BadValue {
+                                    driver: driver.clone(),
+                                    key: key.into(),
+                                    value: value.into(),
+                                })?;
+                        }
+                        "id" => {
+                            return Err(DeviceError::BadValue {
+                                driver,
+                                key: key.into(),
+                                value: value.into(),
+                            })
+                        }
+                        _ => {
+                            return Err(DeviceError::UnknownOption {
+                                driver,
+                                key: key.into(),
+                            })
+                        }
+                    }
+                }
+                Ok(DeviceSpec::VirtioSerial(spec))
+            }
+            "virtserialport" | "virtconsole" => {
+                let mut spec = VirtioPortSpec {
+                    id: String::new(),
+                    chardev: String::new(),
+                    name: None,
+                    nr: None,
+                    bus: None,
+                    console: driver == "virtconsole",
+                };
+                for item in parts {
+                    let (key, value) = item.split_once('=').unwrap_or((item.as_str(), "on"));
+                    let bad = || DeviceError::BadValue {
+                        driver: driver.clone(),
+                        key: key.into(),
+                        value: value.into(),
+                    };
+                    match key {
+                        "chardev" if chardev::spec::is_valid_id(value) => {
+                            spec.chardev = value.into()
+                        }
+                        "id" if chardev::spec::is_valid_id(value) => spec.id = value.into(),
+                        "bus" if chardev::spec::is_valid_id(value) => {
+                            // QEMU spells it `vser0.0`; the part before the dot names the device.
+                            spec.bus = Some(value.split('.').next().unwrap_or(value).into())
+                        }
+                        "name" => {
+                            devices::virtio::console::validate_port_name(value)
+                                .map_err(|_| bad())?;
+                            spec.name = Some(value.into())
+                        }
+                        "nr" => {
+                            let n = parse_num(&driver, key, value)?;
+                            spec.nr = Some(u32::try_from(n).map_err(|_| bad())?);
+                        }
+                        "chardev" | "id" | "bus" => return Err(bad()),
+                        _ => {
+                            return Err(DeviceError::UnknownOption {
+                                driver: driver.clone(),
+                                key: key.into(),
+                            })
+                        }
+                    }
+                }
+                if spec.chardev.is_empty() {
+                    return Err(DeviceError::Missing {
+                        driver,
+                        key: "chardev",
+                    });
+                }
+                if spec.id.is_empty() {
+                    spec.id = spec.chardev.clone();
+                }
+                Ok(DeviceSpec::VirtioPort(spec))
             }
             other => Err(DeviceError::UnknownDriver(other.to_string())),
         }
@@ -262,7 +386,40 @@ mod tests {
     fn isa(s: &str) -> IsaSerialSpec {
         match DeviceSpec::parse(s).unwrap() {
             DeviceSpec::IsaSerial(s) => s,
+            other => panic!("not isa-serial: {other:?}"),
         }
+    }
+
+    #[test]
+    fn virtio_serial_and_ports_parse() {
+        assert_eq!(
+            DeviceSpec::parse("virtio-serial,id=vser0,max_ports=4").unwrap(),
+            DeviceSpec::VirtioSerial(VirtioSerialSpec {
+                id: "vser0".into(),
+                max_ports: 4
+            })
+        );
+        assert_eq!(
+            DeviceSpec::parse("virtserialport,chardev=c0,name=org.example.agent,bus=vser0.0,nr=2")
+                .unwrap(),
+            DeviceSpec::VirtioPort(VirtioPortSpec {
+                id: "c0".into(),
+                chardev: "c0".into(),
+                name: Some("org.example.agent".into()),
+                nr: Some(2),
+                bus: Some("vser0".into()),
+                console: false,
+            })
+        );
+        match DeviceSpec::parse("virtconsole,chardev=c1,id=con0").unwrap() {
+            DeviceSpec::VirtioPort(p) => assert!(p.console && p.id == "con0"),
+            other => panic!("{other:?}"),
+        }
+        let e = |s: &str| DeviceSpec::parse(s).unwrap_err().to_string();
+        assert!(e("virtserialport,chardev=c0,name=a b").contains("'name'"));
+        assert!(e("virtserialport,chardev=c0,name=a,b=c").contains("unknown option 'b'"));
+        assert!(e("virtserialport,name=x").contains("'chardev' is required"));
+        assert!(e("virtio-serial,max_ports=0").contains("'max_ports'"));
     }
 
     #[test]
@@ -286,7 +443,7 @@ mod tests {
         let e = |s: &str| DeviceSpec::parse(s).unwrap_err().to_string();
         assert_eq!(
             e("floppy,chardev=x"),
-            "--device: unknown device 'floppy' (known: isa-serial)"
+            "--device: unknown device 'floppy' (known: isa-serial, virtio-serial, virtserialport, virtconsole)"
         );
         assert_eq!(
             e("isa-serial,chardev=c0,speed=9"),

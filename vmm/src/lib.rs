@@ -12,4 +12,5 @@ pub mod layout;
 pub mod memory;
 pub mod serial;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;

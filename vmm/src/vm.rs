@@ -10,6 +10,8 @@ use devices::bus::{Bus, SharedDevice};
 use devices::power::{AcpiPm, I8042};
 use devices::serial::SerialConfig;
 use devices::serial_port::SerialPort;
+use devices::virtio::console::{PortConfig, VirtioConsole};
+use devices::virtio::VirtioMmio;
 use devices::{Clock, MonotonicClock};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
@@ -19,15 +21,19 @@ use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::acpi::{self, ComPort};
+use crate::acpi::{self, ComPort, VirtioMmioSlot};
 use crate::boot;
 use crate::cli::VmConfig;
 use crate::cpu;
 use crate::event_loop::{block_stop_signals, Lifecycle, SignalFd};
 use crate::irq::IrqLines;
-use crate::layout::{ACPI_PM_BASE, ACPI_PM_LEN, COM_PORT_SIZE, I8042_DATA_PORT, I8042_PORT_LEN};
+use crate::layout::{
+    ACPI_PM_BASE, ACPI_PM_LEN, COM_PORT_SIZE, I8042_DATA_PORT, I8042_PORT_LEN,
+    VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
+};
 use crate::serial::SerialHandler;
 use crate::vcpu::{self, ExitLatch, VcpuContext, VmExit};
+use crate::virtio::{register_ioeventfds, PortEventSink, VirtioConsoleHandler};
 
 /// TSS address KVM needs on Intel hosts (three pages just below the BIOS ROM window).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -66,6 +72,14 @@ pub enum VmError {
         /// Why.
         #[source]
         source: chardev::Error,
+    },
+    /// A device could not be created.
+    #[error("--device {id}: {reason}")]
+    Device {
+        /// Device id.
+        id: String,
+        /// Why.
+        reason: String,
     },
     /// A COM port could not be created.
     #[error("cannot create serial port")]
@@ -182,6 +196,58 @@ impl Vm {
                 irq: plan.irq,
             });
         }
+        let mut mmio = Bus::new();
+        let mut virtio_slots = Vec::new();
+        for (i, plan) in config.virtio_serial.iter().enumerate() {
+            let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SLOT_SIZE;
+            let gsi = VIRTIO_MMIO_FIRST_GSI + i as u32;
+            let device_err = |e: String| VmError::Device {
+                id: plan.id.clone(),
+                reason: e,
+            };
+            let mut console =
+                VirtioConsole::new(plan.max_ports).map_err(|e| device_err(e.to_string()))?;
+            for port in &plan.ports {
+                let backend = registry
+                    .take(&port.chardev)
+                    .map_err(|source| VmError::Chardev {
+                        id: port.chardev.clone(),
+                        source,
+                    })?;
+                let port_config = PortConfig {
+                    id: port.id.clone(),
+                    name: port.name.clone(),
+                    console: port.console,
+                    nr: port.nr,
+                    chardev: port.chardev.clone(),
+                };
+                console
+                    .add_port(port_config, backend)
+                    .map_err(|e| device_err(e.to_string()))?;
+            }
+            let transport = VirtioMmio::new(console, mem.clone(), irqs.source(gsi))
+                .map_err(|e| device_err(e.to_string()))?;
+            let shared = Arc::new(Mutex::new(transport));
+            mmio.insert(shared.clone() as SharedDevice, base, VIRTIO_MMIO_SLOT_SIZE)?;
+            register_ioeventfds(&kvm_vm, &shared, base)
+                .map_err(|e| VmError::KvmIoctl("KVM_IOEVENTFD", e))?;
+            let report: PortEventSink = Box::new(|event| {
+                log::info!(
+                    "virtio-serial port '{}' {} by the guest",
+                    event.port_id,
+                    if event.open { "opened" } else { "closed" }
+                )
+            });
+            event_manager.add_subscriber(Arc::new(Mutex::new(VirtioConsoleHandler::new(
+                shared, report,
+            ))));
+            virtio_slots.push(VirtioMmioSlot {
+                base,
+                size: VIRTIO_MMIO_SLOT_SIZE,
+                gsi,
+            });
+        }
+
         let power: Arc<dyn devices::power::PowerControl> = exit.clone();
         pio.insert(
             Arc::new(Mutex::new(I8042::new(power.clone()))) as SharedDevice,
@@ -194,7 +260,7 @@ impl Vm {
             ACPI_PM_LEN,
         )?;
 
-        let rsdp = acpi::create_acpi_tables(&mem, config.vcpus, &com_ports, &[])?;
+        let rsdp = acpi::create_acpi_tables(&mem, config.vcpus, &com_ports, &virtio_slots)?;
         let boot = boot::load(
             &mem,
             &config.kernel,
@@ -214,7 +280,7 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::KvmIoctl("KVM_GET_SUPPORTED_CPUID", e))?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+        let mmio = Arc::new(mmio);
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
             let fd = kvm_vm

@@ -1,0 +1,272 @@
+//! A Linux guest talking through chardev backends and paced UARTs, the way users attach to a
+//! VM: the console (ttyS0) on a unix socket server, a shell on ttyS1 reached through a host
+//! pty, and the line rate the guest programs on ttyS1/ttyS2 measured on the host side.
+//!
+//! One boot carries every check: boots cost minutes on a nested KVM.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use tests::{require_kvm, test_cmdline, test_initrd, test_kernel, Vmm, READY_MARKER};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Bytes read from a stream on a thread, with the time each chunk arrived.
+struct Reader {
+    rx: Receiver<(Instant, Vec<u8>)>,
+    seen: Vec<u8>,
+}
+
+impl Reader {
+    fn spawn<R: Read + Send + 'static>(mut r: R) -> Reader {
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Reader {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait until `needle` appears after `from`; returns the position after it.
+    fn expect(&mut self, from: usize, needle: &str, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let start = from.min(self.seen.len());
+            if let Some(p) = self.seen[start..]
+                .windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+            {
+                return start + p + needle.len();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no {needle:?} within {timeout:?}; got:\n{}",
+                String::from_utf8_lossy(&self.seen)
+            );
+            if let Ok((_, chunk)) = self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                self.seen.extend_from_slice(&chunk);
+            }
+        }
+    }
+
+    /// Skip everything up to the first `byte`, then receive `n` copies of it in a row;
+    /// returns the arrival times of the chunks holding the first and the last of them.
+    fn timed_run(&mut self, byte: u8, n: usize, timeout: Duration) -> (Instant, Instant) {
+        let deadline = Instant::now() + timeout;
+        let mut count = 0;
+        let mut first = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "only {count} of {n} {byte:#x} bytes within {timeout:?}"
+            );
+            let Ok((at, chunk)) = self.rx.recv_timeout(left) else {
+                continue;
+            };
+            self.seen.extend_from_slice(&chunk);
+            for &b in &chunk {
+                if b == byte {
+                    first.get_or_insert(at);
+                    count += 1;
+                    if count == n {
+                        return (first.unwrap_or(at), at);
+                    }
+                } else {
+                    assert!(
+                        first.is_none(),
+                        "payload interrupted by {b:#x} after {count} bytes"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Open the slave side of a minivmm pty in raw mode, as a terminal program would.
+fn open_pty(path: &Path) -> File {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: termios is plain data; tcgetattr fills it for a valid tty fd we own.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and pointer to a termios owned by this frame.
+    assert_eq!(unsafe { libc::tcgetattr(f.as_raw_fd(), &mut t) }, 0);
+    // SAFETY: cfmakeraw only edits the struct it is given.
+    unsafe { libc::cfmakeraw(&mut t) };
+    // SAFETY: valid fd and termios.
+    assert_eq!(
+        unsafe { libc::tcsetattr(f.as_raw_fd(), libc::TCSANOW, &t) },
+        0
+    );
+    f
+}
+
+/// The /dev/pts paths minivmm announced for chardevs `labels`, in that order.
+fn announced_ptys(vm: &mut Vmm, labels: &[&str]) -> Vec<std::path::PathBuf> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut lines = Vec::new();
+    loop {
+        lines.extend(vm.stderr_lines());
+        let found: Vec<Option<std::path::PathBuf>> = labels
+            .iter()
+            .map(|label| {
+                lines
+                    .iter()
+                    .find(|l| l.contains(&format!("(label {label})")))
+                    .and_then(|l| l.split_whitespace().find(|w| w.starts_with("/dev/pts/")))
+                    .map(Into::into)
+            })
+            .collect();
+        if found.iter().all(Option::is_some) {
+            return found.into_iter().flatten().collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "minivmm announced no pty for some of {labels:?}: {lines:?}"
+        );
+    }
+}
+
+/// Measured line rate of `bytes` received between `first` and `last` (the first byte's own
+/// time is not inside the interval, hence n-1 characters).
+fn rate(bytes: usize, first: Instant, last: Instant) -> f64 {
+    (bytes - 1) as f64 / last.duration_since(first).as_secs_f64()
+}
+
+#[test]
+fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
+    require_kvm();
+    let kernel = test_kernel();
+    let initrd = test_initrd();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("console.sock");
+    let console = format!("unix:{},server=on,wait=on", sock.display());
+    let mut vm = Vmm::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        &test_cmdline(""),
+        "--serial",
+        &console,
+        "--serial",
+        "pty",
+        "--chardev",
+        "pty,id=fast",
+        "--device",
+        "isa-serial,chardev=fast,index=2,pacing=off",
+    ]);
+    let ptys = announced_ptys(&mut vm, &["serial1", "fast"]);
+    let (ttys1, ttys2) = (ptys[0].clone(), ptys[1].clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no console socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stream = UnixStream::connect(&sock).unwrap();
+    let mut console_in = stream.try_clone().unwrap();
+    let mut con = Reader::spawn(stream);
+    let ready = con.expect(0, READY_MARKER, BOOT_TIMEOUT);
+
+    let mut say = |line: &str| {
+        console_in.write_all(line.as_bytes()).unwrap();
+        console_in.write_all(b"\n").unwrap();
+    };
+    // The console shell answers through the socket.
+    say("echo sock-$((20+22))");
+    let at = con.expect(ready, "sock-42", COMMAND_TIMEOUT);
+
+    // A second shell on ttyS1, reached through the host pty.
+    let pty1 = open_pty(&ttys1);
+    let mut pty1_in = pty1.try_clone().unwrap();
+    let mut p1 = Reader::spawn(pty1);
+    // A plain read-eval loop, no line editor: it neither echoes nor queries the terminal.
+    say("stty -F /dev/ttyS1 115200 raw -echo; setsid sh -c 'exec </dev/ttyS1 >/dev/ttyS1 2>&1; echo R$((1+1))Y; while read -r l; do eval \"$l\"; done' & echo started-$((1+1))");
+    con.expect(at, "started-2", COMMAND_TIMEOUT);
+    // Type only once the guest reads the line: opening a 16550 clears its FIFOs, as the
+    // real chip does, so bytes sent before that are gone.
+    p1.expect(0, "R2Y", COMMAND_TIMEOUT);
+    pty1_in.write_all(b"echo via-pty-$((3*3))\n").unwrap();
+    p1.expect(0, "via-pty-9", COMMAND_TIMEOUT);
+
+    // Guest -> host at 9600 baud, 8N1: 960 characters per second on the line.
+    const N: usize = 4096;
+    pty1_in
+        .write_all(b"stty 9600 raw -echo; echo G$((1+1))O; sleep 1; head -c 4096 /dev/zero | tr '\\0' U; echo\n")
+        .unwrap();
+    // The payload starts a second after "G2O".
+    let from = p1.seen.len();
+    p1.expect(from, "G2O", COMMAND_TIMEOUT);
+    let (first, last) = p1.timed_run(b'U', N, Duration::from_secs(60));
+    let measured = rate(N, first, last);
+    let expected = 9600.0 / 10.0;
+    let error = (measured - expected).abs() / expected;
+    eprintln!(
+        "guest->host at 9600 baud: {measured:.1} chars/s, expected {expected}, error {:.2} %",
+        error * 100.0
+    );
+    assert!(
+        error < 0.02,
+        "line rate {measured:.1}/s is not within 2 % of {expected}/s"
+    );
+
+    // Host -> guest at 9600 baud: the ttyS1 shell's dd reads 2048 bytes from the line; they
+    // cannot arrive faster than the line allows, and none is lost (dd would wait forever).
+    let from = p1.seen.len();
+    pty1_in
+        .write_all(b"read a _ </proc/uptime; dd bs=1 count=2048 of=/dev/null 2>/dev/null; read b _ </proc/uptime; echo rx-$((100+1)) $a $b\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    pty1_in.write_all(&[b'V'; 2048]).unwrap();
+    let end = p1.expect(from, "rx-101 ", Duration::from_secs(90));
+    let line_end = p1.expect(end, "\n", Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&p1.seen[end..line_end]).to_string();
+    let nums: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(nums.len(), 2, "{text}");
+    let guest_secs = nums[1] - nums[0];
+    // 2048 characters at 960/s take 2.13 s at least (the dd started 3 s before the data).
+    assert!(
+        guest_secs >= 2048.0 / 960.0,
+        "host->guest too fast: {guest_secs} s"
+    );
+
+    // The unpaced port moves the same amount far faster than 9600 baud would.
+    let pty2 = open_pty(&ttys2);
+    let mut p2 = Reader::spawn(pty2);
+    say("stty -F /dev/ttyS2 9600 raw -echo; head -c 4096 /dev/zero | tr '\\0' W >/dev/ttyS2");
+    let (first, last) = p2.timed_run(b'W', N, Duration::from_secs(60));
+    let fast = rate(N, first, last);
+    eprintln!("guest->host with pacing=off (9600 programmed): {fast:.0} chars/s");
+    assert!(fast > 5.0 * expected, "pacing=off port ran at {fast:.0}/s");
+
+    say("poweroff");
+    assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(0));
+}
