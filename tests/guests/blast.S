@@ -3,9 +3,11 @@
 #   divisor=N  COM1 divisor latch [1 = 115200 baud]
 #   lcr=N      line control, the frame [3 = 8N1; 0x1e = 7E2]
 #   count=N    payload bytes [1024]
+#   burst=N    payload bytes written each time THRE is seen set, 1 to 16 [1]: 1 keeps one
+#              byte queued behind the shift register; 16 refills the whole FIFO, as Linux does
 # Programs COM1 (FIFOs on, no interrupts), prints "BLAST-START\n", writes `count` bytes of 'U'
-# polling LSR.THRE before each, waits for LSR.TEMT, prints "BLAST-END <count>\n", waits for
-# TEMT again and powers off. The markers hold no 'U', so the host counts payload bytes as the
+# polling LSR.THRE before each burst, waits for LSR.TEMT, prints "BLAST-END <count>\n", waits
+# for TEMT again and powers off. The markers hold no 'U', so the host counts payload bytes as the
 # 'U's between them. resources/bench-serial.py times this on the host.
 	.code32
 	.include "common.inc"
@@ -28,18 +30,35 @@
 	mov $1024, %eax
 	call getarg
 	mov %eax, count
+	mov $key_burst, %esi
+	mov $1, %eax
+	call getarg
+	cmp $1, %eax			# clamp to 1..16 (the FIFO's depth)
+	jge 1f
+	mov $1, %eax
+1:	cmp $16, %eax
+	jle 2f
+	mov $16, %eax
+2:	mov %eax, burst
 
 	call uart_setup
 	mov $msg_start, %esi
 	call puts
-	mov count, %ecx
+	mov count, %ecx			# bytes left
 	test %ecx, %ecx
-	jz 2f
+	jz 4f
 	mov $'U', %al
-1:	call putc
+1:	call putc			# polls THRE, then writes
 	dec %ecx
-	jnz 1b
-2:	call wait_temt
+	jz 4f
+	mov burst, %edi			# the rest of this burst goes straight in
+	mov $COM1 + UART_THR, %dx
+2:	dec %edi
+	jz 1b
+	out %al, %dx
+	dec %ecx
+	jnz 2b
+4:	call wait_temt
 	mov $msg_end, %esi
 	call puts
 	mov count, %eax
@@ -175,6 +194,8 @@ key_lcr:
 	.asciz "lcr="
 key_count:
 	.asciz "count="
+key_burst:
+	.asciz "burst="
 msg_start:
 	.asciz "BLAST-START\n"
 msg_end:
@@ -186,5 +207,7 @@ divisor:
 lcr:
 	.long 0
 count:
+	.long 0
+burst:
 	.long 0
 	.text

@@ -59,6 +59,10 @@ pub struct Cli {
     #[arg(long, value_name = "SPEC")]
     pub device: Vec<String>,
 
+    /// Serve QMP on a unix socket at PATH (mode 0600, several clients at once).
+    #[arg(long, value_name = "PATH")]
+    pub monitor: Option<PathBuf>,
+
     /// A name for the VM, shown in logs and (later) in the monitor's instance list.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
@@ -83,6 +87,8 @@ pub struct VmConfig {
     pub com_ports: Vec<ComPortPlan>,
     /// The virtio-serial devices with their ports, in slot order.
     pub virtio_serial: Vec<VirtioSerialPlan>,
+    /// The QMP socket, if any.
+    pub monitor: Option<PathBuf>,
     /// VM name.
     pub name: String,
 }
@@ -379,6 +385,7 @@ impl Cli {
             chardevs,
             com_ports,
             virtio_serial,
+            monitor: self.monitor.clone(),
             name: self
                 .name
                 .clone()

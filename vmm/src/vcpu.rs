@@ -4,9 +4,11 @@
 //! loop. How the guest stops (power-off, reset, triple fault, an instruction KVM cannot
 //! emulate) is reported through [`VmExit`] to the main thread, which ends the process.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -97,6 +99,94 @@ impl devices::power::PowerControl for ExitLatch {
     }
 }
 
+/// Pausing and resuming the vCPUs (`stop` / `cont`): a vCPU parks before its next `KVM_RUN`
+/// while paused; `pause` kicks each thread out of `KVM_RUN` with [`kick_signal`] until all
+/// have parked.
+pub struct VcpuControl {
+    paused: Mutex<bool>,
+    resumed: Condvar,
+    parked: AtomicUsize,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+/// How long `pause` keeps kicking vCPUs before giving up.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Interval between kicks while pausing.
+const PAUSE_KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+impl VcpuControl {
+    /// Control for vCPUs not started yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(VcpuControl {
+            paused: Mutex::new(false),
+            resumed: Condvar::new(),
+            parked: AtomicUsize::new(0),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Install the no-op handler for [`kick_signal`]; its only job is to make `KVM_RUN`
+    /// return `EINTR`.
+    pub fn install_kick_handler() -> std::io::Result<()> {
+        extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn register(&self, thread: libc::pthread_t) {
+        devices::bus::lock(&self.threads).push(thread);
+    }
+
+    /// Whether the vCPUs are paused (or pausing).
+    pub fn is_paused(&self) -> bool {
+        *devices::bus::lock(&self.paused)
+    }
+
+    /// Stop every vCPU before its next guest instruction; returns once all are parked (or
+    /// after a bounded wait, with false).
+    pub fn pause(&self) -> bool {
+        *devices::bus::lock(&self.paused) = true;
+        let threads = devices::bus::lock(&self.threads).clone();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while self.parked.load(Ordering::SeqCst) < threads.len() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            for &t in &threads {
+                // SAFETY: `t` is a vCPU thread of this process that lives until exit; the
+                // signal has a no-op handler installed, so delivery only interrupts KVM_RUN.
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+            std::thread::sleep(PAUSE_KICK_INTERVAL);
+        }
+        true
+    }
+
+    /// Let the vCPUs run again.
+    pub fn resume(&self) {
+        *devices::bus::lock(&self.paused) = false;
+        self.resumed.notify_all();
+    }
+
+    /// Called by a vCPU thread before entering the guest: park while paused (or until the VM
+    /// stops).
+    fn wait_while_paused(&self, exit: &ExitLatch) {
+        let mut paused = devices::bus::lock(&self.paused);
+        if !*paused {
+            return;
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        while *paused && !exit.stopping() {
+            paused = self
+                .resumed
+                .wait_timeout(paused, PAUSE_TIMEOUT)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What a vCPU thread needs.
 pub struct VcpuContext {
     /// vCPU index.
@@ -111,17 +201,23 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     /// Where to report the end of the VM.
     pub exit: Arc<ExitLatch>,
+    /// Pause/resume.
+    pub control: Arc<VcpuControl>,
 }
 
 /// Start the vCPU thread.
 pub fn spawn(ctx: VcpuContext) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+    let control = ctx.control.clone();
+    let handle = std::thread::Builder::new()
         .name(format!("vcpu{}", ctx.id))
-        .spawn(move || run(ctx))
+        .spawn(move || run(ctx))?;
+    control.register(handle.as_pthread_t());
+    Ok(handle)
 }
 
 fn run(mut ctx: VcpuContext) {
     loop {
+        ctx.control.wait_while_paused(&ctx.exit);
         if ctx.exit.stopping() {
             return;
         }

@@ -18,6 +18,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use monitor::{Monitor, QmpEvent, ShutdownCause};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -31,8 +32,9 @@ use crate::layout::{
     ACPI_PM_BASE, ACPI_PM_LEN, COM_PORT_SIZE, I8042_DATA_PORT, I8042_PORT_LEN,
     VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
 };
+use crate::machine::{MonitorHandler, VmMachine};
 use crate::serial::SerialHandler;
-use crate::vcpu::{self, ExitLatch, VcpuContext, VmExit};
+use crate::vcpu::{self, ExitLatch, VcpuContext, VcpuControl, VmExit};
 use crate::virtio::{register_ioeventfds, PortEventSink, VirtioConsoleHandler};
 
 /// TSS address KVM needs on Intel hosts (three pages just below the BIOS ROM window).
@@ -81,6 +83,9 @@ pub enum VmError {
         /// Why.
         reason: String,
     },
+    /// The monitor socket could not be created.
+    #[error("--monitor: {0}")]
+    Monitor(String),
     /// A COM port could not be created.
     #[error("cannot create serial port")]
     SerialPort(#[source] devices::serial_port::SerialPortError),
@@ -97,6 +102,9 @@ const EXIT_DRAIN_TIME: Duration = Duration::from_millis(500);
 /// Draining ends once the event loop has been idle this long (ms).
 const EXIT_DRAIN_IDLE_MS: i32 = 30;
 
+/// How long replies and the last events may take to reach monitor clients at exit.
+const MONITOR_FLUSH_TIME: Duration = Duration::from_millis(500);
+
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A built VM, ready to run.
@@ -104,8 +112,16 @@ pub struct Vm {
     vcpus: Vec<VcpuContext>,
     event_manager: EventManager<Subscriber>,
     exit: Arc<ExitLatch>,
-    /// The named chardevs (the monitor will add, change and remove them at run time).
-    _chardevs: Registry,
+    /// The monitor, which owns the chardev registry when there is one.
+    monitor: MonitorState,
+}
+
+/// Who owns the chardev registry: the monitor's machine, or the VM itself.
+enum MonitorState {
+    /// No monitor: the VM keeps the registry alive.
+    None(#[allow(dead_code)] Registry),
+    /// The monitor subscriber.
+    Serving(Arc<Mutex<MonitorHandler>>),
 }
 
 impl Vm {
@@ -140,6 +156,17 @@ impl Vm {
         let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
         let mut event_manager: EventManager<Subscriber> =
             EventManager::new().map_err(VmError::EventLoop)?;
+
+        let monitor = match &config.monitor {
+            Some(path) => {
+                let mut m = Monitor::new().map_err(|e| VmError::Io("cannot create monitor", e))?;
+                m.listen(path)
+                    .map_err(|e| VmError::Monitor(e.to_string()))?;
+                Some(m)
+            }
+            None => None,
+        };
+        let monitor_events = monitor.as_ref().map(Monitor::events);
 
         let mut registry = Registry::new();
         for spec in &config.chardevs {
@@ -198,6 +225,7 @@ impl Vm {
         }
         let mut mmio = Bus::new();
         let mut virtio_slots = Vec::new();
+        let mut consoles = Vec::new();
         for (i, plan) in config.virtio_serial.iter().enumerate() {
             let base = VIRTIO_MMIO_START + i as u64 * VIRTIO_MMIO_SLOT_SIZE;
             let gsi = VIRTIO_MMIO_FIRST_GSI + i as u32;
@@ -231,16 +259,22 @@ impl Vm {
             mmio.insert(shared.clone() as SharedDevice, base, VIRTIO_MMIO_SLOT_SIZE)?;
             register_ioeventfds(&kvm_vm, &shared, base)
                 .map_err(|e| VmError::KvmIoctl("KVM_IOEVENTFD", e))?;
-            let report: PortEventSink = Box::new(|event| {
+            let sink = monitor_events.clone();
+            let report: PortEventSink = Box::new(move |event| {
                 log::info!(
                     "virtio-serial port '{}' {} by the guest",
                     event.port_id,
                     if event.open { "opened" } else { "closed" }
-                )
+                );
+                if let Some(q) = &sink {
+                    q.push(QmpEvent::vserport_change(&event.port_id, event.open));
+                }
             });
             event_manager.add_subscriber(Arc::new(Mutex::new(VirtioConsoleHandler::new(
-                shared, report,
+                shared.clone(),
+                report,
             ))));
+            consoles.push((plan.id.clone(), shared));
             virtio_slots.push(VirtioMmioSlot {
                 base,
                 size: VIRTIO_MMIO_SLOT_SIZE,
@@ -279,6 +313,25 @@ impl Vm {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::KvmIoctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let control = VcpuControl::new();
+        VcpuControl::install_kick_handler()
+            .map_err(|e| VmError::Io("cannot install the vCPU kick handler", e))?;
+        let monitor = match monitor {
+            Some(monitor) => {
+                let machine = VmMachine::new(
+                    config.name.clone(),
+                    registry,
+                    control.clone(),
+                    exit.clone(),
+                    monitor.events(),
+                    consoles,
+                );
+                let handler = Arc::new(Mutex::new(MonitorHandler::new(monitor, machine)));
+                event_manager.add_subscriber(handler.clone());
+                MonitorState::Serving(handler)
+            }
+            None => MonitorState::None(registry),
+        };
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
         let mut vcpus = Vec::new();
@@ -294,13 +347,14 @@ impl Vm {
                 mmio: mmio.clone(),
                 mem: mem.clone(),
                 exit: exit.clone(),
+                control: control.clone(),
             });
         }
         Ok(Vm {
             vcpus,
             event_manager,
             exit,
-            _chardevs: registry,
+            monitor,
         })
     }
 
@@ -322,7 +376,23 @@ impl Vm {
                 Ok(_) => {}
             }
         }
-        Ok(self.exit.reason().unwrap_or(VmExit::PowerOff))
+        let reason = self.exit.reason().unwrap_or(VmExit::PowerOff);
+        if let MonitorState::Serving(handler) = &self.monitor {
+            let mut handler = devices::bus::lock(handler);
+            let cause = match &reason {
+                VmExit::PowerOff => Some(ShutdownCause::GuestShutdown),
+                VmExit::Reset => Some(ShutdownCause::GuestReset),
+                VmExit::Signal(_) => Some(ShutdownCause::HostSignal),
+                VmExit::Crash(_) => Some(ShutdownCause::HostError),
+                // quit and system_reset queued their own SHUTDOWN.
+                VmExit::Quit => None,
+            };
+            if let Some(cause) = cause {
+                handler.push_event(QmpEvent::shutdown(cause));
+            }
+            handler.flush(MONITOR_FLUSH_TIME);
+        }
+        Ok(reason)
     }
 }
 

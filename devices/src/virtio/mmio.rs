@@ -303,6 +303,12 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         }
     }
 
+    /// Wake the event loop's handler for this device (after a port was added or removed from
+    /// another subscriber, so it re-reads the fds to poll).
+    pub fn kick(&self) {
+        self.write_kick();
+    }
+
     fn write_kick(&self) {
         if let Err(e) = self.kick.write(1) {
             if e.kind() != io::ErrorKind::WouldBlock {

@@ -1,0 +1,266 @@
+//! The VM as the monitor sees it: [`VmMachine`] implements `monitor::Machine` over the
+//! chardev registry, the vCPU pause control, the exit latch and the virtio-serial devices, and
+//! [`MonitorHandler`] runs the monitor's sockets in the event loop.
+//!
+//! Everything here runs on the event-loop thread; nothing blocks beyond a bounded vCPU pause.
+
+use std::sync::Arc;
+
+use chardev::Registry;
+use devices::bus::lock;
+use devices::virtio::console::PortConfig;
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use monitor::{
+    DeviceDriver, DeviceSpec, EventQueue, Machine, MachineError, Monitor, PortInfo, QmpEvent,
+    RunState, ShutdownCause,
+};
+
+use crate::serial::{readiness, FdRegistrations};
+use crate::vcpu::{ExitLatch, VcpuControl, VmExit};
+use crate::virtio::SharedConsole;
+
+/// The machine the monitor drives.
+pub struct VmMachine {
+    name: String,
+    registry: Registry,
+    vcpus: Arc<VcpuControl>,
+    exit: Arc<ExitLatch>,
+    events: EventQueue,
+    /// virtio-serial devices by id, in slot order.
+    consoles: Vec<(String, SharedConsole)>,
+}
+
+impl VmMachine {
+    /// The machine over these parts.
+    pub fn new(
+        name: String,
+        registry: Registry,
+        vcpus: Arc<VcpuControl>,
+        exit: Arc<ExitLatch>,
+        events: EventQueue,
+        consoles: Vec<(String, SharedConsole)>,
+    ) -> Self {
+        VmMachine {
+            name,
+            registry,
+            vcpus,
+            exit,
+            events,
+            consoles,
+        }
+    }
+
+    fn console_for_port(&self, port_id: &str) -> Option<&SharedConsole> {
+        self.consoles
+            .iter()
+            .map(|(_, c)| c)
+            .find(|c| lock(c).device().ports().iter().any(|p| p.id == port_id))
+    }
+}
+
+impl Machine for VmMachine {
+    fn run_state(&self) -> RunState {
+        if self.exit.stopping() {
+            RunState::Shutdown
+        } else if self.vcpus.is_paused() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), MachineError> {
+        if self.vcpus.is_paused() {
+            return Ok(());
+        }
+        if !self.vcpus.pause() {
+            self.vcpus.resume();
+            return Err(MachineError::Failed("vCPUs did not stop in time".into()));
+        }
+        self.events.push(QmpEvent::stop());
+        Ok(())
+    }
+
+    fn cont(&mut self) -> Result<(), MachineError> {
+        if self.vcpus.is_paused() {
+            self.vcpus.resume();
+            self.events.push(QmpEvent::resume());
+        }
+        Ok(())
+    }
+
+    fn system_reset(&mut self) -> Result<(), MachineError> {
+        // minivmm ends the VM on a reset (as on a guest reboot), reporting it first.
+        self.events
+            .push(QmpEvent::reset(ShutdownCause::HostQmpSystemReset));
+        self.events
+            .push(QmpEvent::shutdown(ShutdownCause::HostQmpSystemReset));
+        self.exit.exit(VmExit::Reset);
+        Ok(())
+    }
+
+    fn system_powerdown(&mut self) -> Result<(), MachineError> {
+        Err(MachineError::Unsupported(
+            "system_powerdown needs an ACPI power button, which this machine does not have yet"
+                .into(),
+        ))
+    }
+
+    fn quit(&mut self) {
+        self.events
+            .push(QmpEvent::shutdown(ShutdownCause::HostQmpQuit));
+        self.exit.exit(VmExit::Quit);
+    }
+
+    fn name(&self) -> Option<String> {
+        Some(self.name.clone())
+    }
+
+    fn uuid(&self) -> Option<String> {
+        None
+    }
+
+    fn chardevs(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    fn chardev_send_break(&mut self, id: &str) -> Result<(), MachineError> {
+        if !self.registry.contains(id) {
+            return Err(MachineError::Chardev(chardev::Error::NotFound(
+                id.to_string(),
+            )));
+        }
+        Err(MachineError::Unsupported(format!(
+            "chardev-send-break: delivering a break to the frontend of '{id}' is not wired yet"
+        )))
+    }
+
+    fn device_add(&mut self, device: &DeviceSpec) -> Result<(), MachineError> {
+        let chardev = device
+            .chardev
+            .clone()
+            .ok_or_else(|| MachineError::Failed("Parameter 'chardev' is missing".into()))?;
+        let id = device.id.clone().unwrap_or_else(|| chardev.clone());
+        let console = match &device.bus {
+            Some(bus) => {
+                let bus = bus.split('.').next().unwrap_or(bus);
+                self.consoles
+                    .iter()
+                    .find(|(vid, _)| vid == bus)
+                    .map(|(_, c)| c.clone())
+                    .ok_or_else(|| MachineError::Failed(format!("Bus '{bus}' not found")))?
+            }
+            None => self
+                .consoles
+                .first()
+                .map(|(_, c)| c.clone())
+                .ok_or_else(|| {
+                    MachineError::Failed("No 'virtio-serial-bus' bus found for device".into())
+                })?,
+        };
+        let backend = self.registry.take(&chardev)?;
+        let config = PortConfig {
+            id,
+            name: device.name.clone(),
+            console: device.driver == DeviceDriver::VirtConsole,
+            nr: device.nr,
+            chardev,
+        };
+        let mut transport = lock(&console);
+        transport
+            .device_mut()
+            .add_port(config, backend)
+            .map_err(|e| MachineError::Failed(e.to_string()))?;
+        transport.kick();
+        Ok(())
+    }
+
+    fn device_del(&mut self, id: &str) -> Result<(), MachineError> {
+        let console = self
+            .console_for_port(id)
+            .cloned()
+            .ok_or_else(|| MachineError::DeviceNotFound(id.to_string()))?;
+        let mut transport = lock(&console);
+        let backend = transport
+            .device_mut()
+            .remove_port(id)
+            .map_err(|e| MachineError::Failed(e.to_string()))?;
+        transport.kick();
+        drop(transport);
+        // Dropping the handle hands the chardev back to the registry, free for reuse.
+        drop(backend);
+        self.events.push(QmpEvent::device_deleted(id));
+        Ok(())
+    }
+
+    fn ports(&self) -> Vec<PortInfo> {
+        let mut out = Vec::new();
+        for (bus, console) in &self.consoles {
+            for p in lock(console).device().ports() {
+                out.push(PortInfo {
+                    id: p.id.clone(),
+                    driver: if p.console {
+                        DeviceDriver::VirtConsole
+                    } else {
+                        DeviceDriver::VirtSerialPort
+                    },
+                    bus: format!("{bus}.0"),
+                    nr: p.nr,
+                    name: p.name.clone(),
+                    chardev: Some(p.chardev.clone()),
+                    guest_connected: p.guest_open,
+                    host_connected: p.host_connected,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The event-loop subscriber for the monitor's sockets and its event queue.
+pub struct MonitorHandler {
+    monitor: Monitor,
+    machine: VmMachine,
+    fds: FdRegistrations,
+}
+
+impl MonitorHandler {
+    /// Serve `monitor`, running commands on `machine`.
+    pub fn new(monitor: Monitor, machine: VmMachine) -> Self {
+        MonitorHandler {
+            monitor,
+            machine,
+            fds: FdRegistrations::default(),
+        }
+    }
+
+    /// Queue an event for every client.
+    pub fn push_event(&mut self, event: QmpEvent) {
+        self.machine.events.push(event);
+    }
+
+    /// Send the last events and replies before the process exits.
+    pub fn flush(&mut self, timeout: std::time::Duration) {
+        self.monitor.flush(timeout);
+    }
+
+    fn sync(&mut self, ops: &mut EventOps) {
+        let wanted = self.monitor.poll_fds();
+        self.fds.sync(ops, &wanted);
+    }
+}
+
+impl MutEventSubscriber for MonitorHandler {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if self.fds.contains(fd) {
+            self.monitor
+                .on_ready(fd, readiness(events.event_set()), &mut self.machine);
+        }
+        self.sync(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.sync(ops);
+    }
+}
