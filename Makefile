@@ -51,6 +51,7 @@ test: deps guest stock build
 
 bench: guest build
 	@bash resources/bench-boot.sh
+	@bash resources/bench-serial.sh
 
 lint:
 	cargo fmt --all -- --check

@@ -3,7 +3,7 @@
 #   divisor=N  COM1 divisor latch [1 = 115200 baud]
 #   lcr=N      line control, the frame [3 = 8N1; 0x1e = 7E2]
 #   count=N    bytes to receive [1024]
-#   polls=N    LSR reads to wait for each byte before giving up [5000000]
+#   polls=N    LSR reads to wait for each byte before giving up [1000000]
 # Programs COM1 (FIFOs on, no interrupts), prints "READY\n", reads `count` bytes polling LSR.DR
 # (bounded), checks them against the pattern 'A'..'Z' repeated, prints "GOT <n> BAD <m>\n"
 # (n bytes received, m of them not the expected letter), waits for LSR.TEMT and powers off.
@@ -30,7 +30,7 @@
 	call getarg
 	mov %eax, count
 	mov $key_polls, %esi
-	mov $5000000, %eax
+	mov $POLL_LIMIT, %eax
 	call getarg
 	mov %eax, polls
 

@@ -253,8 +253,16 @@ impl Cli {
         if cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
             return Err(CliError::CmdlineTooLong(cmdline.len()));
         }
-        let specs = if self.serial.is_empty() {
+        // As in QEMU: the default COM1 on stdio exists only when the command line asks for no
+        // UART at all.
+        let has_isa_serial = self
+            .device
+            .iter()
+            .any(|d| d.split(',').next() == Some("isa-serial"));
+        let specs = if self.serial.is_empty() && !has_isa_serial {
             vec!["stdio".to_string()]
+        } else if self.serial.is_empty() {
+            Vec::new()
         } else {
             self.serial.clone()
         };
@@ -482,10 +490,8 @@ mod tests {
             .iter()
             .map(|p| (p.index, p.chardev.as_str(), p.pacing))
             .collect();
-        assert_eq!(
-            ports,
-            vec![(0, "serial0", true), (1, "n0", true), (3, "f0", false)]
-        );
+        // An isa-serial device replaces the default COM1 on stdio, as in QEMU.
+        assert_eq!(ports, vec![(0, "n0", true), (3, "f0", false)]);
         let e = cli(&["--chardev", "null,id=a", "--chardev", "null,id=a"])
             .validate()
             .unwrap_err();

@@ -474,6 +474,12 @@ impl VirtioConsole {
                 _ => false,
             };
             if port.input_wanted != Some(wanted) {
+                log::debug!(
+                    "virtio-console: port {} ({}) input {}",
+                    port.nr,
+                    port.config.id,
+                    if wanted { "wanted" } else { "not wanted" }
+                );
                 port.backend.set_input_wanted(wanted);
                 port.input_wanted = Some(wanted);
             }
@@ -716,6 +722,7 @@ fn handle_guest_control(
     events: &mut VecDeque<ConsoleEvent>,
     msg: GuestControl,
 ) {
+    log::debug!("virtio-console: guest control {msg:?}");
     match msg {
         GuestControl::DeviceReady { ok: false } => {
             log::warn!("virtio-console: the guest driver failed to initialise");
@@ -929,6 +936,10 @@ fn pull_rx(
             return Ok(());
         }
         let n = elem.write_from(&active.mem, &scratch[..got])?;
+        log::trace!(
+            "virtio-console: port {} received {n} bytes from its backend",
+            port.nr
+        );
         complete(queue, &active.mem, elem.head, n as u32)?;
         active.used = true;
     }
