@@ -77,11 +77,14 @@ def main():
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--memory", default="256")
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--extra", default="",
+                    help="options appended to the kernel command line (to measure a candidate)")
     args = ap.parse_args()
+    cmdline = (CMDLINE + " " + args.extra).strip()
 
     vmms = {
         "minivmm": [args.minivmm, "--kernel", args.kernel, "--initrd", args.initrd,
-                    "--append", CMDLINE, "--memory", args.memory + "M", "--serial", "stdio"],
+                    "--append", cmdline, "--memory", args.memory + "M", "--serial", "stdio"],
     }
     qemu = shutil.which("qemu-system-x86_64")
     if not args.no_qemu:
@@ -93,7 +96,7 @@ def main():
             qemu, "-M", "microvm,acpi=on", "-accel", "kvm", "-cpu", "host,kvm-pv-ipi=off",
             "-m", args.memory, "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
             "-serial", "stdio", "-kernel", args.kernel, "-initrd", args.initrd,
-            "-append", CMDLINE, "-no-reboot",
+            "-append", cmdline, "-no-reboot",
         ]
 
     results = {name: [] for name in vmms}
@@ -109,6 +112,7 @@ def main():
     print()
     print(f"Boot to userspace ready marker, median of {args.runs} "
           f"(kernel {os.path.basename(args.kernel)}, {args.memory} MiB, 1 vCPU)")
+    print(f"command line: {cmdline}")
     print(f"{'VMM':<14} {'start->marker':>14} {'guest uptime':>13} {'runs ok':>8}")
     medians = {}
     for name, rs in results.items():

@@ -15,15 +15,27 @@
 //! register/FIFO has moved into the shift register and TEMT when the shift register is empty
 //! too. The hand-over from the holding register to an idle shift register is modelled as
 //! instantaneous (the real part takes under one bit time), so a single byte written to an idle
-//! transmitter leaves THRE set and TEMT clear for one character time. Received bytes enter the
-//! RX FIFO no faster than one per character time, and the character-timeout interrupt fires
-//! after [`CTI_CHAR_TIMES`] character times. With [`SerialConfig::pacing`] off every character
-//! time is zero: output is collectable at once and input is limited only by FIFO room.
+//! transmitter leaves THRE set and TEMT clear for one character time.
 //!
-//! Output is never dropped by the model: finished characters wait in the UART until the sink
-//! of [`Serial::drain_tx`] takes them, and a sink that refuses stalls the transmitter (THRE and
-//! TEMT stay clear) until it accepts. The only bytes lost are those the guest itself discards:
-//! THR writes into a full FIFO, and FIFO resets.
+//! Received characters complete in line slots one character time apart, and never before
+//! their slot. Input is pulled, so characters enter the RX FIFO only when the event loop
+//! offers them; when it comes back late while input was waiting (the far end had data and the
+//! FIFO had room), the slots it missed are made up: [`Serial::rx_room`] allows one character
+//! per elapsed slot (bounded by FIFO room and [`RX_MAX_BACKLOG`]) and each is given its past
+//! slot as arrival time, so the long-run rate is the line rate whatever the wake-up latency.
+//! Slots do not accrue while the FIFO is full or after the far end was found without input:
+//! the first character after such an idle line arrives now. The character-timeout interrupt
+//! fires [`CTI_CHAR_TIMES`] character times after the later of the last arrival and the last
+//! RBR read. With [`SerialConfig::pacing`] off every character time is zero: output is
+//! collectable at once and input is limited only by FIFO room.
+//!
+//! Output is never dropped by the model: finished characters wait in a holding area of up to
+//! [`TX_HOLD_LIMIT`] bytes until the sink of [`Serial::drain_tx`] takes them, so a late
+//! collection does not hold up the line; the event loop is asked to collect after
+//! [`TX_COLLECT_BATCH`] characters, when the transmitter goes idle, or when THRE rises with its
+//! interrupt enabled. A sink that refuses stalls the transmitter (THRE and TEMT stay clear)
+//! until it accepts. The only bytes lost are those the guest itself discards: THR writes into
+//! a full FIFO, and FIFO resets.
 //!
 //! This module must not do I/O, block, sleep, read the host clock directly, or panic on
 //! anything the guest writes.
@@ -199,9 +211,16 @@ pub const ZERO_DIVISOR_BAUD: u32 = 3500;
 /// Character times of line silence, with data waiting, before the character-timeout
 /// interrupt.
 pub const CTI_CHAR_TIMES: u64 = 4;
-/// Finished output characters the transmitter may hold for collection before it pauses to
-/// let the event loop take them (this is how output is batched between timer wakeups).
-pub const TX_COLLECT_LIMIT: usize = FIFO_SIZE;
+/// Finished output characters the UART holds for the event loop to collect. Only a full
+/// holding area pauses the transmitter (a bound on memory, reached only when the event loop
+/// is very late: 22 ms at 115200 baud); backpressure is the sink refusing bytes.
+pub const TX_HOLD_LIMIT: usize = 256;
+/// Finished output characters after which the event loop is asked to collect (output is
+/// batched between timer wake-ups; the rest of the holding area absorbs wake-up latency).
+pub const TX_COLLECT_BATCH: usize = 8;
+/// Character times of missed input slots a late event loop may still make up. Older slots
+/// are forfeited, so a stalled event loop does not earn an unbounded burst.
+pub const RX_MAX_BACKLOG: u64 = 256;
 const NS_PER_SEC: u128 = 1_000_000_000;
 const START_BITS: u64 = 1;
 const MIN_DATA_BITS: u8 = 5;
@@ -334,14 +353,20 @@ pub struct Serial {
     rx_activity_ns: u64,
     /// Character timeout latched and not yet cleared by an RBR read.
     rx_timeout: bool,
-    /// Earliest instant the next character from the far end may complete.
+    /// The next character from the far end completes in this slot (or in a later one that has
+    /// already passed: missed slots are made up while input waits).
     rx_next_slot_ns: u64,
+    /// The far end was found without input since the last character: the next character
+    /// starts slot timing afresh at its arrival.
+    rx_idle: bool,
+    /// When the RX FIFO filled up, while it stays full: no slots accrue meanwhile.
+    rx_full_since: Option<u64>,
     /// The far end may have input waiting for room or for a slot.
     input_waiting: bool,
 
     tx_fifo: VecDeque<u8>,
     tsr: Option<Shift>,
-    /// Finished characters waiting for the sink.
+    /// Finished characters waiting for the sink (at most [`TX_HOLD_LIMIT`]).
     tx_out: VecDeque<u8>,
     /// The sink refused output: the transmitter holds until it accepts everything.
     tx_stalled: bool,
@@ -385,10 +410,12 @@ impl Serial {
             rx_activity_ns: now,
             rx_timeout: false,
             rx_next_slot_ns: now,
+            rx_idle: true,
+            rx_full_since: None,
             input_waiting: false,
             tx_fifo: VecDeque::with_capacity(FIFO_SIZE),
             tsr: None,
-            tx_out: VecDeque::with_capacity(TX_COLLECT_LIMIT),
+            tx_out: VecDeque::with_capacity(TX_HOLD_LIMIT),
             tx_stalled: false,
             thr_ipending: false,
             irq_level: false,
@@ -512,8 +539,9 @@ impl Serial {
     }
 
     /// How many bytes the UART can take from the far end right now: the free RX FIFO room
-    /// and, with pacing, at most one character per character time. After an idle line only
-    /// one character is offered, so a burst never arrives faster than the line rate. 0 in
+    /// and, with pacing, one character per line slot that has passed since the last
+    /// character's (missed slots are made up, at most [`RX_MAX_BACKLOG`]). After an idle line
+    /// (see [`Serial::set_input_waiting`]) only one character is offered, arriving now. 0 in
     /// loopback (the receiver input is disconnected then).
     pub fn rx_room(&mut self) -> usize {
         self.advance();
@@ -523,25 +551,25 @@ impl Serial {
     }
 
     /// Take up to [`Serial::rx_room`] bytes from the far end. Returns how many were taken.
+    /// Each character is accounted to its line slot, which may lie in the past (event-loop
+    /// latency), so latency does not slow the line; after an idle line the first one arrives
+    /// now.
     pub fn receive(&mut self, data: &[u8]) -> usize {
         self.advance();
+        let char_ns = self.char_time_ns();
         let mut taken = 0;
         for &byte in data {
             if self.rx_room_now() == 0 {
                 break;
             }
-            let char_ns = self.char_time_ns();
-            // A character taken a little after its slot (event-loop latency) is accounted to
-            // the slot, so latency does not slow the line; after a quiet line it counts from
-            // now.
-            let late_by = self.now.saturating_sub(self.rx_next_slot_ns);
-            let arrival = if late_by < char_ns {
-                self.rx_next_slot_ns
-            } else {
+            let arrival = if self.rx_idle || !self.config.pacing {
                 self.now
+            } else {
+                self.rx_first_slot()
             };
+            self.rx_idle = false;
             self.rx_next_slot_ns = arrival.saturating_add(char_ns);
-            self.rx_push(byte, false, self.now);
+            self.rx_push(byte, false, arrival);
             taken += 1;
         }
         self.settle();
@@ -570,9 +598,14 @@ impl Serial {
     }
 
     /// Tell the UART whether the far end may have input waiting, so that
-    /// [`Serial::next_deadline_ns`] includes the instant the next input slot opens.
+    /// [`Serial::next_deadline_ns`] includes the instant the next input slot opens. `false`
+    /// means the far end was found without input: the line is idle, the slots until its next
+    /// character are not made up, and that character arrives when it is received.
     pub fn set_input_waiting(&mut self, waiting: bool) {
         self.input_waiting = waiting;
+        if !waiting {
+            self.rx_idle = true;
+        }
     }
 
     /// The line parameters the guest programmed (divisor 0 reports [`ZERO_DIVISOR_BAUD`]; the
@@ -687,6 +720,7 @@ impl Serial {
             }
             self.rx_timeout = false;
             self.rx_activity_ns = self.now;
+            self.rx_room_opened();
         }
         self.rbr_last
     }
@@ -749,6 +783,8 @@ impl Serial {
         if (old ^ self.mcr) & MCR_LOOP != 0 {
             // Loopback connects or disconnects the far end (input, output and break).
             self.notify = true;
+            // The far end's slots did not run while it was disconnected.
+            self.rx_next_slot_ns = self.rx_next_slot_ns.max(self.now);
         }
         self.update_modem_lines();
     }
@@ -764,6 +800,7 @@ impl Serial {
         self.rx.clear();
         self.rx_timeout = false;
         self.lsr_errors &= !LSR_BI;
+        self.rx_room_opened();
     }
 
     fn reset_tx_fifo(&mut self) {
@@ -917,11 +954,36 @@ impl Serial {
         }
         let room = self.rx_capacity().saturating_sub(self.rx.len());
         if room == 0 || !self.config.pacing {
-            room
-        } else if self.now >= self.rx_next_slot_ns {
+            return room;
+        }
+        let slots = if self.now < self.rx_next_slot_ns {
+            0
+        } else if self.rx_idle {
             1
         } else {
-            0
+            (self.now - self.rx_first_slot()) / self.char_time_ns() + 1
+        };
+        room.min(usize::try_from(slots).unwrap_or(usize::MAX))
+    }
+
+    /// The slot of the next far-end character when input has been waiting: the slot after the
+    /// last character's, or the oldest one [`RX_MAX_BACKLOG`] still allows to make up.
+    fn rx_first_slot(&self) -> u64 {
+        let backlog = self
+            .char_time_ns()
+            .saturating_mul(RX_MAX_BACKLOG.saturating_sub(1));
+        self.rx_next_slot_ns.max(self.now.saturating_sub(backlog))
+    }
+
+    /// A full RX FIFO got room. Slots missed before it filled stay owed; the time it was full
+    /// earns none (the far end is read only as far as the FIFO has room).
+    fn rx_room_opened(&mut self) {
+        if self.rx.len() >= self.rx_capacity() {
+            return;
+        }
+        if let Some(full_at) = self.rx_full_since.take() {
+            let owed = full_at.saturating_sub(self.rx_next_slot_ns);
+            self.rx_next_slot_ns = self.rx_next_slot_ns.max(self.now.saturating_sub(owed));
         }
     }
 
@@ -947,8 +1009,13 @@ impl Serial {
                 self.lsr_errors |= LSR_BI;
             }
         }
+        if self.rx.len() >= self.rx_capacity() && self.rx_full_since.is_none() {
+            // A character accounted to a past slot still fills the FIFO only now.
+            self.rx_full_since = Some(at_ns.max(self.now));
+        }
         self.rx_timeout = false;
-        self.rx_activity_ns = at_ns;
+        // The timeout counts from the later of this arrival and the last RBR read.
+        self.rx_activity_ns = self.rx_activity_ns.max(at_ns);
     }
 
     /// When the character timeout fires, if it is armed.
@@ -959,10 +1026,14 @@ impl Serial {
         })
     }
 
-    /// When finished output must be collected or THRE must raise its interrupt.
+    /// When finished output must be collected (a batch of [`TX_COLLECT_BATCH`] or the
+    /// transmitter idle) or THRE must raise its interrupt.
     fn tx_deadline(&self) -> Option<u64> {
         if self.tx_stalled {
             return None;
+        }
+        if self.tx_out.len() >= TX_COLLECT_BATCH {
+            return Some(self.now);
         }
         let Some(shift) = self.tsr else {
             return (!self.tx_out.is_empty()).then_some(self.now);
@@ -977,7 +1048,7 @@ impl Serial {
         let mut queued = self.tx_fifo.len();
         loop {
             out_len += 1;
-            if queued == 0 || out_len >= TX_COLLECT_LIMIT {
+            if queued == 0 || out_len >= TX_COLLECT_BATCH {
                 return Some(at);
             }
             queued -= 1;
@@ -988,9 +1059,10 @@ impl Serial {
         }
     }
 
-    /// Move the next character into an idle shift register at `at_ns`.
+    /// Move the next character into an idle shift register at `at_ns`, unless the sink refused
+    /// output or the holding area is full.
     fn try_start_tx(&mut self, at_ns: u64) {
-        if self.tsr.is_some() || self.tx_stalled || self.tx_out.len() >= TX_COLLECT_LIMIT {
+        if self.tsr.is_some() || self.tx_stalled || self.tx_out.len() >= TX_HOLD_LIMIT {
             return;
         }
         let Some(byte) = self.tx_fifo.pop_front() else {
@@ -1346,8 +1418,11 @@ mod tests {
         // 1 in the shift register + 16 in the FIFO; an 18th write is lost.
         rig.uart.write(REG_RBR_THR, 99);
         assert_eq!(rig.uart.stats().tx_overruns, 1);
-        // No THRE interrupt enabled: collect when the transmitter goes idle or 16 finished.
-        assert_eq!(rig.uart.next_deadline_ns(), Some(16 * C115200));
+        // No THRE interrupt enabled: collect when the transmitter goes idle or a batch has
+        // finished.
+        let batch = TX_COLLECT_BATCH as u64;
+        assert_eq!(rig.uart.next_deadline_ns(), Some(batch * C115200));
+        // A late collection costs the line nothing.
         rig.at(16 * C115200);
         assert_eq!(rig.drain(), (0..16).collect::<Vec<u8>>());
         assert_eq!(rig.uart.next_deadline_ns(), Some(17 * C115200));
@@ -1364,23 +1439,30 @@ mod tests {
     }
 
     #[test]
-    fn collection_limit_pauses_transmitter_until_drained() {
+    fn hold_limit_pauses_transmitter_until_drained() {
         let mut rig = Rig::programmed(1, LCR_8N1);
         let mut sent = 0u8;
+        let steps = TX_HOLD_LIMIT as u64 + 40;
         // A polling guest keeps the FIFO topped up and never lets the transmitter idle.
-        for step in 0..40u64 {
+        for step in 0..steps {
             rig.at(step * C115200);
             while rig.lsr() & LSR_THRE != 0 {
                 rig.uart.write(REG_RBR_THR, sent);
                 sent = sent.wrapping_add(1);
             }
+            // Uncollected output does not slow the line until the holding area is full.
+            if step <= TX_HOLD_LIMIT as u64 {
+                assert_eq!(rig.uart.tx_out.len() as u64, step, "step {step}");
+            }
         }
-        // Nobody collected: 16 finished bytes are held and the transmitter paused.
-        assert_eq!(rig.uart.tx_out.len(), TX_COLLECT_LIMIT);
+        // Nobody collected: the holding area is full and the transmitter paused.
+        assert_eq!(rig.uart.tx_out.len(), TX_HOLD_LIMIT);
+        assert_eq!(rig.lsr() & (LSR_THRE | LSR_TEMT), 0);
         assert_eq!(rig.uart.next_deadline_ns(), Some(rig.uart.now));
         let out = rig.drain();
-        assert_eq!(out, (0..16).collect::<Vec<u8>>());
+        assert_eq!(out, (0..=255).collect::<Vec<u8>>());
         assert!(rig.uart.tsr.is_some());
+        assert_eq!(rig.uart.stats().tx_overruns, 0);
     }
 
     #[test]
@@ -1557,11 +1639,135 @@ mod tests {
         rig.at(t0 + C9600 + 10);
         assert_eq!(rig.uart.receive(b"bc"), 1);
         assert_eq!(rig.uart.rx_next_slot_ns, t0 + 2 * C9600);
-        // After a long idle gap only one character is offered.
+        // The far end runs dry: after a long idle gap only one character is offered.
+        rig.uart.set_input_waiting(false);
         rig.at(1_000 * C9600);
         assert_eq!(rig.uart.rx_room(), 1);
         assert_eq!(rig.uart.receive(b"cd"), 1);
+        assert_eq!(rig.uart.rx_next_slot_ns, 1_001 * C9600);
         assert_eq!(rig.uart.rx_room(), 0);
+    }
+
+    #[test]
+    fn late_service_makes_up_missed_rx_slots() {
+        let mut rig = Rig::programmed(1, LCR_8N1);
+        let t0 = 1_000 * C115200;
+        rig.at(t0);
+        assert_eq!(rig.uart.receive(b"a"), 1);
+        rig.uart.set_input_waiting(true);
+        // The event loop comes back 3 ms after the next slot: every slot since is made up.
+        let now = t0 + C115200 + 3_000_000;
+        rig.at(now);
+        let slots = (now - t0) / C115200;
+        assert_eq!(slots, 35);
+        assert_eq!(rig.uart.rx_room(), FIFO_SIZE - 1);
+        assert_eq!(rig.uart.receive(&[b'b'; 40]), FIFO_SIZE - 1);
+        // The FIFO filled with slots still owed; they stay owed while it is full...
+        assert_eq!(rig.uart.rx_next_slot_ns, t0 + 16 * C115200);
+        rig.at(now + 10 * C115200);
+        assert_eq!(rig.uart.rx_room(), 0);
+        // ...but its full time earns none: reading 8 opens room for 8 of them.
+        for _ in 0..8 {
+            rig.uart.read(REG_RBR_THR);
+        }
+        assert_eq!(rig.uart.rx_next_slot_ns, t0 + 26 * C115200);
+        assert_eq!(rig.uart.rx_room(), 8);
+        assert_eq!(rig.uart.receive(&[b'c'; 8]), 8);
+        assert_eq!(rig.uart.rx_next_slot_ns, t0 + 34 * C115200);
+        // Never more than the slots that have passed since the last character's.
+        for _ in 0..16 {
+            rig.uart.read(REG_RBR_THR);
+        }
+        let now = rig.clock.now_ns();
+        assert_eq!(
+            rig.uart.rx_room(),
+            ((now - (t0 + 34 * C115200)) / C115200 + 1) as usize
+        );
+        assert_eq!(rig.uart.stats().rx_overruns, 0);
+    }
+
+    #[test]
+    fn backdated_input_times_the_character_timeout_from_its_slot() {
+        let mut rig = Rig::programmed(12, LCR_8N1);
+        rig.uart
+            .write(REG_IIR_FCR, FCR_FIFO_ENABLE | (2 << FCR_TRIGGER_SHIFT));
+        rig.uart.write(REG_IER, IER_ERBFI);
+        let t0 = 100;
+        rig.at(t0);
+        assert_eq!(rig.uart.receive(b"a"), 1);
+        rig.uart.set_input_waiting(true);
+        assert_eq!(rig.uart.next_deadline_ns(), Some(t0 + C9600));
+        // 3 ms late: slots t0 + c, t0 + 2c and t0 + 3c have passed.
+        rig.at(t0 + C9600 + 3_000_000);
+        assert_eq!(rig.uart.rx_room(), 3);
+        assert_eq!(rig.uart.receive(b"bcdefg"), 3);
+        assert_eq!(rig.uart.rx_next_slot_ns, t0 + 4 * C9600);
+        // The far end ran dry. The timeout counts from the last character's slot, not from
+        // when the event loop handed it over.
+        rig.uart.set_input_waiting(false);
+        let due = t0 + 3 * C9600 + CTI_CHAR_TIMES * C9600;
+        assert_eq!(rig.uart.next_deadline_ns(), Some(due));
+        rig.at(due - 1);
+        rig.uart.tick();
+        assert!(!rig.irq.level());
+        rig.at(due);
+        rig.uart.tick();
+        assert!(rig.irq.level());
+        assert_eq!(rig.iir() & IIR_ID_MASK, IIR_CTI);
+        // An RBR read after a backdated arrival restarts the timeout from the read.
+        assert_eq!(rig.uart.read(REG_RBR_THR), b'a');
+        let read_at = due + 10;
+        rig.at(read_at);
+        assert_eq!(rig.uart.read(REG_RBR_THR), b'b');
+        // After the idle line the next character arrives now, not in a past slot.
+        let later = read_at + 20 * C9600;
+        rig.at(later);
+        assert_eq!(rig.uart.rx_room(), 1);
+        assert_eq!(rig.uart.receive(b"hi"), 1);
+        assert_eq!(rig.uart.rx_next_slot_ns, later + C9600);
+        assert_eq!(
+            rig.uart.next_deadline_ns(),
+            Some(later + CTI_CHAR_TIMES * C9600)
+        );
+        // A character in an earlier slot than the last RBR read does not pull the timeout
+        // back before the read.
+        rig.uart.set_input_waiting(true);
+        let late = later + 2 * C9600 + 5;
+        rig.at(late);
+        rig.uart.read(REG_RBR_THR);
+        assert_eq!(rig.uart.receive(b"j"), 1);
+        assert_eq!(rig.uart.rx_next_slot_ns, later + 2 * C9600);
+        assert_eq!(rig.uart.cti_due(), Some(late + CTI_CHAR_TIMES * C9600));
+    }
+
+    #[test]
+    fn thre_shows_in_lsr_on_time_while_output_waits_for_collection() {
+        let mut rig = Rig::programmed(1, LCR_8N1);
+        rig.uart.write(REG_IER, IER_ETBEI);
+        rig.iir();
+        assert!(!rig.irq.level());
+        // Three FIFO-filling bursts, nothing collected and no tick: every THRE edge is visible
+        // to the guest at its exact instant, and the guest's own access raises the interrupt.
+        let mut start = 0;
+        for burst in 0..3u64 {
+            rig.at(start);
+            for _ in 0..FIFO_SIZE {
+                rig.uart.write(REG_RBR_THR, b'U');
+            }
+            assert!(!rig.irq.level());
+            // The first byte of the first burst went straight to the shift register.
+            let queued = if burst == 0 { FIFO_SIZE - 1 } else { FIFO_SIZE };
+            let thre_at = start + queued as u64 * C115200;
+            rig.at(thre_at - 1);
+            assert_eq!(rig.lsr() & LSR_THRE, 0, "burst {burst}");
+            rig.at(thre_at);
+            assert_eq!(rig.lsr() & (LSR_THRE | LSR_TEMT), LSR_THRE, "burst {burst}");
+            assert!(rig.irq.level());
+            assert_eq!(rig.iir() & IIR_ID_MASK, IIR_THRI);
+            start = thre_at;
+        }
+        assert_eq!(rig.uart.tx_out.len(), 3 * FIFO_SIZE - 1);
+        assert_eq!(rig.drain().len(), 3 * FIFO_SIZE - 1);
     }
 
     #[test]
@@ -1772,13 +1978,13 @@ mod tests {
         assert_eq!(rig.drain(), b"hello");
         assert_eq!(rig.uart.next_deadline_ns(), None);
         // Uncollected output is bounded: then THRE clears until the event loop collects.
-        for b in 0..(TX_COLLECT_LIMIT + 3) as u8 {
-            rig.uart.write(REG_RBR_THR, b);
+        for b in 0..TX_HOLD_LIMIT + 3 {
+            rig.uart.write(REG_RBR_THR, b as u8);
         }
         assert_eq!(rig.lsr() & LSR_THRE, 0);
-        assert_eq!(rig.drain().len(), TX_COLLECT_LIMIT);
+        assert_eq!(rig.drain().len(), TX_HOLD_LIMIT);
         assert_eq!(rig.lsr() & LSR_THRE, LSR_THRE);
-        assert_eq!(rig.drain(), vec![16, 17, 18]);
+        assert_eq!(rig.drain(), vec![0, 1, 2]);
         // Input is limited by FIFO room only.
         assert_eq!(rig.uart.receive(b"0123456789"), 10);
         assert_eq!(rig.uart.rx_room(), FIFO_SIZE - 10);
@@ -1870,7 +2076,7 @@ mod tests {
         let u = &rig.uart;
         prop_assert!(u.rx.len() <= FIFO_SIZE);
         prop_assert!(u.tx_fifo.len() <= FIFO_SIZE);
-        prop_assert!(u.tx_out.len() <= TX_COLLECT_LIMIT);
+        prop_assert!(u.tx_out.len() <= TX_HOLD_LIMIT);
         if !u.fifo_enabled() {
             prop_assert!(u.rx.len() <= 1 && u.tx_fifo.len() <= 1);
         }

@@ -130,6 +130,9 @@ impl SerialPort {
         self.sent_params = None;
         self.sent_break = false;
         self.input_wanted = None;
+        // No input of the new backend waited on this line: its first character arrives when
+        // it is read, not in slots missed before.
+        self.serial.set_input_waiting(false);
         self.serial.set_modem_inputs(modem_for(&*self.backend));
         self.write_kick();
         old
@@ -339,7 +342,7 @@ mod tests {
         IIR_MSI, IIR_THRI, LCR_BREAK, LCR_DLAB, LCR_WORD_LENGTH_MASK, LSR_BI, LSR_DR, LSR_OE,
         LSR_TEMT, LSR_THRE, MCR_OUT2, MSR_CTS, MSR_DCD, MSR_DCTS, MSR_DDCD, MSR_DDSR, MSR_DSR,
         REG_DLL, REG_DLM, REG_IER, REG_IIR_FCR, REG_LCR, REG_LSR, REG_MCR, REG_MSR, REG_RBR_THR,
-        REG_SCR,
+        REG_SCR, TX_COLLECT_BATCH,
     };
 
     /// 8 data bits, no parity, 1 stop bit.
@@ -500,8 +503,8 @@ mod tests {
         }
         assert!(rig.kicked());
         let n = msg.len() as u64;
-        // The transmitter goes idle after n characters: that is the collection deadline.
-        assert_eq!(rig.port.service(), Some(n * C115200));
+        // The first batch is collected as soon as it has finished.
+        assert_eq!(rig.port.service(), Some(TX_COLLECT_BATCH as u64 * C115200));
         // Part way: exactly the characters whose stop bit has ended.
         rig.clock.set(5 * C115200 - 1);
         rig.port.service();
@@ -716,6 +719,239 @@ mod tests {
         assert_eq!(s.input_wanted, Some(true));
         drop(s);
         assert_eq!(rig.inb(REG_MSR), MSR_DCTS | MSR_DDSR | MSR_DDCD);
+    }
+
+    const MS: u64 = 1_000_000;
+    const SECOND: u64 = 1_000_000_000;
+
+    /// A deterministic generator for simulated wake-up latencies (xorshift64).
+    struct Latency(u64);
+
+    impl Latency {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// The event loop on simulated time, waking late after each deadline and after a kick,
+    /// beside a guest that acts at times of its choosing.
+    struct LateLoop {
+        wake: Option<u64>,
+        guest_at: u64,
+        /// The guest also acts right after each service (it polls continuously).
+        guest_follows_service: bool,
+    }
+
+    impl LateLoop {
+        fn new(guest_follows_service: bool) -> LateLoop {
+            LateLoop {
+                wake: Some(0),
+                guest_at: 0,
+                guest_follows_service,
+            }
+        }
+
+        /// Run until `until`. `late` gives each wake-up's latency; `guest` plays the guest at
+        /// the current instant and returns when it acts next; `check` runs after each service.
+        fn run(
+            &mut self,
+            rig: &mut Rig,
+            until: u64,
+            late: &mut dyn FnMut() -> u64,
+            guest: &mut dyn FnMut(&mut Rig) -> u64,
+            check: &mut dyn FnMut(&Rig),
+        ) {
+            loop {
+                let now = self.wake.map_or(self.guest_at, |w| w.min(self.guest_at));
+                if now > until {
+                    return;
+                }
+                rig.clock.set(now);
+                if self.wake.is_some_and(|w| w <= now) {
+                    let deadline = rig.port.service();
+                    check(rig);
+                    self.wake = deadline.map(|d| d.max(now) + late());
+                    if self.guest_follows_service {
+                        self.guest_at = now;
+                    }
+                } else {
+                    self.guest_at = now + guest(rig);
+                    if rig.kicked() {
+                        let at = now + late();
+                        self.wake = Some(self.wake.map_or(at, |w| w.min(at)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Host input waits all along at 115200 baud and a guest polling LSR drains the RX FIFO,
+    /// while the event loop wakes late: a quarter of its wake-ups by 3 ms, the rest by up to
+    /// 0.3 ms. Every missed slot is made up (a 3 ms wake-up, 35 slots, can hand over one
+    /// FIFO's worth; the rest follow at the next ones), never ahead of its slot.
+    #[test]
+    fn late_wakeups_keep_the_rx_line_rate() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        rig.state().input.extend([b'U'; 20_000].iter());
+        let mut rng = Latency(0x9e37_79b9_7f4a_7c15);
+        let mut late = || {
+            if rng.below(4) == 0 {
+                3 * MS
+            } else {
+                rng.below(3 * MS / 10)
+            }
+        };
+        let mut read = 0u64;
+        let mut drain = |rig: &mut Rig| {
+            while rig.inb(REG_LSR) & LSR_DR != 0 {
+                assert_eq!(rig.inb(REG_RBR_THR), b'U');
+                read += 1;
+            }
+        };
+        // The first character arrives at 0 (the line was idle), then one per slot.
+        let slots_by = |t: u64| t / C115200 + 1;
+        let mut check = |rig: &Rig| {
+            let now = rig.clock.now_ns();
+            let received = rig.port.serial().stats().received;
+            assert!(received <= slots_by(now), "{received} bytes by {now} ns");
+        };
+        let mut sim = LateLoop::new(true);
+        sim.run(
+            &mut rig,
+            SECOND,
+            &mut late,
+            &mut |rig| {
+                drain(rig);
+                10_000
+            },
+            &mut check,
+        );
+        // The event loop's last wake-up can be up to 3 ms ago, its slots not yet made up.
+        let received = rig.port.serial().stats().received;
+        let due = slots_by(SECOND);
+        assert!(
+            due - received <= 3 * MS / C115200 + 2,
+            "{received} of {due}"
+        );
+        // It wakes on time at 1 s and catches up: exactly the slots that have passed.
+        rig.clock.set(SECOND);
+        for _ in 0..RX_CATCH_UP_ROUNDS {
+            drain(&mut rig);
+            rig.port.service();
+            check(&rig);
+        }
+        drain(&mut rig);
+        let received = rig.port.serial().stats().received;
+        assert!(received.abs_diff(due) <= 1, "{received} of {due}");
+        assert_eq!(read, received);
+        assert_eq!(rig.port.serial().stats().rx_overruns, 0);
+    }
+
+    /// Services at one instant that let a late event loop hand over its whole backlog.
+    const RX_CATCH_UP_ROUNDS: usize = 8;
+
+    /// The blast guest with burst=16, as Linux's 8250 driver fills the FIFO: it polls LSR at
+    /// every character boundary and refills the FIFO when THRE is set. Bytes are numbered.
+    fn blaster(written: &mut u64) -> impl FnMut(&mut Rig) -> u64 + '_ {
+        move |rig: &mut Rig| {
+            if rig.inb(REG_LSR) & LSR_THRE != 0 {
+                for _ in 0..FIFO_SIZE {
+                    rig.outb(REG_RBR_THR, *written as u8);
+                    *written += 1;
+                }
+            }
+            C115200
+        }
+    }
+
+    /// The FIFO-filling guest at 115200 baud with an event loop that collects output 2 ms after
+    /// every deadline: uncollected output does not hold up the line.
+    #[test]
+    fn late_collection_keeps_the_tx_line_rate() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        let mut written = 0u64;
+        let mut sim = LateLoop::new(false);
+        sim.run(
+            &mut rig,
+            SECOND,
+            &mut || 2 * MS,
+            &mut blaster(&mut written),
+            &mut |_| {},
+        );
+        rig.clock.set(SECOND);
+        rig.port.service();
+        let sent = rig.state().out.len() as u64;
+        let line = SECOND / C115200;
+        assert!(sent.abs_diff(line) <= 1, "{sent} bytes, line rate {line}");
+        let s = rig.state();
+        assert!(s.out.iter().enumerate().all(|(i, &b)| b == i as u8));
+        drop(s);
+        assert_eq!(rig.port.serial().stats().tx_overruns, 0);
+    }
+
+    /// With the holding area, a backend that refuses still stalls the transmitter at once and
+    /// loses nothing, and output resumes in order when it accepts again.
+    #[test]
+    fn refusing_backend_stalls_the_fifo_filling_guest_without_loss() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        rig.state().budget = Some(100);
+        let mut written = 0u64;
+        let mut sim = LateLoop::new(false);
+        let end = 100 * MS;
+        sim.run(
+            &mut rig,
+            end,
+            &mut || 0,
+            &mut blaster(&mut written),
+            &mut |_| {},
+        );
+        assert_eq!(rig.state().out.len(), 100);
+        // Stalled: no new character started once the backend refused, the guest was held off by
+        // THRE, and the event loop needs no timer.
+        assert_eq!(rig.inb(REG_LSR) & (LSR_THRE | LSR_TEMT), 0);
+        assert!(
+            written <= 100 + (TX_COLLECT_BATCH + 1 + FIFO_SIZE) as u64,
+            "{written} written"
+        );
+        assert_eq!(rig.port.service(), None);
+        assert_eq!(rig.port.serial().stats().transmitted, 100);
+        // Still stalled much later.
+        rig.clock.set(2 * end);
+        rig.port.service();
+        assert_eq!(rig.inb(REG_LSR) & (LSR_THRE | LSR_TEMT), 0);
+        assert_eq!(rig.state().out.len(), 100);
+        // The backend drains: everything written arrives, in order, and the line runs again.
+        let held = written;
+        rig.state().budget = None;
+        rig.state().events.push(Event::Writable);
+        sim.wake = Some(2 * end);
+        sim.guest_at = 2 * end;
+        sim.run(
+            &mut rig,
+            3 * end,
+            &mut || 0,
+            &mut blaster(&mut written),
+            &mut |_| {},
+        );
+        rig.clock.set(3 * end);
+        rig.port.service();
+        assert!(written > held + 1000);
+        let s = rig.state();
+        let sent = s.out.len() as u64;
+        assert!(
+            written - sent <= 1 + FIFO_SIZE as u64,
+            "{sent} of {written}"
+        );
+        assert!(s.out.iter().enumerate().all(|(i, &b)| b == i as u8));
+        drop(s);
+        assert_eq!(rig.port.output_errors(), 0);
+        assert_eq!(rig.port.serial().stats().tx_overruns, 0);
     }
 
     #[test]
