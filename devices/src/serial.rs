@@ -704,6 +704,12 @@ impl Serial {
         kick
     }
 
+    /// When the character in the transmit shift register finishes, if one is shifting.
+    #[cfg(test)]
+    pub(crate) fn tx_shift_done_ns(&self) -> Option<u64> {
+        self.tsr.map(|s| s.done_ns)
+    }
+
     /// Bring the model up to the clock's now and update the interrupt line.
     pub fn tick(&mut self) {
         self.advance();

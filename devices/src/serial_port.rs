@@ -954,6 +954,68 @@ mod tests {
         assert_eq!(rig.port.serial().stats().tx_overruns, 0);
     }
 
+    /// The guest that polls LSR.THRE before each byte (one byte queued behind the shift
+    /// register, as blast.S with burst=1 and Linux's console do), beside an event loop that
+    /// services 60 µs after each deadline it returned: every character still starts exactly when
+    /// the previous one finished, so the line runs at exactly its rate whatever the wake-ups.
+    #[test]
+    fn thre_polling_guest_keeps_the_exact_line_rate() {
+        const BYTES: u64 = 1440;
+        /// The guest's LSR polling period: it sees THRE within this of its rising.
+        const POLL: u64 = 1_000;
+        for (divisor, char_ns) in [(12u16, C9600), (1, C115200)] {
+            let mut rig = Rig::new(true);
+            rig.program(divisor);
+            rig.port.service();
+            assert_eq!(rig.port.serial().char_time_ns(), char_ns);
+            let mut written = 0u64;
+            // The completion time of every character, as it enters the shift register.
+            let mut done: Vec<u64> = Vec::new();
+            let mut guest = |rig: &mut Rig| {
+                let lsr = rig.inb(REG_LSR);
+                if written < BYTES && lsr & LSR_THRE != 0 {
+                    rig.outb(REG_RBR_THR, b'U');
+                    written += 1;
+                }
+                if let Some(at) = rig.port.serial().tx_shift_done_ns() {
+                    if done.last() != Some(&at) {
+                        done.push(at);
+                    }
+                }
+                POLL
+            };
+            let mut sim = LateLoop::new(false);
+            let end = (BYTES + 4) * char_ns;
+            let mut services = 0u64;
+            sim.run(&mut rig, end, &mut || 60_000, &mut guest, &mut |_| {
+                services += 1
+            });
+            rig.clock.set(end + MS);
+            rig.port.service();
+            assert_eq!(done.len() as u64, BYTES, "divisor {divisor}");
+            let span = done[done.len() - 1] - done[0];
+            let chars = BYTES - 1;
+            let exact = chars * char_ns;
+            // ± 1 ns of rounding per character.
+            assert!(
+                span.abs_diff(exact) <= chars,
+                "divisor {divisor}: {span} ns for {chars} characters of {char_ns} ns ({} ns late)",
+                span as i64 - exact as i64
+            );
+            assert_eq!(rig.state().out.len() as u64, BYTES);
+            assert_eq!(
+                rig.inb(REG_LSR) & (LSR_THRE | LSR_TEMT),
+                LSR_THRE | LSR_TEMT
+            );
+            // The event loop is woken when the transmitter would go idle, two characters ahead
+            // with this guest: not at every character end.
+            assert!(
+                services <= BYTES / 2 + 2,
+                "divisor {divisor}: {services} services"
+            );
+        }
+    }
+
     #[test]
     fn kick_only_when_needed() {
         let mut rig = Rig::new(true);
