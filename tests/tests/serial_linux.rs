@@ -233,14 +233,16 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
     // Never faster than the line. How close to the line rate a Linux guest gets depends on
     // how fast it refills the FIFO after THRE: one character time (1 ms at 9600) is less than
     // this nested KVM's interrupt latency, so the line idles a little between 16-byte bursts
-    // (measured: 92 % of the line rate). The UART's own timing is measured exactly by
+    // (measured: 81-92 % of the line rate). The UART's own timing is measured exactly by
     // `make bench` (resources/bench-serial.py), where a polling guest keeps the line full.
     assert!(
         measured <= expected * 1.01,
         "line rate {measured:.1}/s is faster than the {expected}/s the guest programmed"
     );
+    // The floor only catches a grossly wrong rate (half the baud, say): a loaded host delays
+    // the guest's refills further (81 % measured with two guests on the two cores).
     assert!(
-        measured >= expected * 0.85,
+        measured >= expected * 0.6,
         "line rate {measured:.1}/s is far below the {expected}/s the guest programmed"
     );
 
