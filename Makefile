@@ -40,7 +40,8 @@ build:
 	cargo build --release -p vmm
 
 run: guest build
-	$(MINIVMM) --kernel $(KERNEL) --initrd $(INITRD) --append "$(GUEST_CMDLINE)" --memory 256M
+	@echo "minivmm: Ctrl-C goes to the guest; Ctrl-A x quits, Ctrl-A h for help; poweroff ends the VM"
+	$(MINIVMM) --kernel $(KERNEL) --initrd $(INITRD) --append "$(GUEST_CMDLINE)" --memory 256M --serial mon:stdio
 
 test: deps guest stock build
 	@if cargo nextest --version >/dev/null 2>&1; then \
