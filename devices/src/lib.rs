@@ -3,6 +3,8 @@
 //! whatever dispatches the vCPU exits.
 
 pub mod bus;
+#[cfg(test)]
+pub(crate) mod fake_backend;
 pub mod power;
 pub mod serial;
 pub mod serial_port;

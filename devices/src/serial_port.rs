@@ -332,7 +332,7 @@ fn register_at(offset: u64, index: usize) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::VecDeque;
+
     use std::sync::{Arc, Mutex};
 
     use super::*;
@@ -352,82 +352,7 @@ mod tests {
     /// 9600 baud 8N1.
     const C9600: u64 = 1_041_666;
 
-    /// What the fake backend saw and what it will do, shared with the test.
-    #[derive(Default)]
-    struct FakeState {
-        out: Vec<u8>,
-        /// Bytes `write` accepts before refusing; `None` is unlimited.
-        budget: Option<usize>,
-        input: VecDeque<u8>,
-        read_sizes: Vec<usize>,
-        events: Vec<Event>,
-        connected: bool,
-        input_wanted: Option<bool>,
-        params: Vec<LineParams>,
-        breaks: usize,
-    }
-
-    struct FakeBackend(Arc<Mutex<FakeState>>);
-
-    impl FakeBackend {
-        fn boxed(connected: bool) -> (Box<dyn Backend>, Arc<Mutex<FakeState>>) {
-            let state = Arc::new(Mutex::new(FakeState {
-                connected,
-                ..FakeState::default()
-            }));
-            (Box::new(FakeBackend(state.clone())), state)
-        }
-
-        fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
-            crate::bus::lock(&self.0)
-        }
-    }
-
-    impl Backend for FakeBackend {
-        fn kind(&self) -> &'static str {
-            "fake"
-        }
-        fn filename(&self) -> String {
-            "fake".into()
-        }
-        fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-            Vec::new()
-        }
-        fn on_ready(&mut self, _fd: RawFd, _readiness: Readiness) {}
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let mut s = self.state();
-            s.read_sizes.push(buf.len());
-            let n = buf.len().min(s.input.len());
-            for (dst, src) in buf.iter_mut().zip(s.input.drain(..n)) {
-                *dst = src;
-            }
-            Ok(n)
-        }
-        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            let mut s = self.state();
-            let n = s.budget.map_or(data.len(), |b| b.min(data.len()));
-            if let Some(b) = s.budget.as_mut() {
-                *b -= n;
-            }
-            s.out.extend_from_slice(&data[..n]);
-            Ok(n)
-        }
-        fn set_input_wanted(&mut self, wanted: bool) {
-            self.state().input_wanted = Some(wanted);
-        }
-        fn is_connected(&self) -> bool {
-            self.state().connected
-        }
-        fn take_events(&mut self) -> Vec<Event> {
-            std::mem::take(&mut self.state().events)
-        }
-        fn send_break(&mut self) {
-            self.state().breaks += 1;
-        }
-        fn set_line_params(&mut self, params: LineParams) {
-            self.state().params.push(params);
-        }
-    }
+    use crate::fake_backend::{FakeBackend, FakeState};
 
     struct Rig {
         clock: Arc<FakeClock>,

@@ -1,12 +1,10 @@
-//! Test helpers: real guest memory, a guest-side virtqueue driver that builds descriptor
-//! chains and rings by hand, and a chardev backend that records and can refuse writes.
+//! Test helpers: real guest memory and a guest-side virtqueue driver that builds descriptor
+//! chains and rings by hand (the recording backend is `crate::fake_backend`).
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
-use std::os::unix::io::RawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
-use chardev::{Backend, Event, Interest, Readiness};
+use chardev::Readiness;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::*;
@@ -27,83 +25,12 @@ const RING_STRIDE: u64 = 0x2000;
 /// Where buffers go.
 const BUF_BASE: u64 = 0x10_0000;
 
+pub(crate) use crate::fake_backend::{FakeBackend, FakeState};
+
 /// Guest memory from 0.
 pub(crate) fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
         .expect("guest memory")
-}
-
-/// What the fake backend saw and what it will do.
-#[derive(Default)]
-pub(crate) struct FakeState {
-    pub out: Vec<u8>,
-    /// Bytes `write` accepts before refusing; `None` is unlimited.
-    pub budget: Option<usize>,
-    pub input: VecDeque<u8>,
-    pub read_sizes: Vec<usize>,
-    pub events: Vec<Event>,
-    pub connected: bool,
-    pub input_wanted: Option<bool>,
-    pub fds: Vec<(RawFd, Interest)>,
-    pub ready: Vec<RawFd>,
-}
-
-pub(crate) struct FakeBackend(Arc<Mutex<FakeState>>);
-
-impl FakeBackend {
-    pub(crate) fn boxed(connected: bool) -> (Box<dyn Backend>, Arc<Mutex<FakeState>>) {
-        let state = Arc::new(Mutex::new(FakeState {
-            connected,
-            ..FakeState::default()
-        }));
-        (Box::new(FakeBackend(state.clone())), state)
-    }
-
-    fn state(&self) -> MutexGuard<'_, FakeState> {
-        crate::bus::lock(&self.0)
-    }
-}
-
-impl Backend for FakeBackend {
-    fn kind(&self) -> &'static str {
-        "fake"
-    }
-    fn filename(&self) -> String {
-        "fake".into()
-    }
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        self.state().fds.clone()
-    }
-    fn on_ready(&mut self, fd: RawFd, _readiness: Readiness) {
-        self.state().ready.push(fd);
-    }
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut s = self.state();
-        s.read_sizes.push(buf.len());
-        let n = buf.len().min(s.input.len());
-        for (dst, src) in buf.iter_mut().zip(s.input.drain(..n)) {
-            *dst = src;
-        }
-        Ok(n)
-    }
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let mut s = self.state();
-        let n = s.budget.map_or(data.len(), |b| b.min(data.len()));
-        if let Some(b) = s.budget.as_mut() {
-            *b -= n;
-        }
-        s.out.extend_from_slice(&data[..n]);
-        Ok(n)
-    }
-    fn set_input_wanted(&mut self, wanted: bool) {
-        self.state().input_wanted = Some(wanted);
-    }
-    fn is_connected(&self) -> bool {
-        self.state().connected
-    }
-    fn take_events(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.state().events)
-    }
 }
 
 /// The guest's view of one virtqueue.

@@ -1,0 +1,103 @@
+//! A chardev backend for device unit tests: it records what the device wrote and read, can
+//! refuse writes (to exercise backpressure), and plays back input, events and fds set by the
+//! test. Shared by the UART and virtio-console tests; never built outside `cargo test`.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::io::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chardev::{Backend, Event, Interest, LineParams, Readiness};
+
+/// What the fake backend saw and what it will do, shared with the test.
+#[derive(Default)]
+pub(crate) struct FakeState {
+    /// Everything written.
+    pub out: Vec<u8>,
+    /// Bytes `write` accepts before refusing; `None` is unlimited.
+    pub budget: Option<usize>,
+    /// Input the frontend may pull.
+    pub input: VecDeque<u8>,
+    /// The size of every `read` the frontend asked for.
+    pub read_sizes: Vec<usize>,
+    /// Events for the next `take_events`.
+    pub events: Vec<Event>,
+    /// Whether a peer is connected.
+    pub connected: bool,
+    /// The last `set_input_wanted`.
+    pub input_wanted: Option<bool>,
+    /// What `poll_fds` reports.
+    pub fds: Vec<(RawFd, Interest)>,
+    /// Every fd `on_ready` was called for.
+    pub ready: Vec<RawFd>,
+    /// Every `set_line_params`.
+    pub params: Vec<LineParams>,
+    /// How many breaks were sent.
+    pub breaks: usize,
+}
+
+/// The backend half; the test keeps the `Arc<Mutex<FakeState>>`.
+pub(crate) struct FakeBackend(Arc<Mutex<FakeState>>);
+
+impl FakeBackend {
+    /// A boxed backend and the state the test inspects and drives.
+    pub(crate) fn boxed(connected: bool) -> (Box<dyn Backend>, Arc<Mutex<FakeState>>) {
+        let state = Arc::new(Mutex::new(FakeState {
+            connected,
+            ..FakeState::default()
+        }));
+        (Box::new(FakeBackend(state.clone())), state)
+    }
+
+    fn state(&self) -> MutexGuard<'_, FakeState> {
+        crate::bus::lock(&self.0)
+    }
+}
+
+impl Backend for FakeBackend {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+    fn filename(&self) -> String {
+        "fake".into()
+    }
+    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
+        self.state().fds.clone()
+    }
+    fn on_ready(&mut self, fd: RawFd, _readiness: Readiness) {
+        self.state().ready.push(fd);
+    }
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut s = self.state();
+        s.read_sizes.push(buf.len());
+        let n = buf.len().min(s.input.len());
+        for (dst, src) in buf.iter_mut().zip(s.input.drain(..n)) {
+            *dst = src;
+        }
+        Ok(n)
+    }
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut s = self.state();
+        let n = s.budget.map_or(data.len(), |b| b.min(data.len()));
+        if let Some(b) = s.budget.as_mut() {
+            *b -= n;
+        }
+        s.out.extend_from_slice(&data[..n]);
+        Ok(n)
+    }
+    fn set_input_wanted(&mut self, wanted: bool) {
+        self.state().input_wanted = Some(wanted);
+    }
+    fn is_connected(&self) -> bool {
+        self.state().connected
+    }
+    fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.state().events)
+    }
+    fn send_break(&mut self) {
+        self.state().breaks += 1;
+    }
+    fn set_line_params(&mut self, params: LineParams) {
+        self.state().params.push(params);
+    }
+}
