@@ -104,28 +104,185 @@ pub enum DeviceSpec {
     VirtioPort(VirtioPortSpec),
 }
 
-fn parse_bool(driver: &str, key: &str, v: &str) -> Result<bool, DeviceError> {
-    match v {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(DeviceError::BadValue {
-            driver: driver.into(),
+/// The options of one `--device`, with errors that name the driver.
+struct Options {
+    driver: String,
+    items: std::vec::IntoIter<String>,
+}
+
+impl Options {
+    fn new(driver: &str, items: Vec<String>) -> Self {
+        Options {
+            driver: driver.to_string(),
+            items: items.into_iter(),
+        }
+    }
+
+    /// The next `key=value` (a bare `key` means `key=on`).
+    fn next_option(&mut self) -> Option<(String, String)> {
+        let item = self.items.next()?;
+        Some(match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (item, "on".to_string()),
+        })
+    }
+
+    fn bad(&self, key: &str, value: &str) -> DeviceError {
+        DeviceError::BadValue {
+            driver: self.driver.clone(),
             key: key.into(),
-            value: v.into(),
-        }),
+            value: value.into(),
+        }
+    }
+
+    fn unknown(&self, key: &str) -> DeviceError {
+        DeviceError::UnknownOption {
+            driver: self.driver.clone(),
+            key: key.into(),
+        }
+    }
+
+    fn missing(&self, key: &'static str) -> DeviceError {
+        DeviceError::Missing {
+            driver: self.driver.clone(),
+            key,
+        }
+    }
+
+    fn id(&self, key: &str, value: &str) -> Result<String, DeviceError> {
+        if chardev::spec::is_valid_id(value) {
+            Ok(value.to_string())
+        } else {
+            Err(self.bad(key, value))
+        }
+    }
+
+    fn boolean(&self, key: &str, value: &str) -> Result<bool, DeviceError> {
+        match value {
+            "on" | "yes" | "true" => Ok(true),
+            "off" | "no" | "false" => Ok(false),
+            _ => Err(self.bad(key, value)),
+        }
+    }
+
+    fn number(&self, key: &str, value: &str) -> Result<u64, DeviceError> {
+        let parsed = match value
+            .strip_prefix("0x")
+            .or_else(|| value.strip_prefix("0X"))
+        {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => value.parse(),
+        };
+        parsed.map_err(|_| self.bad(key, value))
     }
 }
 
-fn parse_num(driver: &str, key: &str, v: &str) -> Result<u64, DeviceError> {
-    let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => v.parse(),
+fn parse_isa_serial(mut o: Options) -> Result<DeviceSpec, DeviceError> {
+    let mut spec = IsaSerialSpec {
+        chardev: String::new(),
+        index: None,
+        iobase: None,
+        irq: None,
+        baud_base: DEFAULT_BAUD_BASE,
+        pacing: true,
     };
-    parsed.map_err(|_| DeviceError::BadValue {
-        driver: driver.into(),
-        key: key.into(),
-        value: v.into(),
-    })
+    while let Some((key, value)) = o.next_option() {
+        let (key, value) = (key.as_str(), value.as_str());
+        match key {
+            "chardev" => spec.chardev = o.id(key, value)?,
+            "id" => {}
+            "index" => {
+                let n = o.number(key, value)? as usize;
+                if n >= COM_PORTS.len() {
+                    return Err(o.bad(key, value));
+                }
+                spec.index = Some(n);
+            }
+            "iobase" => {
+                let n = o.number(key, value)?;
+                spec.iobase = Some(u16::try_from(n).map_err(|_| o.bad(key, value))?);
+            }
+            "irq" => {
+                let n = o.number(key, value)?;
+                if !(1..16).contains(&n) {
+                    return Err(o.bad(key, value));
+                }
+                spec.irq = Some(n as u32);
+            }
+            "baudbase" => {
+                let n = o.number(key, value)?;
+                spec.baud_base = u32::try_from(n)
+                    .ok()
+                    .filter(|&b| b > 0)
+                    .ok_or_else(|| o.bad(key, value))?;
+            }
+            "pacing" => spec.pacing = o.boolean(key, value)?,
+            _ => return Err(o.unknown(key)),
+        }
+    }
+    if spec.chardev.is_empty() {
+        return Err(o.missing("chardev"));
+    }
+    Ok(DeviceSpec::IsaSerial(spec))
+}
+
+fn parse_virtio_serial(mut o: Options) -> Result<DeviceSpec, DeviceError> {
+    let mut spec = VirtioSerialSpec {
+        id: String::new(),
+        max_ports: DEFAULT_VIRTIO_SERIAL_PORTS,
+    };
+    while let Some((key, value)) = o.next_option() {
+        let (key, value) = (key.as_str(), value.as_str());
+        match key {
+            "id" => spec.id = o.id(key, value)?,
+            "max_ports" => {
+                let n = o.number(key, value)?;
+                spec.max_ports = u32::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=511).contains(n))
+                    .ok_or_else(|| o.bad(key, value))?;
+            }
+            _ => return Err(o.unknown(key)),
+        }
+    }
+    Ok(DeviceSpec::VirtioSerial(spec))
+}
+
+fn parse_virtio_port(mut o: Options, console: bool) -> Result<DeviceSpec, DeviceError> {
+    let mut spec = VirtioPortSpec {
+        id: String::new(),
+        chardev: String::new(),
+        name: None,
+        nr: None,
+        bus: None,
+        console,
+    };
+    while let Some((key, value)) = o.next_option() {
+        let (key, value) = (key.as_str(), value.as_str());
+        match key {
+            "chardev" => spec.chardev = o.id(key, value)?,
+            "id" => spec.id = o.id(key, value)?,
+            // QEMU spells it `vser0.0`; the part before the dot names the device.
+            "bus" => spec.bus = Some(o.id(key, value.split('.').next().unwrap_or(value))?),
+            "name" => {
+                devices::virtio::console::validate_port_name(value)
+                    .map_err(|_| o.bad(key, value))?;
+                spec.name = Some(value.into());
+            }
+            "nr" => {
+                let n = o.number(key, value)?;
+                spec.nr = Some(u32::try_from(n).map_err(|_| o.bad(key, value))?);
+            }
+            _ => return Err(o.unknown(key)),
+        }
+    }
+    if spec.chardev.is_empty() {
+        return Err(o.missing("chardev"));
+    }
+    if spec.id.is_empty() {
+        spec.id = spec.chardev.clone();
+    }
+    Ok(DeviceSpec::VirtioPort(spec))
 }
 
 impl DeviceSpec {
@@ -133,160 +290,12 @@ impl DeviceSpec {
     pub fn parse(s: &str) -> Result<DeviceSpec, DeviceError> {
         let mut parts = chardev::spec::split_options(s).into_iter();
         let driver = parts.next().unwrap_or_default();
+        let options = Options::new(&driver, parts.collect());
         match driver.as_str() {
-            "isa-serial" => {
-                let mut spec = IsaSerialSpec {
-                    chardev: String::new(),
-                    index: None,
-                    iobase: None,
-                    irq: None,
-                    baud_base: DEFAULT_BAUD_BASE,
-                    pacing: true,
-                };
-                for item in parts {
-                    let (key, value) = item.split_once('=').unwrap_or((item.as_str(), "on"));
-                    let bad = || DeviceError::BadValue {
-                        driver: driver.clone(),
-                        key: key.into(),
-                        value: value.into(),
-                    };
-                    match key {
-                        "chardev" if chardev::spec::is_valid_id(value) => {
-                            spec.chardev = value.into()
-                        }
-                        "chardev" => return Err(bad()),
-                        "id" => {}
-                        "index" => {
-                            let n = parse_num(&driver, key, value)? as usize;
-                            if n >= COM_PORTS.len() {
-                                return Err(bad());
-                            }
-                            spec.index = Some(n);
-                        }
-                        "iobase" => {
-                            let n = parse_num(&driver, key, value)?;
-                            spec.iobase = Some(u16::try_from(n).map_err(|_| bad())?);
-                        }
-                        "irq" => {
-                            let n = parse_num(&driver, key, value)?;
-                            if !(1..16).contains(&n) {
-                                return Err(bad());
-                            }
-                            spec.irq = Some(n as u32);
-                        }
-                        "baudbase" => {
-                            let n = parse_num(&driver, key, value)?;
-                            spec.baud_base =
-                                u32::try_from(n).ok().filter(|&b| b > 0).ok_or_else(bad)?;
-                        }
-                        "pacing" => spec.pacing = parse_bool(&driver, key, value)?,
-                        _ => {
-                            return Err(DeviceError::UnknownOption {
-                                driver: driver.clone(),
-                                key: key.into(),
-                            })
-                        }
-                    }
-                }
-                if spec.chardev.is_empty() {
-                    return Err(DeviceError::Missing {
-                        driver,
-                        key: "chardev",
-                    });
-                }
-                Ok(DeviceSpec::IsaSerial(spec))
-            }
-            "virtio-serial" | "virtio-serial-device" => {
-                let mut spec = VirtioSerialSpec {
-                    id: String::new(),
-                    max_ports: DEFAULT_VIRTIO_SERIAL_PORTS,
-                };
-                for item in parts {
-                    let (key, value) = item.split_once('=').unwrap_or((item.as_str(), "on"));
-                    match key {
-                        "id" if chardev::spec::is_valid_id(value) => spec.id = value.into(),
-                        "max_ports" => {
-                            let n = parse_num(&driver, key, value)?;
-                            spec.max_ports = u32::try_from(n)
-                                .ok()
-                                .filter(|n| (1..=511).contains(n))
-                                .ok_or_else(|| DeviceError::BadValue {
-                                    driver: driver.clone(),
-                                    key: key.into(),
-                                    value: value.into(),
-                                })?;
-                        }
-                        "id" => {
-                            return Err(DeviceError::BadValue {
-                                driver,
-                                key: key.into(),
-                                value: value.into(),
-                            })
-                        }
-                        _ => {
-                            return Err(DeviceError::UnknownOption {
-                                driver,
-                                key: key.into(),
-                            })
-                        }
-                    }
-                }
-                Ok(DeviceSpec::VirtioSerial(spec))
-            }
-            "virtserialport" | "virtconsole" => {
-                let mut spec = VirtioPortSpec {
-                    id: String::new(),
-                    chardev: String::new(),
-                    name: None,
-                    nr: None,
-                    bus: None,
-                    console: driver == "virtconsole",
-                };
-                for item in parts {
-                    let (key, value) = item.split_once('=').unwrap_or((item.as_str(), "on"));
-                    let bad = || DeviceError::BadValue {
-                        driver: driver.clone(),
-                        key: key.into(),
-                        value: value.into(),
-                    };
-                    match key {
-                        "chardev" if chardev::spec::is_valid_id(value) => {
-                            spec.chardev = value.into()
-                        }
-                        "id" if chardev::spec::is_valid_id(value) => spec.id = value.into(),
-                        "bus" if chardev::spec::is_valid_id(value) => {
-                            // QEMU spells it `vser0.0`; the part before the dot names the device.
-                            spec.bus = Some(value.split('.').next().unwrap_or(value).into())
-                        }
-                        "name" => {
-                            devices::virtio::console::validate_port_name(value)
-                                .map_err(|_| bad())?;
-                            spec.name = Some(value.into())
-                        }
-                        "nr" => {
-                            let n = parse_num(&driver, key, value)?;
-                            spec.nr = Some(u32::try_from(n).map_err(|_| bad())?);
-                        }
-                        "chardev" | "id" | "bus" => return Err(bad()),
-                        _ => {
-                            return Err(DeviceError::UnknownOption {
-                                driver: driver.clone(),
-                                key: key.into(),
-                            })
-                        }
-                    }
-                }
-                if spec.chardev.is_empty() {
-                    return Err(DeviceError::Missing {
-                        driver,
-                        key: "chardev",
-                    });
-                }
-                if spec.id.is_empty() {
-                    spec.id = spec.chardev.clone();
-                }
-                Ok(DeviceSpec::VirtioPort(spec))
-            }
+            "isa-serial" => parse_isa_serial(options),
+            "virtio-serial" | "virtio-serial-device" => parse_virtio_serial(options),
+            "virtserialport" => parse_virtio_port(options, false),
+            "virtconsole" => parse_virtio_port(options, true),
             other => Err(DeviceError::UnknownDriver(other.to_string())),
         }
     }
