@@ -4,6 +4,8 @@
 //! Every test that needs KVM calls [`require_kvm`], which fails the test loudly (never skips)
 //! when `/dev/kvm` cannot be opened.
 
+pub mod stream;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -4,9 +4,9 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
+use tests::stream::StreamReader;
 use tests::{
     minivmm_bin, require_kvm, run64, test_cmdline, test_initrd, test_kernel, EXIT_MARKER,
     READY_MARKER,
@@ -21,14 +21,25 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 struct Console {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
-    rx: std::sync::mpsc::Receiver<u8>,
-    seen: Vec<u8>,
+    out: StreamReader,
 }
 
 impl Console {
-    fn boot(args: &[&str]) -> Console {
+    /// Boot the test kernel and initramfs with `cmdline_extra` and `args`.
+    fn boot(cmdline_extra: &str, args: &[&str]) -> Console {
         require_kvm();
+        let kernel = test_kernel();
+        let initrd = test_initrd();
+        let cmdline = test_cmdline(cmdline_extra);
         let mut child = Command::new(minivmm_bin())
+            .args([
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--initrd",
+                initrd.to_str().unwrap(),
+                "--append",
+                &cmdline,
+            ])
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -36,58 +47,13 @@ impl Console {
             .spawn()
             .expect("spawn minivmm");
         let stdin = child.stdin.take().unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match std::io::Read::read(&mut stdout, &mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        for b in &buf[..n] {
-                            if tx.send(*b).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            }
-        });
-        Console {
-            child,
-            stdin,
-            rx,
-            seen: Vec::new(),
-        }
+        let out = StreamReader::spawn(child.stdout.take().unwrap());
+        Console { child, stdin, out }
     }
 
     /// Wait until the console shows `needle` after position `from`; returns the end position.
     fn expect_from(&mut self, from: usize, needle: &str, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(pos) = find(&self.seen[from.min(self.seen.len())..], needle.as_bytes()) {
-                return from + pos + needle.len();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let _ = self.child.kill();
-                panic!(
-                    "no {needle:?} on the console within {timeout:?}:\n{}",
-                    String::from_utf8_lossy(&self.seen)
-                );
-            }
-            match self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok(b) => self.seen.push(b),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    let status = self.child.wait();
-                    panic!(
-                        "minivmm exited ({status:?}) before {needle:?}:\n{}",
-                        String::from_utf8_lossy(&self.seen)
-                    );
-                }
-            }
-        }
+        self.out.expect(from, needle, timeout)
     }
 
     fn expect(&mut self, needle: &str, timeout: Duration) -> usize {
@@ -96,7 +62,8 @@ impl Console {
 
     /// Type a command line into the guest shell; returns the console position before it.
     fn type_line(&mut self, line: &str) -> usize {
-        let at = self.seen.len();
+        self.out.drain();
+        let at = self.out.seen.len();
         self.stdin.write_all(line.as_bytes()).unwrap();
         self.stdin.write_all(b"\n").unwrap();
         self.stdin.flush().unwrap();
@@ -106,9 +73,7 @@ impl Console {
     fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
-            while let Ok(b) = self.rx.try_recv() {
-                self.seen.push(b);
-            }
+            self.out.drain();
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
@@ -116,7 +81,7 @@ impl Console {
                 let _ = self.child.kill();
                 panic!(
                     "minivmm did not exit within {timeout:?}:\n{}",
-                    String::from_utf8_lossy(&self.seen)
+                    String::from_utf8_lossy(&self.out.seen)
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -131,30 +96,12 @@ impl Drop for Console {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 /// The `make run` experience with two vCPUs: the ready marker, an interactive shell that
 /// reads what the host types (UART receive interrupts) and answers (transmit), the guest
 /// seeing both CPUs and its command line, and `poweroff` ending minivmm with status 0.
 #[test]
 fn linux_shell_on_com1_with_two_vcpus_then_poweroff() {
-    let kernel = test_kernel();
-    let initrd = test_initrd();
-    let cmdline = test_cmdline("minivmm.test=shell");
-    let mut c = Console::boot(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &cmdline,
-        "--smp",
-        "2",
-        "--memory",
-        "256M",
-    ]);
+    let mut c = Console::boot("minivmm.test=shell", &["--smp", "2", "--memory", "256M"]);
     let ready = c.expect(READY_MARKER, BOOT_TIMEOUT);
 
     let at = c.type_line("echo hello-$((6*7))");
@@ -176,7 +123,7 @@ fn linux_shell_on_com1_with_two_vcpus_then_poweroff() {
         status.code(),
         Some(0),
         "poweroff did not end minivmm with status 0:\n{}",
-        String::from_utf8_lossy(&c.seen[ready..])
+        String::from_utf8_lossy(&c.out.seen[ready..])
     );
 }
 
@@ -184,20 +131,8 @@ fn linux_shell_on_com1_with_two_vcpus_then_poweroff() {
 /// exit status appear on the console, and the guest powers off by itself.
 #[test]
 fn linux_runs_a_command_from_the_command_line_and_powers_off() {
-    let kernel = test_kernel();
-    let initrd = test_initrd();
     let script = "uname -sr; echo sum=$((40+2)); read -r up _ </proc/uptime; echo up=$up; exit 3";
-    let cmdline = test_cmdline(&run64(script));
-    let mut c = Console::boot(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
-        &cmdline,
-        "--memory",
-        "128M",
-    ]);
+    let mut c = Console::boot(&run64(script), &["--memory", "128M"]);
     let ready = c.expect(READY_MARKER, BOOT_TIMEOUT);
     let at = c.expect_from(ready, "Linux 6.1", COMMAND_TIMEOUT);
     let at = c.expect_from(at, "sum=42", COMMAND_TIMEOUT);

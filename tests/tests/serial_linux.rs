@@ -5,104 +5,17 @@
 //! One boot carries every check: boots cost minutes on a nested KVM.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+use tests::stream::StreamReader;
 use tests::{require_kvm, test_cmdline, test_initrd, test_kernel, Vmm, READY_MARKER};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Bytes read from a stream on a thread, with the time each chunk arrived.
-struct Reader {
-    rx: Receiver<(Instant, Vec<u8>)>,
-    seen: Vec<u8>,
-}
-
-impl Reader {
-    fn spawn<R: Read + Send + 'static>(mut r: R) -> Reader {
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => return,
-                }
-            }
-        });
-        Reader {
-            rx,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Wait until `needle` appears after `from`; returns the position after it.
-    fn expect(&mut self, from: usize, needle: &str, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let start = from.min(self.seen.len());
-            if let Some(p) = self.seen[start..]
-                .windows(needle.len())
-                .position(|w| w == needle.as_bytes())
-            {
-                return start + p + needle.len();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no {needle:?} within {timeout:?}; got:\n{}",
-                String::from_utf8_lossy(&self.seen)
-            );
-            if let Ok((_, chunk)) = self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
-                self.seen.extend_from_slice(&chunk);
-            }
-        }
-    }
-
-    /// Skip everything up to the first `byte`, then receive `n` copies of it in a row;
-    /// returns the arrival times of the chunks holding the first and the last of them.
-    fn timed_run(&mut self, byte: u8, n: usize, timeout: Duration) -> (Instant, Instant) {
-        let deadline = Instant::now() + timeout;
-        let mut count = 0;
-        let mut first = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "only {count} of {n} {byte:#x} bytes within {timeout:?}"
-            );
-            let Ok((at, chunk)) = self.rx.recv_timeout(left) else {
-                continue;
-            };
-            self.seen.extend_from_slice(&chunk);
-            for &b in &chunk {
-                if b == byte {
-                    first.get_or_insert(at);
-                    count += 1;
-                    if count == n {
-                        return (first.unwrap_or(at), at);
-                    }
-                } else {
-                    assert!(
-                        first.is_none(),
-                        "payload interrupted by {b:#x} after {count} bytes"
-                    );
-                }
-            }
-        }
-    }
-}
 
 /// Open the slave side of a minivmm pty in raw mode, as a terminal program would.
 fn open_pty(path: &Path) -> File {
@@ -190,7 +103,7 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
     }
     let stream = UnixStream::connect(&sock).unwrap();
     let mut console_in = stream.try_clone().unwrap();
-    let mut con = Reader::spawn(stream);
+    let mut con = StreamReader::spawn(stream);
     let ready = con.expect(0, READY_MARKER, BOOT_TIMEOUT);
 
     let mut say = |line: &str| {
@@ -204,7 +117,7 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
     // A second shell on ttyS1, reached through the host pty.
     let pty1 = open_pty(&ttys1);
     let mut pty1_in = pty1.try_clone().unwrap();
-    let mut p1 = Reader::spawn(pty1);
+    let mut p1 = StreamReader::spawn(pty1);
     // A plain read-eval loop, no line editor: it neither echoes nor queries the terminal.
     say("stty -F /dev/ttyS1 115200 raw -echo; setsid sh -c 'exec </dev/ttyS1 >/dev/ttyS1 2>&1; echo R$((1+1))Y; while read -r l; do eval \"$l\"; done' & echo started-$((1+1))");
     con.expect(at, "started-2", COMMAND_TIMEOUT);
@@ -271,7 +184,7 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
 
     // The unpaced port moves the same amount far faster than 9600 baud would.
     let pty2 = open_pty(&ttys2);
-    let mut p2 = Reader::spawn(pty2);
+    let mut p2 = StreamReader::spawn(pty2);
     say("stty -F /dev/ttyS2 9600 raw -echo; head -c 4096 /dev/zero | tr '\\0' W >/dev/ttyS2");
     let (first, last) = p2.timed_run(b'W', N, Duration::from_secs(60));
     let fast = rate(N, first, last);
