@@ -71,6 +71,13 @@ pub enum Event {
     Writable,
     /// The peer sent a break condition.
     Break,
+    /// The terminal behind the backend changed size (a console port sends RESIZE).
+    Resized {
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
+    },
 }
 
 /// One chardev backend. Every method is non-blocking.
@@ -113,6 +120,12 @@ pub trait Backend: Send {
     /// The line parameters the guest programmed into its UART, for backends that drive a real
     /// line (a host serial tty). Others ignore it.
     fn set_line_params(&mut self, _params: LineParams) {}
+
+    /// The size of the terminal behind the backend as (columns, rows), for backends that
+    /// have one (pty, stdio on a terminal). Changes are reported with [`Event::Resized`].
+    fn window_size(&self) -> Option<(u16, u16)> {
+        None
+    }
 
     /// Output bytes dropped because no peer was connected and the replay ring overflowed.
     fn dropped_bytes(&self) -> u64 {

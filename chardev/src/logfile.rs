@@ -91,6 +91,9 @@ impl Backend for Logged {
     fn set_line_params(&mut self, params: LineParams) {
         self.inner.set_line_params(params)
     }
+    fn window_size(&self) -> Option<(u16, u16)> {
+        self.inner.window_size()
+    }
     fn dropped_bytes(&self) -> u64 {
         self.inner.dropped_bytes()
     }

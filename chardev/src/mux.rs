@@ -105,7 +105,9 @@ impl Core {
     fn settle(&mut self, caller: usize) {
         for ev in self.base.take_events() {
             match ev {
-                Event::Opened | Event::Closed | Event::Writable => self.notify_all(ev, caller),
+                Event::Opened | Event::Closed | Event::Writable | Event::Resized { .. } => {
+                    self.notify_all(ev, caller)
+                }
                 Event::Readable | Event::Break => self.notify(self.focus, ev, caller),
             }
         }
@@ -457,6 +459,10 @@ impl Backend for MuxFrontend {
 
     fn is_connected(&self) -> bool {
         lock(&self.core).base.is_connected()
+    }
+
+    fn window_size(&self) -> Option<(u16, u16)> {
+        lock(&self.core).base.window_size()
     }
 
     fn take_events(&mut self) -> Vec<Event> {

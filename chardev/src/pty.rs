@@ -98,6 +98,8 @@ pub struct PtyBackend {
     symlink: Option<PathBuf>,
     link: Link,
     timer: TimerFd,
+    /// The terminal size last seen, to report changes as [`Event::Resized`].
+    size: Option<(u16, u16)>,
 }
 
 impl PtyBackend {
@@ -145,7 +147,9 @@ impl PtyBackend {
             symlink,
             link: Link::new(spec.backlog, DEFAULT_OUTBUF_SIZE),
             timer,
+            size: None,
         };
+        b.size = sys::window_size(b.master.as_raw_fd());
         b.check_peer();
         Ok(b)
     }
@@ -167,6 +171,15 @@ impl PtyBackend {
         }
         // A lost peer (EOF, EIO) leaves the master open; the next tick sees whether it is back.
         self.link.take_lost();
+        // Whoever holds the slave may resize the terminal; nothing tells the master, so the
+        // same tick looks.
+        let size = sys::window_size(self.master.as_raw_fd());
+        if size != self.size {
+            self.size = size;
+            if let Some((cols, rows)) = size {
+                self.link.events.push(Event::Resized { cols, rows });
+            }
+        }
     }
 }
 
@@ -232,6 +245,10 @@ impl Backend for PtyBackend {
 
     fn take_events(&mut self) -> Vec<Event> {
         self.link.events.take()
+    }
+
+    fn window_size(&self) -> Option<(u16, u16)> {
+        self.size
     }
 
     fn dropped_bytes(&self) -> u64 {
@@ -312,5 +329,28 @@ mod tests {
         wait_event(&mut b, |e| *e == Event::Opened);
         b.write(b"kept").unwrap();
         assert_eq!(slave_read(slave.as_raw_fd(), 4), b"kept");
+    }
+
+    #[test]
+    fn pty_reports_the_size_the_slave_sets() {
+        let mut b = PtyBackend::open_with("p", &spec(None, 0), FAST).unwrap();
+        let slave = open_slave(b.pts_path()).unwrap();
+        wait_event(&mut b, |e| *e == Event::Opened);
+        let ws = libc::winsize {
+            ws_row: 40,
+            ws_col: 132,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize, which we own, on the slave fd we own.
+        let rc = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(rc, 0);
+        wait_event(&mut b, |e| {
+            *e == Event::Resized {
+                cols: 132,
+                rows: 40,
+            }
+        });
+        assert_eq!(b.window_size(), Some((132, 40)));
     }
 }

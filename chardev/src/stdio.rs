@@ -14,12 +14,17 @@
 //! them anyway); only what cannot be reopened (sockets) gets `O_NONBLOCK` set on the shared
 //! description, and its old flags are restored with the termios.
 //!
+//! **Terminal size.** When stdout is a terminal the backend reports its size
+//! ([`Backend::window_size`]) and each change as [`Event::Resized`], read from a signalfd for
+//! `SIGWINCH`. The process must block `SIGWINCH` in every thread for that (the VMM does, with
+//! its stop signals); where it is not blocked, changes go unseen and the size stays readable.
+//!
 //! Only one stdio chardev exists at a time. This module must not close fds 0 and 1.
 
 use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Once, OnceLock};
 
@@ -124,10 +129,40 @@ fn make_raw(signal: bool) -> io::Result<()> {
     sys::tcsetattr(STDIN, &raw)
 }
 
+/// A non-blocking signalfd for `SIGWINCH`.
+fn winch_signalfd() -> io::Result<OwnedFd> {
+    // SAFETY: an all-zero sigset_t is valid storage for sigemptyset to initialise.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is valid, owned storage; SIGWINCH is a valid signal number.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGWINCH);
+    }
+    // SAFETY: set is initialised; -1 asks for a new fd; the flags are valid.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by signalfd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Read every pending signal from a non-blocking signalfd.
+fn drain_signalfd(fd: RawFd) {
+    let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+    while matches!(sys::read(fd, &mut info), Ok(n) if n > 0) {}
+}
+
 /// The `stdio` backend.
 #[derive(Debug)]
 pub struct StdioBackend {
     chan: FdChannel,
+    /// `SIGWINCH` notifications, when stdout is a terminal.
+    winch: Option<OwnedFd>,
+    /// The terminal size last reported.
+    size: Option<(u16, u16)>,
+    /// A resize not yet taken by the frontend.
+    resized: Option<(u16, u16)>,
 }
 
 impl StdioBackend {
@@ -156,7 +191,19 @@ impl StdioBackend {
         let owned = rown.into_iter().chain(wown).collect();
         let chan = FdChannel::new("stdio", "stdio".to_string(), Some(rfd), Some(wfd), owned)
             .map_err(|e| err("use", e))?;
-        Ok(StdioBackend { chan })
+        let winch = if sys::isatty(STDOUT) {
+            winch_signalfd()
+                .map_err(|e| log::warn!("stdio: no terminal size changes: {e}"))
+                .ok()
+        } else {
+            None
+        };
+        Ok(StdioBackend {
+            chan,
+            winch,
+            size: sys::window_size(STDOUT),
+            resized: None,
+        })
     }
 }
 
@@ -175,9 +222,22 @@ impl Backend for StdioBackend {
         "stdio".to_string()
     }
     fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        self.chan.poll_fds()
+        let mut v = self.chan.poll_fds();
+        if let Some(w) = &self.winch {
+            v.push((w.as_raw_fd(), Interest::READ));
+        }
+        v
     }
     fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
+        if self.winch.as_ref().map(|w| w.as_raw_fd()) == Some(fd) {
+            drain_signalfd(fd);
+            let size = sys::window_size(STDOUT);
+            if size != self.size {
+                self.size = size;
+                self.resized = size;
+            }
+            return;
+        }
         self.chan.on_ready(fd, readiness)
     }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -193,7 +253,14 @@ impl Backend for StdioBackend {
         true
     }
     fn take_events(&mut self) -> Vec<Event> {
-        self.chan.take_events()
+        let mut events = self.chan.take_events();
+        if let Some((cols, rows)) = self.resized.take() {
+            events.push(Event::Resized { cols, rows });
+        }
+        events
+    }
+    fn window_size(&self) -> Option<(u16, u16)> {
+        self.size
     }
     fn dropped_bytes(&self) -> u64 {
         self.chan.dropped_bytes()

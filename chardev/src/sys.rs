@@ -162,6 +162,20 @@ pub(crate) fn tcsetattr(fd: RawFd, t: &libc::termios) -> io::Result<()> {
     check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, t) }).map(drop)
 }
 
+/// The window size of the terminal `fd` as (columns, rows); `None` if it is no terminal or
+/// its size was never set (0x0).
+pub(crate) fn window_size(fd: RawFd) -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into ws, which we own.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col != 0 && ws.ws_row != 0).then_some((ws.ws_col, ws.ws_row))
+}
+
 /// `cfmakeraw` on a copy of `t`.
 pub(crate) fn make_raw(t: &libc::termios) -> libc::termios {
     let mut raw = *t;

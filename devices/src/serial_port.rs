@@ -193,8 +193,8 @@ impl SerialPort {
                 Event::Closed => self.serial.set_modem_inputs(ModemInputs::DISCONNECTED),
                 Event::Break => self.serial.receive_break(),
                 Event::Readable => self.serial.set_input_waiting(true),
-                // The next flush retries.
-                Event::Writable => {}
+                // The next flush retries; a UART has no notion of a terminal size.
+                Event::Writable | Event::Resized { .. } => {}
             }
         }
         !events.is_empty()

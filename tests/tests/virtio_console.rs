@@ -1,12 +1,19 @@
 //! A Linux guest with a multiport virtio-console over virtio-mmio, found through ACPI
-//! (LNRO0005): a named port on a unix socket the test talks to, and a console port (hvc0) on a
-//! file. One boot: the name appears as /dev/virtio-ports/NAME, data flows both ways
-//! byte-identical (checksummed on both sides), and hvc0 reaches its backend.
+//! (LNRO0005): a named port on a unix socket the test talks to, a console port (hvc0) on a
+//! file and a second console port (hvc1) on a pty, with a QMP monitor. One boot checks, in
+//! order: the name appears as /dev/virtio-ports/NAME; data flows both ways byte-identical
+//! (checksummed on both sides); hvc0 reaches its backend; the pty's terminal size reaches the
+//! guest's hvc1 (RESIZE); the guest closing and reopening the port is seen by the host as
+//! `VSERPORT_CHANGE`; the host socket going away and coming back is seen by the guest (reads
+//! end, a blocked write resumes: PORT_OPEN 0 then 1); a port hot-added over QMP appears in the
+//! guest and disappears after `device_del` with `DEVICE_DELETED`.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use monitor::client::QmpClient;
+use serde_json::{json, Value};
 use tests::{require_kvm, run64, test_cmdline, test_initrd, test_kernel, Vmm, EXIT_MARKER};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -24,6 +31,53 @@ fn payload(n: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Wait for the QMP event `name` whose data matches `want` (events before it are skipped).
+fn wait_event(qmp: &mut QmpClient, name: &str, want: &Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        assert!(Instant::now() < deadline, "no {name} {want}");
+        let Ok(e) = qmp.next_event() else { continue };
+        if e["event"] == name
+            && want
+                .as_object()
+                .unwrap()
+                .iter()
+                .all(|(k, v)| &e["data"][k] == v)
+        {
+            return e;
+        }
+    }
+}
+
+/// Run a QMP command that must succeed.
+fn qmp_ok(qmp: &mut QmpClient, cmd: &str, args: Value) -> Value {
+    let a = qmp.execute(cmd, Some(args)).expect("qmp");
+    assert!(a.get("return").is_some(), "{cmd}: {a}");
+    a
+}
+
+/// Set the terminal size of the pty slave at `path`.
+fn set_winsize(path: &std::path::Path, cols: u16, rows: u16) -> std::fs::File {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open pty slave");
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize, which we own, on a tty fd we own.
+    assert_eq!(
+        unsafe { libc::ioctl(f.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+    f
 }
 
 fn md5_hex(data: &[u8]) -> String {
@@ -61,12 +115,22 @@ fn named_port_and_console_port_move_data_both_ways() {
          head -c 5 <&3; echo\n\
          echo via-hvc >/dev/hvc0\n\
          echo in-md5=$(head -c {BULK} <&3 | tee /tmp/in | md5sum)\n\
-         echo sending-back; cat /tmp/in >&3\n"
+         echo sending-back; cat /tmp/in >&3\n\
+         echo hvc1-size=$(stty size </dev/hvc1)\n\
+         exec 3>&-; echo port-closed; exec 3<>$P; echo port-reopened\n\
+         cat <&3 >/dev/null; echo host-gone\n\
+         echo back-again >&3; echo wrote-back\n\
+         H() {{ grep -qs org.minivmm.hot /sys/class/virtio-ports/*/name; }}\n\
+         until H; do sleep 1; done; echo hot-added\n\
+         while H; do sleep 1; done; echo hot-removed\n"
     );
     let kernel = test_kernel();
     let initrd = test_initrd();
     let port_spec = format!("socket,id=vp,path={},server=on,wait=off", sock.display());
     let hvc_spec = format!("file,id=hv,path={}", hvc.display());
+    let pty_link = dir.path().join("hvc1.pty");
+    let pty_spec = format!("pty,id=hp,path={}", pty_link.display());
+    let qmp_path = dir.path().join("qmp.sock");
     let mut vm = Vmm::start(&[
         "--kernel",
         kernel.to_str().unwrap(),
@@ -82,6 +146,12 @@ fn named_port_and_console_port_move_data_both_ways() {
         &hvc_spec,
         "--device",
         "virtconsole,chardev=hv",
+        "--chardev",
+        &pty_spec,
+        "--device",
+        "virtconsole,chardev=hp",
+        "--monitor",
+        qmp_path.to_str().unwrap(),
     ]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() {
@@ -89,6 +159,10 @@ fn named_port_and_console_port_move_data_both_ways() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut port = UnixStream::connect(&sock).unwrap();
+    // The terminal on the pty console is 132x40 before the guest looks.
+    let _pty = set_winsize(&pty_link, 132, 40);
+    let mut qmp = QmpClient::connect(&qmp_path, Duration::from_secs(5)).expect("qmp connect");
+    qmp.negotiate().unwrap();
     vm.wait_for("org.minivmm.test", BOOT_TIMEOUT);
 
     // Guest -> host, then host -> guest on the same port.
@@ -137,6 +211,65 @@ fn named_port_and_console_port_move_data_both_ways() {
     }
     assert_eq!(received.len(), BULK);
     assert_eq!(md5_hex(&received), expect_in, "guest->host data differs");
+
+    // RESIZE: the pty's size is what the guest's hvc1 reports (`stty size` prints rows, then
+    // columns). minivmm sends the message in the virtio spec's order (cols, rows); Linux
+    // before commit 5326ab737a47 (2025), such as our 6.1 guest, reads it as (rows, cols).
+    let line = vm.wait_for("hvc1-size=", Duration::from_secs(120));
+    assert!(
+        line.contains("hvc1-size=40 132") || line.contains("hvc1-size=132 40"),
+        "hvc1 size: {line}"
+    );
+
+    // Guest opens and closes reach the host as VSERPORT_CHANGE, none lost: the port was opened
+    // and closed by `echo >$P`, opened by `exec 3<>`, then closed and reopened. The port's
+    // device id is the one minivmm gave it; find it from the chardev.
+    let ports = qmp_ok(&mut qmp, "query-virtio-serial", json!({}))["return"].clone();
+    let id = ports
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["chardev"] == "vp"))
+        .map(|p| p["id"].clone())
+        .unwrap_or_else(|| panic!("port on vp not listed: {ports}"));
+    let mut opens = Vec::new();
+    while !opens.ends_with(&[true, false, true, false, true]) {
+        let e = wait_event(&mut qmp, "VSERPORT_CHANGE", &json!({"id": id}));
+        opens.push(e["data"]["open"].as_bool().unwrap());
+    }
+    assert_eq!(opens, [true, false, true, false, true]);
+
+    // The host leaving ends the guest's read; its next write waits for the host to return.
+    vm.wait_for("port-reopened", Duration::from_secs(120));
+    drop(port);
+    vm.wait_for("host-gone", Duration::from_secs(120));
+    let mut port = UnixStream::connect(&sock).unwrap();
+    port.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut back = Vec::new();
+    while !back.ends_with(b"back-again\n") {
+        let n = port.read(&mut buf).expect("read after reconnect");
+        assert!(n > 0, "port closed: {:?}", String::from_utf8_lossy(&back));
+        back.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(back, b"back-again\n");
+    vm.wait_for("wrote-back", Duration::from_secs(120));
+
+    // Hot add and remove while the guest runs.
+    qmp_ok(
+        &mut qmp,
+        "chardev-add",
+        json!({"id": "hotc", "backend": {"type": "ringbuf", "data": {}}}),
+    );
+    qmp_ok(
+        &mut qmp,
+        "device_add",
+        json!({"driver": "virtserialport", "id": "hot0", "chardev": "hotc",
+               "name": "org.minivmm.hot"}),
+    );
+    vm.wait_for("hot-added", Duration::from_secs(120));
+    qmp_ok(&mut qmp, "device_del", json!({"id": "hot0"}));
+    wait_event(&mut qmp, "DEVICE_DELETED", &json!({"device": "hot0"}));
+    vm.wait_for("hot-removed", Duration::from_secs(120));
+    qmp_ok(&mut qmp, "chardev-remove", json!({"id": "hotc"}));
 
     vm.wait_for(&format!("{EXIT_MARKER} 0"), Duration::from_secs(120));
     assert_eq!(vm.wait_exit(Duration::from_secs(60)).code(), Some(0));

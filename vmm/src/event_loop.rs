@@ -15,9 +15,19 @@ use crate::vcpu::{ExitLatch, VmExit};
 /// Signals that stop the VM.
 pub const STOP_SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
-/// Block the stop signals in the calling thread (and so in every thread it spawns later).
+/// Signals blocked in every thread but not handled here: `SIGWINCH`, which the stdio chardev
+/// reads from a signalfd of its own to follow the terminal's size.
+pub const OTHER_BLOCKED_SIGNALS: [i32; 1] = [libc::SIGWINCH];
+
+/// Block the stop signals (and [`OTHER_BLOCKED_SIGNALS`]) in the calling thread, and so in
+/// every thread it spawns later.
 pub fn block_stop_signals() -> std::io::Result<()> {
-    let set = sigset(&STOP_SIGNALS)?;
+    let all: Vec<i32> = STOP_SIGNALS
+        .iter()
+        .chain(&OTHER_BLOCKED_SIGNALS)
+        .copied()
+        .collect();
+    let set = sigset(&all)?;
     // SAFETY: `set` is a valid, initialised sigset; a null old-set pointer is allowed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {

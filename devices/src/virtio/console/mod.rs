@@ -259,6 +259,12 @@ impl VirtioConsole {
         };
         let host_connected = config.console || backend.is_connected();
         backend.set_input_wanted(false);
+        let size = if config.console {
+            backend.window_size()
+        } else {
+            None
+        };
+        let id = config.id.clone();
         self.ports.insert(
             nr,
             Port {
@@ -280,6 +286,9 @@ impl VirtioConsole {
                 active.send(HostControl::PortAdd(nr));
                 active.interrupt.signal_config();
             }
+        }
+        if let Some((cols, rows)) = size {
+            self.set_console_size(&id, cols, rows)?;
         }
         self.kick = true;
         Ok(nr)
@@ -389,12 +398,17 @@ impl VirtioConsole {
     /// Forward backend connection events. Returns whether there were any events.
     fn handle_backend_events(&mut self) -> bool {
         let mut any = false;
+        let mut resized = Vec::new();
         for port in self.ports.values_mut() {
             for event in port.backend.take_events() {
                 any = true;
                 let connected = match event {
                     Event::Opened => true,
                     Event::Closed => false,
+                    Event::Resized { cols, rows } if port.config.console => {
+                        resized.push((port.config.id.clone(), cols, rows));
+                        continue;
+                    }
                     // Readable and Writable: the next pass reads and writes anyway.
                     _ => continue,
                 };
@@ -411,6 +425,10 @@ impl VirtioConsole {
                     }
                 }
             }
+        }
+        for (id, cols, rows) in resized {
+            // The port exists: it was found in the loop above.
+            let _ = self.set_console_size(&id, cols, rows);
         }
         any
     }

@@ -573,6 +573,15 @@ fn resize_after_console_setup() {
     assert_eq!(msgs[0].0.event, VIRTIO_CONSOLE_RESIZE);
     assert_eq!(msgs[0].1, vec![50, 0, 120, 0]);
     assert!(rig.console().set_console_size("nope", 1, 1).is_err());
+    // A terminal resize on the console's backend becomes RESIZE; on a serial port it is ignored.
+    rig.post_ctrl_bufs(2);
+    rig.be(0).events.push(Event::Resized { cols: 80, rows: 24 });
+    rig.be(1).events.push(Event::Resized { cols: 90, rows: 30 });
+    rig.d.run();
+    let msgs = rig.ctrl();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!((msgs[0].0.id, msgs[0].0.event), (0, VIRTIO_CONSOLE_RESIZE));
+    assert_eq!(msgs[0].1, vec![24, 0, 80, 0]);
 }
 
 #[test]
