@@ -1,6 +1,9 @@
-//! A Linux guest talking through chardev backends and paced UARTs, the way users attach to a
-//! VM: the console (ttyS0) on a unix socket server, a shell on ttyS1 reached through a host
-//! pty, and the line rate the guest programs on ttyS1/ttyS2 measured on the host side.
+//! A Linux guest talking through chardev backends and paced UARTs on all four COM ports, the
+//! way users attach to a VM: the console (ttyS0, COM1) on a unix socket server, a shell on
+//! ttyS1 (COM2) reached through a host pty, an unpaced ttyS2 (COM3) on a pty and ttyS3 (COM4)
+//! on a file. The line rates the guest programs on ttyS1 (9600 and 115200 baud) are measured
+//! on the host side while COM4 transfers on the IRQ it shares with COM2, and COM3 on the one it
+//! shares with COM1: nothing may be lost on any of them.
 //!
 //! One boot carries every check: boots cost minutes on a nested KVM.
 
@@ -78,6 +81,8 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("console.sock");
     let console = format!("unix:{},server=on,wait=on", sock.display());
+    let com4_file = dir.path().join("com4.out");
+    let com4_spec = format!("file,id=com4,path={}", com4_file.display());
     let mut vm = Vmm::start(&[
         "--kernel",
         kernel.to_str().unwrap(),
@@ -93,6 +98,10 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
         "pty,id=fast",
         "--device",
         "isa-serial,chardev=fast,index=2,pacing=off",
+        "--chardev",
+        &com4_spec,
+        "--device",
+        "isa-serial,chardev=com4,index=3",
     ]);
     let ptys = announced_ptys(&mut vm, &["serial1", "fast"]);
     let (ttys1, ttys2) = (ptys[0].clone(), ptys[1].clone());
@@ -127,8 +136,13 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
     pty1_in.write_all(b"echo via-pty-$((3*3))\n").unwrap();
     p1.expect(0, "via-pty-9", COMMAND_TIMEOUT);
 
-    // Guest -> host at 9600 baud, 8N1: 960 characters per second on the line.
+    // Guest -> host at 9600 baud, 8N1: 960 characters per second on the line. Meanwhile COM4,
+    // which shares IRQ 3 with COM2, sends a block of its own at 115200.
     const N: usize = 4096;
+    const COM4_BYTES: usize = 8192;
+    say(&format!(
+        "stty -F /dev/ttyS3 115200 raw -echo; (sleep 2; head -c {COM4_BYTES} /dev/zero | tr '\\0' Z >/dev/ttyS3; echo com4-$((2+2))-done) &"
+    ));
     pty1_in
         .write_all(b"stty 9600 raw -echo; echo G$((1+1))O; sleep 1; head -c 4096 /dev/zero | tr '\\0' U; echo\n")
         .unwrap();
@@ -158,6 +172,35 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
         measured >= expected * 0.6,
         "line rate {measured:.1}/s is far below the {expected}/s the guest programmed"
     );
+
+    con.expect(at, "com4-4-done", COMMAND_TIMEOUT);
+    let com4 = std::fs::read(&com4_file).unwrap();
+    assert_eq!(
+        com4.len(),
+        COM4_BYTES,
+        "COM4 lost bytes beside COM2's transfer"
+    );
+    assert!(com4.iter().all(|&b| b == b'Z'));
+
+    // Guest -> host at 115200 baud: 11520 characters per second on the line, never more.
+    const FAST_N: usize = 16384;
+    pty1_in
+        .write_all(b"stty 115200 raw -echo; echo H$((1+1))I; sleep 1; head -c 16384 /dev/zero | tr '\\0' X; echo\n")
+        .unwrap();
+    let from = p1.seen.len();
+    p1.expect(from, "H2I", COMMAND_TIMEOUT);
+    let (first, last) = p1.timed_run(b'X', FAST_N, Duration::from_secs(60));
+    let measured = rate(FAST_N, first, last);
+    let line = 115200.0 / 10.0;
+    eprintln!(
+        "guest->host at 115200 baud: {measured:.1} chars/s, {:.1} % of the line rate",
+        measured / line * 100.0
+    );
+    assert!(
+        measured <= line * 1.01,
+        "line rate {measured:.1}/s is faster than the {line}/s the guest programmed"
+    );
+    pty1_in.write_all(b"stty 9600 raw -echo\n").unwrap();
 
     // Host -> guest at 9600 baud: the ttyS1 shell's dd reads 2048 bytes from the line; they
     // cannot arrive faster than the line allows, and none is lost (dd would wait forever).
