@@ -21,7 +21,8 @@ use crate::virtio::SharedConsole;
 
 /// The machine the monitor drives.
 pub struct VmMachine {
-    name: String,
+    name: Option<String>,
+    uuid: Option<String>,
     registry: Registry,
     vcpus: Arc<VcpuControl>,
     exit: Arc<ExitLatch>,
@@ -31,9 +32,11 @@ pub struct VmMachine {
 }
 
 impl VmMachine {
-    /// The machine over these parts.
+    /// The machine over these parts; `name` and `uuid` are what `query-name` and
+    /// `query-uuid` report.
     pub fn new(
-        name: String,
+        name: Option<String>,
+        uuid: Option<String>,
         registry: Registry,
         vcpus: Arc<VcpuControl>,
         exit: Arc<ExitLatch>,
@@ -42,6 +45,7 @@ impl VmMachine {
     ) -> Self {
         VmMachine {
             name,
+            uuid,
             registry,
             vcpus,
             exit,
@@ -113,11 +117,11 @@ impl Machine for VmMachine {
     }
 
     fn name(&self) -> Option<String> {
-        Some(self.name.clone())
+        self.name.clone()
     }
 
     fn uuid(&self) -> Option<String> {
-        None
+        self.uuid.clone()
     }
 
     fn chardevs(&mut self) -> &mut Registry {

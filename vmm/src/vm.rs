@@ -157,14 +157,15 @@ impl Vm {
         let mut event_manager: EventManager<Subscriber> =
             EventManager::new().map_err(VmError::EventLoop)?;
 
-        let monitor = match &config.monitor {
-            Some(path) => {
-                let mut m = Monitor::new().map_err(|e| VmError::Io("cannot create monitor", e))?;
+        let mut monitor = if config.monitor.is_some() || !config.mons.is_empty() {
+            let mut m = Monitor::new().map_err(|e| VmError::Io("cannot create monitor", e))?;
+            if let Some(path) = &config.monitor {
                 m.listen(path)
                     .map_err(|e| VmError::Monitor(e.to_string()))?;
-                Some(m)
             }
-            None => None,
+            Some(m)
+        } else {
+            None
         };
         let monitor_events = monitor.as_ref().map(Monitor::events);
 
@@ -192,6 +193,18 @@ impl Vm {
                 id: "wait=on".into(),
                 source,
             })?;
+
+        if let Some(m) = &mut monitor {
+            for mon in &config.mons {
+                let backend = registry
+                    .take(&mon.chardev)
+                    .map_err(|source| VmError::Chardev {
+                        id: mon.chardev.clone(),
+                        source,
+                    })?;
+                m.attach(backend, mon.mode);
+            }
+        }
 
         let mut pio = Bus::new();
         let mut com_ports = Vec::new();
@@ -320,6 +333,7 @@ impl Vm {
             Some(monitor) => {
                 let machine = VmMachine::new(
                     config.name.clone(),
+                    config.uuid.clone(),
                     registry,
                     control.clone(),
                     exit.clone(),
