@@ -257,7 +257,7 @@ impl MonitorHandler {
 impl MutEventSubscriber for MonitorHandler {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if self.fds.contains(fd) {
+        if let Some(fd) = self.fds.original(fd) {
             self.monitor
                 .on_ready(fd, readiness(events.event_set()), &mut self.machine);
         }
