@@ -200,6 +200,9 @@ pub enum CliError {
         /// The chardev id.
         id: String,
     },
+    /// More virtio-serial devices than GSIs for them.
+    #[error("--device: at most {max} virtio-serial devices, got {0}", max = crate::layout::MAX_VIRTIO_MMIO_DEVICES)]
+    TooManyVirtioSerial(usize),
     /// Two devices with one id.
     #[error("--device: duplicate id '{0}'")]
     DuplicateDevice(String),
@@ -399,6 +402,9 @@ impl Cli {
                     virtio_ports.push(p);
                 }
             }
+        }
+        if virtio_serial.len() > crate::layout::MAX_VIRTIO_MMIO_DEVICES {
+            return Err(CliError::TooManyVirtioSerial(virtio_serial.len()));
         }
         for port in virtio_ports {
             if virtio_serial.is_empty() {

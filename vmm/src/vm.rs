@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chardev::spec::SocketAddrSpec;
 use chardev::{BackendSpec, Registry};
 use devices::bus::{Bus, SharedDevice};
-use devices::power::{AcpiPm, I8042};
+use devices::power::{AcpiPm, GenericEventDevice, I8042};
 use devices::serial::SerialConfig;
 use devices::serial_port::SerialPort;
 use devices::virtio::console::{PortConfig, VirtioConsole};
@@ -31,8 +31,9 @@ use crate::cpu;
 use crate::event_loop::{block_stop_signals, Lifecycle, SignalFd};
 use crate::irq::IrqLines;
 use crate::layout::{
-    ACPI_PM_BASE, ACPI_PM_LEN, COM_PORT_SIZE, I8042_DATA_PORT, I8042_PORT_LEN,
-    VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
+    ACPI_GED_BASE, ACPI_GED_GSI, ACPI_GED_LEN, ACPI_PM_BASE, ACPI_PM_LEN, COM_PORT_SIZE,
+    I8042_DATA_PORT, I8042_PORT_LEN, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SLOT_SIZE,
+    VIRTIO_MMIO_START,
 };
 use crate::machine::{MonitorHandler, VmMachine};
 use crate::serial::SerialHandler;
@@ -248,6 +249,7 @@ impl Vm {
 
         let mut pio = Bus::new();
         let mut com_ports = Vec::new();
+        let mut uarts = Vec::new();
         for plan in &config.com_ports {
             let backend = registry
                 .take(&plan.chardev)
@@ -270,6 +272,7 @@ impl Vm {
             let handler = SerialHandler::new(port.clone(), clock.clone(), exit.clone())
                 .map_err(|e| VmError::Io("cannot create serial timer", e))?;
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+            uarts.push((plan.chardev.clone(), port));
             com_ports.push(ComPort {
                 index: (plan.index + 1) as u8,
                 base: plan.iobase,
@@ -344,6 +347,14 @@ impl Vm {
             u64::from(ACPI_PM_BASE),
             ACPI_PM_LEN,
         )?;
+        let ged = Arc::new(Mutex::new(GenericEventDevice::new(
+            irqs.source(ACPI_GED_GSI),
+        )));
+        pio.insert(
+            ged.clone() as SharedDevice,
+            u64::from(ACPI_GED_BASE),
+            ACPI_GED_LEN,
+        )?;
 
         let rsdp = acpi::create_acpi_tables(&mem, config.vcpus, &com_ports, &virtio_slots)?;
         let boot = boot::load(
@@ -370,7 +381,9 @@ impl Vm {
             exit.clone(),
             monitor.events(),
             consoles,
-        );
+        )
+        .with_power_button(ged)
+        .with_uarts(uarts);
         let monitor = Arc::new(Mutex::new(MonitorHandler::new(monitor, machine)));
         event_manager.add_subscriber(monitor.clone());
         let pio = Arc::new(pio);
