@@ -303,6 +303,29 @@ fn qmp_drives_a_running_vm() {
     );
 }
 
+/// Start a spinning VM named `name` whose monitor (`mode`) serves a listening socket this test
+/// bound in `dir` and passed as fd 3; returns the VM and the path to connect to, once.
+fn start_with_passed_monitor(rt: &Runtime, dir: &Path, mode: &str, name: &str) -> (Vmm, PathBuf) {
+    let path = dir.join(format!("{mode}.sock"));
+    let listener = UnixListener::bind(&path).unwrap();
+    let mon = format!("chardev=mon,mode={mode}");
+    let mut cmd = rt.command(&[
+        "--kernel",
+        env!("TINY_GUEST_SPIN"),
+        "--chardev",
+        "socket,fd=3,server=on,wait=off,id=mon",
+        "--mon",
+        &mon,
+        "--name",
+        name,
+    ]);
+    inherit_as_fd3(&mut cmd, listener.as_raw_fd());
+    let vm = Vmm::spawn(cmd);
+    // The child has its copy; ours would keep the socket open after minivmm exits.
+    drop(listener);
+    (vm, path)
+}
+
 /// The management-tool way: listen first, pass the fd, connect once. No retry loop: the
 /// connection is queued on the listener before minivmm even runs its event loop.
 #[test]
@@ -310,21 +333,7 @@ fn qmp_on_an_inherited_listening_socket() {
     require_kvm();
     let rt = Runtime::new();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("passed.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let mut cmd = rt.command(&[
-        "--kernel",
-        env!("TINY_GUEST_SPIN"),
-        "--chardev",
-        "socket,fd=3,server=on,wait=off,id=mon",
-        "--mon",
-        "chardev=mon,mode=control",
-        "--name",
-        "inherited",
-    ]);
-    inherit_as_fd3(&mut cmd, listener.as_raw_fd());
-    let mut vm = Vmm::spawn(cmd);
-    drop(listener);
+    let (mut vm, path) = start_with_passed_monitor(&rt, dir.path(), "control", "inherited");
     let stream = UnixStream::connect(&path).expect("the listener queues the connection");
     let (mut q, greeting) = Qmp::on(stream);
     assert!(greeting["QMP"]["version"]["qemu"]["major"].is_u64());
@@ -377,19 +386,7 @@ fn human_monitor_on_a_chardev_answers() {
     require_kvm();
     let rt = Runtime::new();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("hmp.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let mut cmd = rt.command(&[
-        "--kernel",
-        env!("TINY_GUEST_SPIN"),
-        "--chardev",
-        "socket,fd=3,server=on,wait=off,id=hmp",
-        "--mon",
-        "chardev=hmp,mode=readline",
-    ]);
-    inherit_as_fd3(&mut cmd, listener.as_raw_fd());
-    let mut vm = Vmm::spawn(cmd);
-    drop(listener);
+    let (mut vm, path) = start_with_passed_monitor(&rt, dir.path(), "readline", "hmp");
     vm.wait_for(SPINNING, TIMEOUT);
     let mut s = UnixStream::connect(&path).unwrap();
     s.set_read_timeout(Some(TIMEOUT)).unwrap();

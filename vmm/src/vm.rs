@@ -238,12 +238,7 @@ impl Vm {
         }
 
         for mon in &config.mons {
-            let backend = registry
-                .take(&mon.chardev)
-                .map_err(|source| VmError::Chardev {
-                    id: mon.chardev.clone(),
-                    source,
-                })?;
+            let backend = take_chardev(&mut registry, &mon.chardev)?;
             monitor.attach(backend, mon.mode);
         }
 
@@ -251,12 +246,7 @@ impl Vm {
         let mut com_ports = Vec::new();
         let mut uarts = Vec::new();
         for plan in &config.com_ports {
-            let backend = registry
-                .take(&plan.chardev)
-                .map_err(|source| VmError::Chardev {
-                    id: plan.chardev.clone(),
-                    source,
-                })?;
+            let backend = take_chardev(&mut registry, &plan.chardev)?;
             let uart_config = SerialConfig {
                 baud_base: plan.baud_base,
                 pacing: plan.pacing,
@@ -292,12 +282,7 @@ impl Vm {
             let mut console =
                 VirtioConsole::new(plan.max_ports).map_err(|e| device_err(e.to_string()))?;
             for port in &plan.ports {
-                let backend = registry
-                    .take(&port.chardev)
-                    .map_err(|source| VmError::Chardev {
-                        id: port.chardev.clone(),
-                        source,
-                    })?;
+                let backend = take_chardev(&mut registry, &port.chardev)?;
                 let port_config = PortConfig {
                     id: port.id.clone(),
                     name: port.name.clone(),
@@ -449,6 +434,14 @@ impl Vm {
         }
         Ok(reason)
     }
+}
+
+/// A frontend's handle to chardev `id`.
+fn take_chardev(registry: &mut Registry, id: &str) -> Result<Box<dyn chardev::Backend>, VmError> {
+    registry.take(id).map_err(|source| VmError::Chardev {
+        id: id.to_string(),
+        source,
+    })
 }
 
 /// The consoles `minivmm console` can attach to: every COM port and virtio-serial port whose
