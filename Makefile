@@ -4,6 +4,7 @@
 #   make build   build minivmm (release)
 #   make run     boot the test kernel with a busybox shell on this terminal
 #   make test    build what is missing, then run every test (unit, property, integration)
+#   make pyenv   build/pyenv: a Python venv with QEMU's qemu.qmp library for the QMP tests
 #   make bench   boot-time table: minivmm beside QEMU on the same kernel and initramfs
 #   make lint    rustfmt --check and clippy -D warnings
 #   make stock   the Debian cloud kernel + an initramfs with its virtio modules (for hardware KVM)
@@ -13,6 +14,9 @@ BUILD   := build
 KERNEL  := $(BUILD)/guest/vmlinux
 INITRD  := $(BUILD)/initramfs.cpio
 MINIVMM := target/release/minivmm
+PYENV   := $(BUILD)/pyenv
+# QEMU's Python QMP library, pinned: tests/qmp_client.py drives minivmm through it.
+QEMU_QMP_VERSION := 0.0.6
 # The options the test kernel needs on this machine's nested KVM; see resources/README.md.
 GUEST_CMDLINE := console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt
 
@@ -20,7 +24,7 @@ export MINIVMM_KERNEL := $(abspath $(KERNEL))
 export MINIVMM_INITRD := $(abspath $(INITRD))
 export MINIVMM_BIN    := $(abspath $(MINIVMM))
 
-.PHONY: all guest build run test bench lint stock deps clean FORCE
+.PHONY: all guest build run test bench lint stock deps pyenv clean FORCE
 
 all: build
 
@@ -43,7 +47,15 @@ run: guest build
 	@echo "minivmm: Ctrl-C goes to the guest; Ctrl-A x quits, Ctrl-A h for help; poweroff ends the VM"
 	$(MINIVMM) --kernel $(KERNEL) --initrd $(INITRD) --append "$(GUEST_CMDLINE)" --memory 256M --serial mon:stdio
 
-test: deps guest stock build
+pyenv: $(PYENV)/.qemu.qmp-$(QEMU_QMP_VERSION)
+
+$(PYENV)/.qemu.qmp-$(QEMU_QMP_VERSION): | deps
+	rm -rf $(PYENV)
+	python3 -m venv $(PYENV)
+	$(PYENV)/bin/pip install --quiet --disable-pip-version-check qemu.qmp==$(QEMU_QMP_VERSION)
+	touch $@
+
+test: deps guest stock build pyenv
 	@if cargo nextest --version >/dev/null 2>&1; then \
 	    cargo nextest run --workspace --no-fail-fast; \
 	else \

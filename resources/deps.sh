@@ -4,7 +4,8 @@
 set -euo pipefail
 pkgs=()
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed" || pkgs+=("$1"); }
-for p in flex bison bc libelf-dev libssl-dev busybox-static cpio xz-utils make gcc binutils python3; do
+# python3-venv: `make pyenv` (qemu.qmp for the QMP tests) builds a venv.
+for p in flex bison bc libelf-dev libssl-dev busybox-static cpio xz-utils make gcc binutils python3 python3-venv; do
     need "$p"
 done
 if [ ${#pkgs[@]} -gt 0 ]; then

@@ -352,6 +352,15 @@ impl Mux {
         lock(&self.core).focus
     }
 
+    /// A break from outside the mux (`chardev-send-break`) for the focused frontend, as Ctrl-A b
+    /// delivers it; the frontend is woken through its kick fd.
+    pub fn send_break_to_focus(&self) {
+        let mut c = lock(&self.core);
+        let focus = c.focus;
+        // No frontend is calling: every frontend, the focused one too, gets its kick.
+        c.notify(focus, Event::Break, usize::MAX);
+    }
+
     /// Run `f` on the base backend.
     pub fn with_base<R>(&self, f: impl FnOnce(&mut dyn Backend) -> R) -> R {
         f(lock(&self.core).base.as_mut())

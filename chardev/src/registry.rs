@@ -225,6 +225,26 @@ impl Registry {
         }
     }
 
+    /// A break for the frontend of `id` (`chardev-send-break`): the frontend sees
+    /// [`Event::Break`] on its next `take_events` (a UART sets BI). Returns whether the caller
+    /// must wake the frontend so that it looks soon: a plain chardev in use has no fd that
+    /// signals this; a mux wakes its focused frontend itself; without a frontend the break is
+    /// dropped, as in QEMU.
+    pub fn send_break_to_frontend(&mut self, id: &str) -> Result<bool> {
+        match self.entries.get_mut(id) {
+            None => Err(Error::NotFound(id.to_string())),
+            Some(Entry::Mux(m)) => {
+                m.send_break_to_focus();
+                Ok(false)
+            }
+            Some(e @ Entry::Plain(_)) if !e.in_use() => Ok(false),
+            Some(Entry::Plain(slot)) => {
+                lock(slot).pending.push(Event::Break);
+                Ok(true)
+            }
+        }
+    }
+
     /// Replace the backend of `id` (`chardev-change`), in place under its frontend, which
     /// sees `Closed`/`Opened` as the connection state changes and must re-read `poll_fds`.
     /// Returns the old backend. Muxes cannot be changed.
@@ -364,6 +384,28 @@ mod tests {
         assert_eq!(h.take_events(), vec![Event::Closed, Event::Opened]);
         h.write(b"into ring").unwrap();
         assert_eq!(h.ringbuf_read(64).unwrap(), b"into ring");
+    }
+
+    #[test]
+    fn send_break_reaches_the_frontend() {
+        let mut r = Registry::new();
+        add(&mut r, "null,id=c").unwrap();
+        add(&mut r, "ringbuf,id=m,mux=on").unwrap();
+        // No frontend: nothing to deliver, nothing to wake.
+        assert!(!r.send_break_to_frontend("c").unwrap());
+        let mut h = r.take("c").unwrap();
+        h.take_events();
+        assert!(r.send_break_to_frontend("c").unwrap());
+        assert_eq!(h.take_events(), vec![Event::Break]);
+        // A mux hands it to the focused frontend and wakes it itself.
+        let mut f = r.take("m").unwrap();
+        f.take_events();
+        assert!(!r.send_break_to_frontend("m").unwrap());
+        assert_eq!(f.take_events(), vec![Event::Break]);
+        assert!(matches!(
+            r.send_break_to_frontend("nope"),
+            Err(Error::NotFound(_))
+        ));
     }
 
     #[test]

@@ -1,12 +1,16 @@
 //! Guest power requests (power-off, reset) and the two legacy devices that carry them: the
-//! ACPI hardware-reduced sleep/reset registers and the i8042's reset line.
+//! ACPI hardware-reduced sleep/reset registers and the i8042's reset line; and the other
+//! direction, the host pressing the power button: the ACPI Generic Event Device
+//! ([`GenericEventDevice`], `ACPI0013`), whose interrupt makes the guest run the DSDT's `_EVT`
+//! method, which reads the event register and notifies the power button device (`PNP0C0C`).
 //!
-//! The devices only report a [`PowerEvent`] through [`PowerControl`]; stopping vCPUs and
-//! ending or restarting the VM is the VMM's business.
+//! The devices only report a [`PowerEvent`] through [`PowerControl`] and raise their line
+//! through [`IrqLine`]; stopping vCPUs and ending or restarting the VM is the VMM's business.
 
 use std::sync::Arc;
 
 use crate::bus::BusDevice;
+use crate::IrqLine;
 
 /// What the guest asked the machine to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +83,64 @@ impl BusDevice for AcpiPm {
     }
 }
 
+/// The GED event bit of the power button: `_EVT` notifies `PNP0C0C` when it reads it.
+pub const GED_EVENT_POWER_BUTTON: u32 = 1 << 0;
+/// Bytes of the GED's register block: one 32-bit event register at offset 0.
+pub const GED_REGISTER_LEN: u64 = 4;
+
+/// The ACPI Generic Event Device of a hardware-reduced machine, as Cloud Hypervisor has it:
+/// pending events accumulate in a 32-bit register; the interrupt line is high (level) while
+/// any is pending; a read of the register returns the pending events and clears them, which
+/// lowers the line. The `_EVT` method in the DSDT does exactly one such read per interrupt.
+pub struct GenericEventDevice {
+    pending: u32,
+    irq: Arc<dyn IrqLine>,
+}
+
+impl GenericEventDevice {
+    /// A GED with nothing pending, interrupting through `irq`.
+    pub fn new(irq: Arc<dyn IrqLine>) -> Self {
+        GenericEventDevice { pending: 0, irq }
+    }
+
+    /// Raise `events` (bits such as [`GED_EVENT_POWER_BUTTON`]) to the guest.
+    pub fn notify(&mut self, events: u32) {
+        self.pending |= events;
+        if self.pending != 0 {
+            self.irq.set_level(true);
+        }
+    }
+
+    /// Events not yet read by the guest.
+    pub fn pending(&self) -> u32 {
+        self.pending
+    }
+}
+
+impl BusDevice for GenericEventDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let bytes = self.pending.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            if let Some(&v) = usize::try_from(offset).ok().and_then(|o| bytes.get(o + i)) {
+                *b = v;
+            }
+        }
+        if offset == 0 {
+            // Read to clear: the guest has taken the events.
+            self.pending = 0;
+            self.irq.set_level(false);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "ged: ignored write of {} bytes at offset {offset}",
+            data.len()
+        );
+    }
+}
+
 /// i8042 command port offset from the data port (0x64 - 0x60).
 pub const I8042_COMMAND_OFFSET: u64 = 4;
 /// i8042 command: pulse the CPU reset line.
@@ -137,6 +199,38 @@ mod tests {
         pm.read(PM_SLEEP_STATUS, &mut d);
         assert_eq!(d[0], WAK_STS);
         pm.write(PM_RESET, &[]);
+    }
+
+    #[derive(Default)]
+    struct Line(Mutex<Vec<bool>>);
+    impl IrqLine for Line {
+        fn set_level(&self, high: bool) {
+            self.0.lock().unwrap().push(high);
+        }
+    }
+
+    #[test]
+    fn ged_holds_its_line_until_the_guest_reads_the_events() {
+        let line = Arc::new(Line::default());
+        let mut ged = GenericEventDevice::new(line.clone());
+        ged.notify(0);
+        assert!(line.0.lock().unwrap().is_empty());
+        ged.notify(GED_EVENT_POWER_BUTTON);
+        assert_eq!(*line.0.lock().unwrap(), vec![true]);
+        // A partial read above offset 0 does not clear.
+        let mut hi = [0xffu8; 2];
+        ged.read(2, &mut hi);
+        assert_eq!(hi, [0, 0]);
+        assert_eq!(ged.pending(), GED_EVENT_POWER_BUTTON);
+        let mut d = [0u8; 4];
+        ged.read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), GED_EVENT_POWER_BUTTON);
+        assert_eq!(ged.pending(), 0);
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
+        ged.read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0);
+        ged.write(0, &[1, 2, 3, 4]);
+        assert_eq!(ged.pending(), 0);
     }
 
     #[test]

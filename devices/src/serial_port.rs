@@ -122,6 +122,12 @@ impl SerialPort {
         }
     }
 
+    /// Ask the event loop to call [`SerialPort::service`] soon: the backend holds an event
+    /// that no fd signals (a break from the monitor's `chardev-send-break`).
+    pub fn wake(&self) {
+        self.write_kick();
+    }
+
     /// Swap in a new backend (chardev hot-swap) and return the old one. The new backend is
     /// told the line parameters, break state and input interest; the modem inputs follow its
     /// connection state. Output held in the UART goes to the new backend.

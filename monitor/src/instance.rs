@@ -235,9 +235,17 @@ pub fn generate_uuid() -> io::Result<String> {
     ))
 }
 
-/// The runtime root: `/run/minivmm` for root, `$XDG_RUNTIME_DIR/minivmm` for a user, or
-/// `/tmp/minivmm-UID` when the user has no runtime directory.
+/// Environment variable that overrides [`runtime_root`] (tests, several separate sets of
+/// instances on one host).
+pub const RUNTIME_DIR_ENV: &str = "MINIVMM_RUNTIME_DIR";
+
+/// The runtime root: `$MINIVMM_RUNTIME_DIR` if set, else `/run/minivmm` for root,
+/// `$XDG_RUNTIME_DIR/minivmm` for a user, or `/tmp/minivmm-UID` when the user has no runtime
+/// directory.
 pub fn runtime_root() -> PathBuf {
+    if let Some(d) = std::env::var_os(RUNTIME_DIR_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
     let uid = sys::euid();
     if uid == 0 {
         return Path::new(SYSTEM_RUNTIME_DIR).join(APP_DIR);

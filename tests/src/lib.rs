@@ -136,8 +136,15 @@ pub struct Vmm {
 impl Vmm {
     /// Start `minivmm` with `args`, console on stdout (`--serial stdio`, stdin a null device).
     pub fn start(args: &[&str]) -> Vmm {
-        let mut child = Command::new(minivmm_bin())
-            .args(args)
+        let mut cmd = Command::new(minivmm_bin());
+        cmd.args(args);
+        Vmm::spawn(cmd)
+    }
+
+    /// Start `cmd` (a `minivmm` command with its arguments, environment and inherited fds as
+    /// the test wants them) with stdin a null device and stdout and stderr read here.
+    pub fn spawn(mut cmd: Command) -> Vmm {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,7 +1,8 @@
 //! ACPI tables: RSDP, XSDT, a hardware-reduced FADT (sleep control/status and reset registers
 //! on port I/O), a MADT (one local APIC per vCPU and the IOAPIC) and a DSDT describing the COM
-//! ports (PNP0501) and, later, virtio-mmio devices (LNRO0005), so a stock kernel finds every
-//! device without command-line hints.
+//! ports (PNP0501), the virtio-mmio devices (LNRO0005) and the power button: a Generic Event
+//! Device (ACPI0013) whose `_EVT` notifies a PNP0C0C button device, so a stock kernel finds
+//! every device without command-line hints.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -16,7 +17,11 @@ use acpi_tables::Aml;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{ACPI_END, ACPI_PM_BASE, ACPI_SCI_IRQ, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::layout::{
+    ACPI_END, ACPI_GED_BASE, ACPI_GED_GSI, ACPI_GED_LEN, ACPI_PM_BASE, ACPI_SCI_IRQ, ACPI_START,
+    IOAPIC_ADDR, LAPIC_ADDR,
+};
+use devices::power::GED_EVENT_POWER_BUTTON;
 
 /// OEM id in every table header.
 pub const OEM_ID: [u8; 6] = *b"MINVMM";
@@ -42,6 +47,11 @@ pub const SLEEP_TYPE_S5: u8 = 5;
 /// nobody answers). The 8042 flag stays clear: no PS/2 devices are declared.
 const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+/// The ACPI notification value "status change": for a power button, "pressed".
+const NOTIFY_STATUS_CHANGE: u8 = 0x80;
+/// Width in bits of the GED event register (`GDAT`).
+const GED_REGISTER_BITS: usize = 32;
 
 /// A COM port as the DSDT declares it.
 #[derive(Debug, Clone, Copy)]
@@ -117,6 +127,7 @@ pub fn dsdt(com_ports: &[ComPort], virtio: &[VirtioMmioSlot]) -> Vec<u8> {
         )
         .to_aml_bytes(&mut body);
     }
+    power_button(&mut body);
     let mut sdt = Sdt::new(
         *b"DSDT",
         36,
@@ -127,6 +138,52 @@ pub fn dsdt(com_ports: &[ComPort], virtio: &[VirtioMmioSlot]) -> Vec<u8> {
     );
     sdt.append_slice(&body);
     sdt.as_slice().to_vec()
+}
+
+/// `\_SB_.PWRB` (PNP0C0C) and `\_SB_.GED_` (ACPI0013): the GED's interrupt runs `_EVT`,
+/// which reads the event register (clearing it) and notifies the button when its bit is set.
+fn power_button(body: &mut Vec<u8>) {
+    let hid = aml::EISAName::new("PNP0C0C");
+    let uid = 0u32;
+    let name_hid = aml::Name::new("_HID".into(), &hid);
+    let name_uid = aml::Name::new("_UID".into(), &uid);
+    aml::Device::new("_SB_.PWRB".into(), vec![&name_hid, &name_uid]).to_aml_bytes(body);
+
+    let ged_hid: &'static str = "ACPI0013";
+    let name_hid = aml::Name::new("_HID".into(), &ged_hid);
+    // Level-triggered, active high: the device holds the line while events are pending.
+    let irq = aml::Interrupt::new(true, false, false, false, ACPI_GED_GSI);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let name_crs = aml::Name::new("_CRS".into(), &crs);
+    let base = u64::from(ACPI_GED_BASE);
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemIO,
+        &base,
+        &ACPI_GED_LEN,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", GED_REGISTER_BITS)],
+    );
+    let gdat = aml::Path::new("GDAT");
+    let store = aml::Store::new(&aml::Local(0), &gdat);
+    let bit = GED_EVENT_POWER_BUTTON;
+    let masked = aml::And::new(&aml::Local(1), &aml::Local(0), &bit);
+    let pressed = aml::Equal::new(&masked, &bit);
+    let button = aml::Path::new("\\_SB_.PWRB");
+    let notify_value = NOTIFY_STATUS_CHANGE;
+    let notify = aml::Notify::new(&button, &notify_value);
+    let check = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&store, &check]);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![&name_hid, &name_uid, &name_crs, &region, &field, &evt],
+    )
+    .to_aml_bytes(body);
 }
 
 fn io_gas(port: u16) -> GAS {
@@ -286,6 +343,9 @@ mod tests {
         assert!(body.windows(4).any(|w| w == b"COM2"));
         assert!(body.windows(8).any(|w| w == b"LNRO0005"));
         assert!(body.windows(4).any(|w| w == b"_S5_"));
+        assert!(body.windows(8).any(|w| w == b"ACPI0013"));
+        assert!(body.windows(4).any(|w| w == b"_EVT"));
+        assert!(body.windows(4).any(|w| w == b"PWRB"));
         let madt = table_at(&mem, entries[1]);
         assert_eq!(&madt[0..4], b"APIC");
         assert!(checksum_ok(&madt));

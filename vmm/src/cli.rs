@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use crate::device_spec::{plan_com_ports, ComPortPlan, DeviceSpec, VirtioPortSpec};
 use crate::layout::{COM_PORTS, MIN_MEMORY, MMIO_HOLE_START};
+use monitor::MonitorMode;
 
 /// Largest vCPU count accepted: one LAPIC id per vCPU, below the IOAPIC's id.
 pub const MAX_VCPUS: u8 = 254;
@@ -59,13 +60,24 @@ pub struct Cli {
     #[arg(long, value_name = "SPEC")]
     pub device: Vec<String>,
 
-    /// Serve QMP on a unix socket at PATH (mode 0600, several clients at once).
+    /// Serve QMP on a unix socket at PATH (mode 0600, several clients at once). Default: the
+    /// socket `qmp.sock` in the instance's runtime directory.
     #[arg(long, value_name = "PATH")]
     pub monitor: Option<PathBuf>,
 
-    /// A name for the VM, shown in logs and (later) in the monitor's instance list.
+    /// A monitor on a chardev: `chardev=ID[,mode=control|readline]`, QMP (`control`) or the
+    /// human monitor (`readline`, the default) on any `--chardev`. Repeatable.
+    #[arg(long = "mon", value_name = "SPEC")]
+    pub mon: Vec<String>,
+
+    /// The instance name: its runtime directory, `minivmm list`, `query-name`. Default
+    /// `vm-PID`.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
+
+    /// The VM's UUID (`query-uuid`), xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx. Default: random.
+    #[arg(long, value_name = "UUID")]
+    pub uuid: Option<String>,
 }
 
 /// The validated machine configuration the VMM builds from.
@@ -87,10 +99,46 @@ pub struct VmConfig {
     pub com_ports: Vec<ComPortPlan>,
     /// The virtio-serial devices with their ports, in slot order.
     pub virtio_serial: Vec<VirtioSerialPlan>,
-    /// The QMP socket, if any.
+    /// The QMP socket path given with `--monitor`.
     pub monitor: Option<PathBuf>,
-    /// VM name.
-    pub name: String,
+    /// The monitors on chardevs (`--mon`).
+    pub mons: Vec<MonSpec>,
+    /// `--name`, checked.
+    pub name: Option<String>,
+    /// `--uuid`, checked and lowercased.
+    pub uuid: Option<String>,
+}
+
+/// A `--mon chardev=ID,mode=...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonSpec {
+    /// The chardev it runs on.
+    pub chardev: String,
+    /// QMP or the human monitor.
+    pub mode: MonitorMode,
+}
+
+impl MonSpec {
+    /// Parse `chardev=ID[,mode=control|readline]`; the mode defaults to `readline`, as in
+    /// QEMU.
+    pub fn parse(s: &str) -> Result<MonSpec, String> {
+        let mut chardev = None;
+        let mut mode = MonitorMode::Readline;
+        for part in chardev::spec::split_options(s) {
+            match part.split_once('=') {
+                Some(("chardev", id)) if !id.is_empty() => chardev = Some(id.to_string()),
+                Some(("mode", m)) => {
+                    mode = MonitorMode::parse(m)
+                        .ok_or_else(|| format!("mode '{m}' is not 'control' or 'readline'"))?
+                }
+                // QEMU's JSON pretty-printing switch: minivmm always sends one line.
+                Some(("pretty", "on" | "off")) => {}
+                _ => return Err(format!("unknown option '{part}' (chardev=ID,mode=MODE)")),
+            }
+        }
+        let chardev = chardev.ok_or_else(|| "chardev=ID is missing".to_string())?;
+        Ok(MonSpec { chardev, mode })
+    }
 }
 
 /// A virtio-serial device and the ports on it.
@@ -142,7 +190,7 @@ pub enum CliError {
     #[error("--chardev: duplicate id '{0}'")]
     DuplicateChardev(String),
     /// A chardev used by two frontends without `mux=on`.
-    #[error("--device: chardev '{0}' is used by two devices (add mux=on to share it)")]
+    #[error("--device: chardev '{0}' is used by two frontends (add mux=on to share it)")]
     ChardevInUse(String),
     /// A device names a chardev that `--chardev` did not define.
     #[error("--device {driver}: chardev '{id}' is not defined with --chardev")]
@@ -152,6 +200,9 @@ pub enum CliError {
         /// The chardev id.
         id: String,
     },
+    /// More virtio-serial devices than GSIs for them.
+    #[error("--device: at most {max} virtio-serial devices, got {0}", max = crate::layout::MAX_VIRTIO_MMIO_DEVICES)]
+    TooManyVirtioSerial(usize),
     /// Two devices with one id.
     #[error("--device: duplicate id '{0}'")]
     DuplicateDevice(String),
@@ -167,6 +218,17 @@ pub enum CliError {
     /// `--serial chardev:ID` names no `--chardev`.
     #[error("--serial: chardev:{0}: no --chardev with that id")]
     UnknownChardev(String),
+    /// A `--mon` value is invalid.
+    #[error("--mon: {0}")]
+    Mon(String),
+    /// A bad `--name` or `--uuid`.
+    #[error("--{option}: {reason}")]
+    Instance {
+        /// `name` or `uuid`.
+        option: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The command line is too long.
     #[error("--append: the command line is {0} bytes, the limit is {max}", max = crate::layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
@@ -341,6 +403,9 @@ impl Cli {
                 }
             }
         }
+        if virtio_serial.len() > crate::layout::MAX_VIRTIO_MMIO_DEVICES {
+            return Err(CliError::TooManyVirtioSerial(virtio_serial.len()));
+        }
         for port in virtio_ports {
             if virtio_serial.is_empty() {
                 // A port without a virtio-serial gets one, as QEMU's machines do.
@@ -377,6 +442,18 @@ impl Cli {
                     .flat_map(|v| v.ports.iter().map(|p| p.chardev.as_str())),
             )
             .collect();
+        let mut mons = Vec::new();
+        for m in &self.mon {
+            let m = MonSpec::parse(m).map_err(CliError::Mon)?;
+            if !chardevs.iter().any(|c| c.id == m.chardev) {
+                return Err(CliError::Mon(format!(
+                    "chardev '{}' is not defined with --chardev",
+                    m.chardev
+                )));
+            }
+            mons.push(m);
+        }
+        users.extend(mons.iter().map(|m| m.chardev.as_str()));
         users.sort_unstable();
         if let Some(w) = users.windows(2).find(|w| w[0] == w[1]) {
             let muxed = chardevs.iter().any(|c| c.id == w[0] && c.mux);
@@ -384,6 +461,23 @@ impl Cli {
                 return Err(CliError::ChardevInUse(w[0].to_string()));
             }
         }
+        if let Some(name) = &self.name {
+            monitor::instance::validate_name(name).map_err(|e| CliError::Instance {
+                option: "name",
+                reason: e.to_string(),
+            })?;
+        }
+        let uuid = match &self.uuid {
+            Some(u) => {
+                Some(
+                    monitor::instance::validate_uuid(u).map_err(|e| CliError::Instance {
+                        option: "uuid",
+                        reason: e.to_string(),
+                    })?,
+                )
+            }
+            None => None,
+        };
         Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -394,10 +488,9 @@ impl Cli {
             com_ports,
             virtio_serial,
             monitor: self.monitor.clone(),
-            name: self
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("minivmm-{}", std::process::id())),
+            mons,
+            name: self.name.clone(),
+            uuid,
         })
     }
 }
@@ -550,6 +643,68 @@ mod tests {
         assert!(e.to_string().contains("'nope'"), "{e}");
         let e = cli(&["--chardev", "bogus,id=a"]).validate().unwrap_err();
         assert!(e.to_string().starts_with("--chardev:"), "{e}");
+    }
+
+    #[test]
+    fn monitors_on_chardevs_and_instance_identity() {
+        let c = cli(&[
+            "--chardev",
+            "null,id=q",
+            "--chardev",
+            "null,id=h",
+            "--mon",
+            "chardev=q,mode=control",
+            "--mon",
+            "chardev=h",
+            "--uuid",
+            "ABCDEF01-2345-6789-ABCD-EF0123456789",
+        ])
+        .validate()
+        .unwrap();
+        let q = MonSpec {
+            chardev: "q".into(),
+            mode: MonitorMode::Control,
+        };
+        let h = MonSpec {
+            chardev: "h".into(),
+            mode: MonitorMode::Readline,
+        };
+        assert_eq!(c.mons, vec![q, h]);
+        assert_eq!(
+            c.uuid.as_deref(),
+            Some("abcdef01-2345-6789-abcd-ef0123456789")
+        );
+        assert_eq!(c.name, None);
+        let e = cli(&["--mon", "chardev=zz"]).validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--mon: chardev 'zz' is not defined with --chardev"
+        );
+        let e = cli(&["--chardev", "null,id=q", "--mon", "chardev=q,mode=qmp"])
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("--mon: mode 'qmp'"), "{e}");
+        let e = cli(&["--mon", "mode=control"]).validate().unwrap_err();
+        assert!(e.to_string().contains("chardev=ID"), "{e}");
+        // A chardev a COM port uses needs mux=on to carry a monitor too.
+        let e = cli(&[
+            "--chardev",
+            "null,id=s",
+            "--serial",
+            "chardev:s",
+            "--mon",
+            "chardev=s",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(e.to_string().contains("mux=on"), "{e}");
+        let e = cli(&["--name", "a/b"]).validate().unwrap_err();
+        assert!(
+            e.to_string().starts_with("--name: bad instance name"),
+            "{e}"
+        );
+        let e = cli(&["--uuid", "nope"]).validate().unwrap_err();
+        assert!(e.to_string().starts_with("--uuid: bad uuid"), "{e}");
     }
 
     #[test]

@@ -70,6 +70,18 @@ pub const I8042_IRQ: u32 = 1;
 pub const ACPI_PM_BASE: u16 = 0x600;
 /// I/O length claimed for the power-management ports.
 pub const ACPI_PM_LEN: u64 = 4;
+/// The ACPI Generic Event Device's event register (one 32-bit register, read to clear), right
+/// after the power-management ports.
+pub const ACPI_GED_BASE: u16 = 0x604;
+/// I/O length claimed for the GED register.
+pub const ACPI_GED_LEN: u64 = 4;
+/// The GED's interrupt (level, active high): the last IOAPIC pin, above every virtio-mmio GSI
+/// ([`MAX_VIRTIO_MMIO_DEVICES`] keeps them below it).
+pub const ACPI_GED_GSI: u32 = 23;
+/// Most virtio-mmio devices: one GSI each from [`VIRTIO_MMIO_FIRST_GSI`] up to below
+/// [`ACPI_GED_GSI`].
+pub const MAX_VIRTIO_MMIO_DEVICES: usize = (ACPI_GED_GSI - VIRTIO_MMIO_FIRST_GSI) as usize;
+
 /// The SCI interrupt declared in the FADT (unused in hardware-reduced mode, but the field is
 /// read by guests).
 pub const ACPI_SCI_IRQ: u16 = 9;

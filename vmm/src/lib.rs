@@ -12,6 +12,7 @@ pub mod layout;
 pub mod machine;
 pub mod memory;
 pub mod serial;
+pub mod tools;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

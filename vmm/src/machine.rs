@@ -4,10 +4,12 @@
 //!
 //! Everything here runs on the event-loop thread; nothing blocks beyond a bounded vCPU pause.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use chardev::Registry;
 use devices::bus::lock;
+use devices::power::{GenericEventDevice, GED_EVENT_POWER_BUTTON};
+use devices::serial_port::SerialPort;
 use devices::virtio::console::PortConfig;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use monitor::{
@@ -21,19 +23,26 @@ use crate::virtio::SharedConsole;
 
 /// The machine the monitor drives.
 pub struct VmMachine {
-    name: String,
+    name: Option<String>,
+    uuid: Option<String>,
     registry: Registry,
     vcpus: Arc<VcpuControl>,
     exit: Arc<ExitLatch>,
     events: EventQueue,
     /// virtio-serial devices by id, in slot order.
     consoles: Vec<(String, SharedConsole)>,
+    /// The ACPI Generic Event Device that carries the power button, if the machine has one.
+    ged: Option<Arc<Mutex<GenericEventDevice>>>,
+    /// The COM ports by chardev id, to wake one for a break.
+    uarts: Vec<(String, Arc<Mutex<SerialPort>>)>,
 }
 
 impl VmMachine {
-    /// The machine over these parts.
+    /// The machine over these parts; `name` and `uuid` are what `query-name` and
+    /// `query-uuid` report.
     pub fn new(
-        name: String,
+        name: Option<String>,
+        uuid: Option<String>,
         registry: Registry,
         vcpus: Arc<VcpuControl>,
         exit: Arc<ExitLatch>,
@@ -42,12 +51,27 @@ impl VmMachine {
     ) -> Self {
         VmMachine {
             name,
+            uuid,
             registry,
             vcpus,
             exit,
             events,
             consoles,
+            ged: None,
+            uarts: Vec::new(),
         }
+    }
+
+    /// Give `chardev-send-break` the COM ports (chardev id, port) to wake.
+    pub fn with_uarts(mut self, uarts: Vec<(String, Arc<Mutex<SerialPort>>)>) -> Self {
+        self.uarts = uarts;
+        self
+    }
+
+    /// Give `system_powerdown` the GED to press the power button on.
+    pub fn with_power_button(mut self, ged: Arc<Mutex<GenericEventDevice>>) -> Self {
+        self.ged = Some(ged);
+        self
     }
 
     fn console_for_port(&self, port_id: &str) -> Option<&SharedConsole> {
@@ -100,10 +124,12 @@ impl Machine for VmMachine {
     }
 
     fn system_powerdown(&mut self) -> Result<(), MachineError> {
-        Err(MachineError::Unsupported(
-            "system_powerdown needs an ACPI power button, which this machine does not have yet"
-                .into(),
-        ))
+        let ged = self.ged.as_ref().ok_or_else(|| {
+            MachineError::Unsupported("this machine has no ACPI power button".into())
+        })?;
+        lock(ged).notify(GED_EVENT_POWER_BUTTON);
+        self.events.push(QmpEvent::powerdown());
+        Ok(())
     }
 
     fn quit(&mut self) {
@@ -113,11 +139,11 @@ impl Machine for VmMachine {
     }
 
     fn name(&self) -> Option<String> {
-        Some(self.name.clone())
+        self.name.clone()
     }
 
     fn uuid(&self) -> Option<String> {
-        None
+        self.uuid.clone()
     }
 
     fn chardevs(&mut self) -> &mut Registry {
@@ -125,14 +151,13 @@ impl Machine for VmMachine {
     }
 
     fn chardev_send_break(&mut self, id: &str) -> Result<(), MachineError> {
-        if !self.registry.contains(id) {
-            return Err(MachineError::Chardev(chardev::Error::NotFound(
-                id.to_string(),
-            )));
+        if self.registry.send_break_to_frontend(id)? {
+            // A UART takes it on its next service; a virtio port or a monitor drops it there.
+            for (_, port) in self.uarts.iter().filter(|(c, _)| c == id) {
+                lock(port).wake();
+            }
         }
-        Err(MachineError::Unsupported(format!(
-            "chardev-send-break: delivering a break to the frontend of '{id}' is not wired yet"
-        )))
+        Ok(())
     }
 
     fn device_add(&mut self, device: &DeviceSpec) -> Result<(), MachineError> {
@@ -253,7 +278,7 @@ impl MonitorHandler {
 impl MutEventSubscriber for MonitorHandler {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if self.fds.contains(fd) {
+        if let Some(fd) = self.fds.original(fd) {
             self.monitor
                 .on_ready(fd, readiness(events.event_set()), &mut self.machine);
         }

@@ -1,21 +1,39 @@
 //! The `minivmm` binary: parse the command line, build the VM, run it, and turn how it ended
-//! into the process exit status (0 for a guest power-off or reset).
+//! into the process exit status (0 for a guest power-off or reset). When the first argument is
+//! `list`, `qmp` or `console`, it acts on running instances instead (`vmm::tools`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::cli::Cli;
+use vmm::tools::{ToolCli, SUBCOMMANDS};
 use vmm::vcpu::VmExit;
-use vmm::vm::Vm;
+use vmm::vm::{Vm, VmError};
+
+/// Exit status of a failed subcommand.
+const TOOL_FAILURE: u8 = 1;
+/// Exit status of a rejected command line.
+const USAGE_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let first = std::env::args().nth(1);
+    if first.as_deref().is_some_and(|a| SUBCOMMANDS.contains(&a)) {
+        let tool = ToolCli::parse();
+        return match vmm::tools::run(tool.command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("minivmm: {}", error_chain(&e));
+                ExitCode::from(TOOL_FAILURE)
+            }
+        };
+    }
     let cli = Cli::parse();
     let config = match cli.validate() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("minivmm: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(USAGE_ERROR);
         }
     };
     let status = match Vm::new(&config).and_then(Vm::run) {
@@ -25,6 +43,10 @@ fn main() -> ExitCode {
                 eprintln!("minivmm: guest stopped: {msg}");
             }
             exit.status()
+        }
+        Err(VmError::Signal(sig)) => {
+            chardev::restore_terminal();
+            VmExit::Signal(sig).status()
         }
         Err(e) => {
             chardev::restore_terminal();

@@ -3,6 +3,7 @@
 //! registrations of the backend's (changing) fds in step with what the backend wants.
 
 use std::collections::HashMap;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,9 +22,51 @@ use vmm_sys_util::timerfd::TimerFd;
 const MIN_TIMER: Duration = Duration::from_micros(1);
 
 /// Keeps a set of fds registered in epoll with the interests a backend asks for.
+///
+/// Backends close fds on their own (a peer hangs up, a client goes) before the next `sync`
+/// can take them out of epoll, and the next fd they open often gets the same number. So epoll
+/// watches a duplicate of each fd, owned here: removing it always works, and a new file behind
+/// a reused number is told from the old one ([`same_file`]) and registered afresh. Events
+/// arrive on the duplicates; [`FdRegistrations::original`] maps them back.
 #[derive(Default)]
 pub struct FdRegistrations {
-    registered: HashMap<RawFd, EventSet>,
+    /// Backend fd → (the duplicate epoll watches, its interest).
+    registered: HashMap<RawFd, (OwnedFd, EventSet)>,
+    /// Duplicate → backend fd.
+    by_dup: HashMap<RawFd, RawFd>,
+}
+
+/// `kcmp(2)`'s "same open file description" comparison.
+const KCMP_FILE: libc::c_long = 0;
+
+/// Whether `fd` and `other` refer to the same open file (false once `fd` is closed).
+pub fn same_file(fd: RawFd, other: RawFd) -> bool {
+    let pid = libc::c_long::from(std::process::id() as i32);
+    // SAFETY: kcmp only compares two fd numbers of this process; no memory is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            libc::c_long::from(fd),
+            libc::c_long::from(other),
+        )
+    };
+    if r >= 0 {
+        return r == 0;
+    }
+    // No kcmp (an old kernel without CONFIG_KCMP): compare what fstat says.
+    let stat = |f: RawFd| {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+        // SAFETY: fstat fills the stat buffer it is given, which is ours and sized for it.
+        (unsafe { libc::fstat(f, st.as_mut_ptr()) } == 0).then(|| {
+            // SAFETY: fstat succeeded, so the buffer is initialised.
+            let st = unsafe { st.assume_init() };
+            (st.st_dev, st.st_ino, st.st_mode)
+        })
+    };
+    matches!((stat(fd), stat(other)), (Some(a), Some(b)) if a == b)
 }
 
 impl FdRegistrations {
@@ -42,29 +85,52 @@ impl FdRegistrations {
                 *next.entry(fd).or_insert(EventSet::empty()) |= set;
             }
         }
-        for (&fd, &set) in &self.registered {
-            if !next.contains_key(&fd) {
-                if let Err(e) = ops.remove(Events::new_raw(fd, set)) {
+        let stale: Vec<RawFd> = self
+            .registered
+            .iter()
+            .filter(|(fd, (dup, _))| !next.contains_key(fd) || !same_file(**fd, dup.as_raw_fd()))
+            .map(|(&fd, _)| fd)
+            .collect();
+        for fd in stale {
+            if let Some((dup, set)) = self.registered.remove(&fd) {
+                self.by_dup.remove(&dup.as_raw_fd());
+                if let Err(e) = ops.remove(Events::new_raw(dup.as_raw_fd(), set)) {
                     log::debug!("epoll remove fd {fd}: {e}");
                 }
             }
         }
         for (&fd, &set) in &next {
-            let result = match self.registered.get(&fd) {
-                Some(&old) if old == set => Ok(()),
-                Some(_) => ops.modify(Events::new_raw(fd, set)),
-                None => ops.add(Events::new_raw(fd, set)),
-            };
-            if let Err(e) = result {
-                log::warn!("epoll register fd {fd}: {e}");
+            match self.registered.get_mut(&fd) {
+                Some((_, old)) if *old == set => {}
+                Some((dup, old)) => {
+                    if let Err(e) = ops.modify(Events::new_raw(dup.as_raw_fd(), set)) {
+                        log::warn!("epoll modify fd {fd}: {e}");
+                    }
+                    *old = set;
+                }
+                None => {
+                    // SAFETY: F_DUPFD_CLOEXEC on an fd number only creates a new fd or fails.
+                    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+                    if dup < 0 {
+                        log::warn!("cannot watch fd {fd}: {}", std::io::Error::last_os_error());
+                        continue;
+                    }
+                    // SAFETY: `dup` was just created by fcntl and is owned by nobody else.
+                    let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+                    if let Err(e) = ops.add(Events::new_raw(dup.as_raw_fd(), set)) {
+                        log::warn!("epoll register fd {fd}: {e}");
+                        continue;
+                    }
+                    self.by_dup.insert(dup.as_raw_fd(), fd);
+                    self.registered.insert(fd, (dup, set));
+                }
             }
         }
-        self.registered = next;
     }
 
-    /// Whether `fd` is one of the registered backend fds.
-    pub fn contains(&self, fd: RawFd) -> bool {
-        self.registered.contains_key(&fd)
+    /// The backend fd behind `fd`, an fd epoll reported, if it is one of ours.
+    pub fn original(&self, fd: RawFd) -> Option<RawFd> {
+        self.by_dup.get(&fd).copied()
     }
 }
 
@@ -139,7 +205,7 @@ impl MutEventSubscriber for SerialHandler {
             let mut buf = [0u8; 8];
             // SAFETY: reading 8 bytes into a local 8-byte buffer from a timerfd we own.
             let _ = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        } else if fd != self.kick && self.fds.contains(fd) {
+        } else if let Some(fd) = self.fds.original(fd) {
             lock(&self.port).on_backend_ready(fd, readiness(events.event_set()));
         }
         self.service(ops);

@@ -66,7 +66,7 @@ impl VirtioConsoleHandler {
 impl MutEventSubscriber for VirtioConsoleHandler {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if self.fds.contains(fd) {
+        if let Some(fd) = self.fds.original(fd) {
             lock(&self.device).on_ready(fd, readiness(events.event_set()));
         }
         self.service(ops);

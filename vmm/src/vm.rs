@@ -5,9 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chardev::Registry;
+use chardev::spec::SocketAddrSpec;
+use chardev::{BackendSpec, Registry};
 use devices::bus::{Bus, SharedDevice};
-use devices::power::{AcpiPm, I8042};
+use devices::power::{AcpiPm, GenericEventDevice, I8042};
 use devices::serial::SerialConfig;
 use devices::serial_port::SerialPort;
 use devices::virtio::console::{PortConfig, VirtioConsole};
@@ -18,7 +19,8 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
-use monitor::{Monitor, QmpEvent, ShutdownCause};
+use monitor::instance::ConsoleInfo;
+use monitor::{Instance, InstanceConfig, InstanceError, Monitor, QmpEvent, ShutdownCause};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -29,8 +31,9 @@ use crate::cpu;
 use crate::event_loop::{block_stop_signals, Lifecycle, SignalFd};
 use crate::irq::IrqLines;
 use crate::layout::{
-    ACPI_PM_BASE, ACPI_PM_LEN, COM_PORT_SIZE, I8042_DATA_PORT, I8042_PORT_LEN,
-    VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
+    ACPI_GED_BASE, ACPI_GED_GSI, ACPI_GED_LEN, ACPI_PM_BASE, ACPI_PM_LEN, COM_PORT_SIZE,
+    I8042_DATA_PORT, I8042_PORT_LEN, VIRTIO_MMIO_FIRST_GSI, VIRTIO_MMIO_SLOT_SIZE,
+    VIRTIO_MMIO_START,
 };
 use crate::machine::{MonitorHandler, VmMachine};
 use crate::serial::SerialHandler;
@@ -86,6 +89,18 @@ pub enum VmError {
     /// The monitor socket could not be created.
     #[error("--monitor: {0}")]
     Monitor(String),
+    /// The runtime directory could not be claimed (`what` names the option at fault).
+    #[error("{what}")]
+    Instance {
+        /// `--name`, `--uuid` or `runtime directory`.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: InstanceError,
+    },
+    /// A stop signal came before the guest started (while waiting for a `wait=on` client).
+    #[error("stopped by signal {0} before the guest started")]
+    Signal(i32),
     /// A COM port could not be created.
     #[error("cannot create serial port")]
     SerialPort(#[source] devices::serial_port::SerialPortError),
@@ -107,26 +122,45 @@ const MONITOR_FLUSH_TIME: Duration = Duration::from_millis(500);
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// How often a wait for `wait=on` clients looks for a stop signal.
+const WAIT_SIGNAL_POLL: Duration = Duration::from_millis(100);
+
 /// A built VM, ready to run.
 pub struct Vm {
     vcpus: Vec<VcpuContext>,
     event_manager: EventManager<Subscriber>,
     exit: Arc<ExitLatch>,
-    /// The monitor, which owns the chardev registry when there is one.
-    monitor: MonitorState,
-}
-
-/// Who owns the chardev registry: the monitor's machine, or the VM itself.
-enum MonitorState {
-    /// No monitor: the VM keeps the registry alive.
-    None(#[allow(dead_code)] Registry),
-    /// The monitor subscriber.
-    Serving(Arc<Mutex<MonitorHandler>>),
+    /// The monitor subscriber; its machine owns the chardev registry.
+    monitor: Arc<Mutex<MonitorHandler>>,
+    /// The runtime directory, removed when the VM is dropped, however it ended.
+    _instance: Instance,
 }
 
 impl Vm {
     /// Build the VM described by `config`.
     pub fn new(config: &VmConfig) -> Result<Vm, VmError> {
+        // From here on the stop signals are read from a signalfd, so that every way out,
+        // SIGTERM/SIGINT/SIGHUP included, goes through the destructors that remove the runtime
+        // directory; every thread spawned later (the vCPUs) inherits the blocked mask.
+        block_stop_signals().map_err(|e| VmError::Io("cannot block signals", e))?;
+        let signals = SignalFd::new().map_err(|e| VmError::Io("cannot create signalfd", e))?;
+        let mut instance = Instance::create(&InstanceConfig {
+            name: config.name.clone(),
+            uuid: config.uuid.clone(),
+            root: None,
+        })
+        .map_err(|source| VmError::Instance {
+            what: match source {
+                InstanceError::NameInUse { .. } | InstanceError::BadName(_) => "--name",
+                InstanceError::UuidInUse { .. } | InstanceError::BadUuid(_) => "--uuid",
+                _ => "runtime directory",
+            },
+            source,
+        })?;
+        let instance_err = |source| VmError::Instance {
+            what: "runtime directory",
+            source,
+        };
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let kvm_vm = Arc::new(
             kvm.create_vm()
@@ -157,16 +191,16 @@ impl Vm {
         let mut event_manager: EventManager<Subscriber> =
             EventManager::new().map_err(VmError::EventLoop)?;
 
-        let monitor = match &config.monitor {
-            Some(path) => {
-                let mut m = Monitor::new().map_err(|e| VmError::Io("cannot create monitor", e))?;
-                m.listen(path)
-                    .map_err(|e| VmError::Monitor(e.to_string()))?;
-                Some(m)
-            }
-            None => None,
-        };
-        let monitor_events = monitor.as_ref().map(Monitor::events);
+        let mut monitor = Monitor::new().map_err(|e| VmError::Io("cannot create monitor", e))?;
+        let qmp_path = config
+            .monitor
+            .clone()
+            .unwrap_or_else(|| instance.qmp_socket_path());
+        monitor
+            .listen(&qmp_path)
+            .map_err(|e| VmError::Monitor(e.to_string()))?;
+        instance.set_qmp(Some(qmp_path)).map_err(instance_err)?;
+        let monitor_events = monitor.events();
 
         let mut registry = Registry::new();
         for spec in &config.chardevs {
@@ -185,23 +219,34 @@ impl Vm {
                 }
             }
         }
-        // `wait=on` servers hold the boot until their first client connects.
-        registry
-            .wait_for_clients(None)
+        instance
+            .set_consoles(consoles_of(config, &mut registry))
+            .map_err(instance_err)?;
+        // `wait=on` servers hold the boot until their first client connects; a stop signal
+        // ends the wait.
+        while !registry
+            .wait_for_clients(Some(WAIT_SIGNAL_POLL))
             .map_err(|source| VmError::Chardev {
                 id: "wait=on".into(),
                 source,
-            })?;
+            })?
+            .is_empty()
+        {
+            if let Some(sig) = signals.read() {
+                return Err(VmError::Signal(sig));
+            }
+        }
+
+        for mon in &config.mons {
+            let backend = take_chardev(&mut registry, &mon.chardev)?;
+            monitor.attach(backend, mon.mode);
+        }
 
         let mut pio = Bus::new();
         let mut com_ports = Vec::new();
+        let mut uarts = Vec::new();
         for plan in &config.com_ports {
-            let backend = registry
-                .take(&plan.chardev)
-                .map_err(|source| VmError::Chardev {
-                    id: plan.chardev.clone(),
-                    source,
-                })?;
+            let backend = take_chardev(&mut registry, &plan.chardev)?;
             let uart_config = SerialConfig {
                 baud_base: plan.baud_base,
                 pacing: plan.pacing,
@@ -217,6 +262,7 @@ impl Vm {
             let handler = SerialHandler::new(port.clone(), clock.clone(), exit.clone())
                 .map_err(|e| VmError::Io("cannot create serial timer", e))?;
             event_manager.add_subscriber(Arc::new(Mutex::new(handler)));
+            uarts.push((plan.chardev.clone(), port));
             com_ports.push(ComPort {
                 index: (plan.index + 1) as u8,
                 base: plan.iobase,
@@ -236,12 +282,7 @@ impl Vm {
             let mut console =
                 VirtioConsole::new(plan.max_ports).map_err(|e| device_err(e.to_string()))?;
             for port in &plan.ports {
-                let backend = registry
-                    .take(&port.chardev)
-                    .map_err(|source| VmError::Chardev {
-                        id: port.chardev.clone(),
-                        source,
-                    })?;
+                let backend = take_chardev(&mut registry, &port.chardev)?;
                 let port_config = PortConfig {
                     id: port.id.clone(),
                     name: port.name.clone(),
@@ -266,9 +307,7 @@ impl Vm {
                     event.port_id,
                     if event.open { "opened" } else { "closed" }
                 );
-                if let Some(q) = &sink {
-                    q.push(QmpEvent::vserport_change(&event.port_id, event.open));
-                }
+                sink.push(QmpEvent::vserport_change(&event.port_id, event.open));
             });
             event_manager.add_subscriber(Arc::new(Mutex::new(VirtioConsoleHandler::new(
                 shared.clone(),
@@ -293,6 +332,14 @@ impl Vm {
             u64::from(ACPI_PM_BASE),
             ACPI_PM_LEN,
         )?;
+        let ged = Arc::new(Mutex::new(GenericEventDevice::new(
+            irqs.source(ACPI_GED_GSI),
+        )));
+        pio.insert(
+            ged.clone() as SharedDevice,
+            u64::from(ACPI_GED_BASE),
+            ACPI_GED_LEN,
+        )?;
 
         let rsdp = acpi::create_acpi_tables(&mem, config.vcpus, &com_ports, &virtio_slots)?;
         let boot = boot::load(
@@ -303,11 +350,6 @@ impl Vm {
             rsdp,
         )?;
 
-        // From here on the stop signals are read from a signalfd by the event loop; every
-        // thread spawned later (the vCPUs) inherits the blocked mask. Blocking only now lets
-        // Ctrl-C end a `wait=on` wait above the usual way.
-        block_stop_signals().map_err(|e| VmError::Io("cannot block signals", e))?;
-        let signals = SignalFd::new().map_err(|e| VmError::Io("cannot create signalfd", e))?;
         event_manager.add_subscriber(Arc::new(Mutex::new(Lifecycle::new(exit.clone(), signals))));
 
         let cpuid = kvm
@@ -316,22 +358,19 @@ impl Vm {
         let control = VcpuControl::new();
         VcpuControl::install_kick_handler()
             .map_err(|e| VmError::Io("cannot install the vCPU kick handler", e))?;
-        let monitor = match monitor {
-            Some(monitor) => {
-                let machine = VmMachine::new(
-                    config.name.clone(),
-                    registry,
-                    control.clone(),
-                    exit.clone(),
-                    monitor.events(),
-                    consoles,
-                );
-                let handler = Arc::new(Mutex::new(MonitorHandler::new(monitor, machine)));
-                event_manager.add_subscriber(handler.clone());
-                MonitorState::Serving(handler)
-            }
-            None => MonitorState::None(registry),
-        };
+        let machine = VmMachine::new(
+            config.name.clone(),
+            Some(instance.info().uuid.clone()),
+            registry,
+            control.clone(),
+            exit.clone(),
+            monitor.events(),
+            consoles,
+        )
+        .with_power_button(ged)
+        .with_uarts(uarts);
+        let monitor = Arc::new(Mutex::new(MonitorHandler::new(monitor, machine)));
+        event_manager.add_subscriber(monitor.clone());
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
         let mut vcpus = Vec::new();
@@ -355,6 +394,7 @@ impl Vm {
             event_manager,
             exit,
             monitor,
+            _instance: instance,
         })
     }
 
@@ -377,8 +417,8 @@ impl Vm {
             }
         }
         let reason = self.exit.reason().unwrap_or(VmExit::PowerOff);
-        if let MonitorState::Serving(handler) = &self.monitor {
-            let mut handler = devices::bus::lock(handler);
+        {
+            let mut handler = devices::bus::lock(&self.monitor);
             let cause = match &reason {
                 VmExit::PowerOff => Some(ShutdownCause::GuestShutdown),
                 VmExit::Reset => Some(ShutdownCause::GuestReset),
@@ -394,6 +434,65 @@ impl Vm {
         }
         Ok(reason)
     }
+}
+
+/// A frontend's handle to chardev `id`.
+fn take_chardev(registry: &mut Registry, id: &str) -> Result<Box<dyn chardev::Backend>, VmError> {
+    registry.take(id).map_err(|source| VmError::Chardev {
+        id: id.to_string(),
+        source,
+    })
+}
+
+/// The consoles `minivmm console` can attach to: every COM port and virtio-serial port whose
+/// chardev is a unix socket server or a pty, named `serialN` (COM(N+1)) or by the port's name
+/// (else its id).
+fn consoles_of(config: &VmConfig, registry: &mut Registry) -> Vec<ConsoleInfo> {
+    let com = config
+        .com_ports
+        .iter()
+        .map(|p| (format!("serial{}", p.index), p.chardev.clone()));
+    let virtio = config.virtio_serial.iter().flat_map(|v| {
+        v.ports.iter().map(|p| {
+            let name = p.name.clone().unwrap_or_else(|| p.id.clone());
+            (name, p.chardev.clone())
+        })
+    });
+    let listed = registry.list();
+    let mut out = Vec::new();
+    for (name, chardev) in com.chain(virtio) {
+        let Some(spec) = config.chardevs.iter().find(|c| c.id == chardev) else {
+            continue;
+        };
+        let (kind, path) = match &spec.backend {
+            BackendSpec::Socket(s) if s.server => match &s.addr {
+                SocketAddrSpec::Unix {
+                    path,
+                    abstract_ns: false,
+                } => ("socket", path.clone()),
+                _ => continue,
+            },
+            BackendSpec::Pty(_) => {
+                let Some(info) = listed.iter().find(|i| i.label == chardev) else {
+                    continue;
+                };
+                let pts = info.filename.trim_start_matches("pty:");
+                ("pty", std::path::PathBuf::from(pts))
+            }
+            _ => continue,
+        };
+        // A relative socket path is relative to where minivmm started.
+        let path = std::env::current_dir()
+            .map(|d| d.join(&path))
+            .unwrap_or(path);
+        out.push(ConsoleInfo {
+            name,
+            chardev,
+            kind: kind.to_string(),
+            path: Some(path),
+        });
+    }
+    out
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
