@@ -7,7 +7,8 @@
 //! - [`spec`] parses `--chardev` and `--serial` into a [`ChardevSpec`];
 //! - [`create`] turns a spec into a `Box<dyn Backend>`;
 //! - [`Registry`] keeps named chardevs, hands them to frontends and refuses to remove busy ones;
-//! - [`mux::Mux`] shares one backend between several frontends (Ctrl-A escapes).
+//! - [`mux::Mux`] shares one backend between several frontends (Ctrl-A escapes);
+//! - [`vproxy`] multiplexes many socket streams over one channel (the sans-IO engine).
 //!
 //! # Driving a backend
 //!
@@ -39,6 +40,7 @@ pub mod stdio;
 mod stream;
 mod sys;
 pub mod udp;
+pub mod vproxy;
 
 #[cfg(test)]
 mod testutil;
