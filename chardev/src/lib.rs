@@ -39,6 +39,7 @@ pub mod stdio;
 mod stream;
 mod sys;
 pub mod udp;
+pub mod vproxy;
 
 #[cfg(test)]
 mod testutil;
@@ -67,6 +68,12 @@ pub fn create(spec: &ChardevSpec) -> Result<Box<dyn Backend>> {
         BackendSpec::Udp(s) => Box::new(udp::UdpBackend::open(id, s)?),
         BackendSpec::Serial(s) => Box::new(serial::SerialBackend::open(id, s)?),
         BackendSpec::Mux(_) => return Err(Error::NeedsRegistry(id.to_string())),
+        BackendSpec::Vproxy(_) => {
+            return Err(Error::Unsupported {
+                id: id.to_string(),
+                reason: "the vproxy driver is not in this build yet",
+            })
+        }
     };
     match &spec.log {
         Some(log) => Ok(Box::new(logfile::Logged::new(id, backend, log)?)),
