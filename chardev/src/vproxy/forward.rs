@@ -281,50 +281,65 @@ mod tests {
 
     #[test]
     fn errors_name_the_bad_value() {
-        let e = |r: Result<Forward, SpecError>| r.unwrap_err().to_string();
-        assert_eq!(
-            e(parse_oforward("web")),
-            "bad oforward 'web': expected NAME:[BIND:]PORT or NAME:unix:PATH"
-        );
-        assert_eq!(
-            e(parse_oforward("we b:80")),
-            "bad oforward 'we b:80': bad service name 'we b' (1 to 64 of A-Z a-z 0-9 . _ -)"
-        );
-        assert_eq!(
-            e(parse_oforward(":80")),
-            "bad oforward ':80': bad service name '' (1 to 64 of A-Z a-z 0-9 . _ -)"
-        );
+        type Parser = fn(&str) -> Result<Forward, SpecError>;
+        let (o, i): (Parser, Parser) = (parse_oforward, parse_iforward);
+        let cases: &[(Parser, &str, &str)] = &[
+            (
+                o,
+                "web",
+                "bad oforward 'web': expected NAME:[BIND:]PORT or NAME:unix:PATH",
+            ),
+            (
+                o,
+                "we b:80",
+                "bad oforward 'we b:80': bad service name 'we b' (1 to 64 of A-Z a-z 0-9 . _ -)",
+            ),
+            (
+                o,
+                ":80",
+                "bad oforward ':80': bad service name '' (1 to 64 of A-Z a-z 0-9 . _ -)",
+            ),
+            (
+                o,
+                "web:99999",
+                "bad oforward 'web:99999': bad port '99999' (0 to 65535)",
+            ),
+            (o, "web::80", "bad oforward 'web::80': bad address ''"),
+            (
+                o,
+                "web:unix:",
+                "bad oforward 'web:unix:': expected a unix socket path after 'unix:'",
+            ),
+            (
+                i,
+                "ssh:22",
+                "bad iforward 'ssh:22': expected NAME:HOST:PORT or NAME:unix:PATH",
+            ),
+            (
+                i,
+                "ssh:host:0",
+                "bad iforward 'ssh:host:0': bad port '0' (1 to 65535)",
+            ),
+            (
+                i,
+                "ssh:ho st:22",
+                "bad iforward 'ssh:ho st:22': bad address 'ho st'",
+            ),
+            (
+                i,
+                "ssh:host:+22",
+                "bad iforward 'ssh:host:+22': bad port '+22' (1 to 65535)",
+            ),
+        ];
+        for (parse, input, want) in cases {
+            assert_eq!(parse(input).unwrap_err().to_string(), *want, "{input}");
+        }
         assert!(parse_oforward(&format!("{}:80", "n".repeat(MAX_SERVICE_NAME))).is_ok());
         assert!(parse_oforward(&format!("{}:80", "n".repeat(MAX_SERVICE_NAME + 1))).is_err());
-        assert_eq!(
-            e(parse_oforward("web:99999")),
-            "bad oforward 'web:99999': bad port '99999' (0 to 65535)"
-        );
-        assert_eq!(
-            e(parse_oforward("web::80")),
-            "bad oforward 'web::80': bad address ''"
-        );
-        assert_eq!(
-            e(parse_oforward("web:unix:")),
-            "bad oforward 'web:unix:': expected a unix socket path after 'unix:'"
-        );
-        assert_eq!(
-            e(parse_iforward("ssh:22")),
-            "bad iforward 'ssh:22': expected NAME:HOST:PORT or NAME:unix:PATH"
-        );
-        assert_eq!(
-            e(parse_iforward("ssh:host:0")),
-            "bad iforward 'ssh:host:0': bad port '0' (1 to 65535)"
-        );
-        assert_eq!(
-            e(parse_iforward("ssh:ho st:22")),
-            "bad iforward 'ssh:ho st:22': bad address 'ho st'"
-        );
-        assert_eq!(
-            e(parse_iforward("ssh:host:+22")),
-            "bad iforward 'ssh:host:+22': bad port '+22' (1 to 65535)"
-        );
-        assert!(!e(parse_iforward("s\nh:x:1")).contains('\n'));
+        assert!(!parse_iforward("s\nh:x:1")
+            .unwrap_err()
+            .to_string()
+            .contains('\n'));
     }
 
     #[test]

@@ -1,3 +1,25 @@
-//! vproxy: many socket streams between host and guest over one serial channel.
+//! vproxy: many byte streams between a host and a guest over one serial channel.
+//!
+//! This module is the protocol, sans-IO: bytes and stream operations go in, bytes and events
+//! come out, no fd and no clock are touched inside, so both ends (the `vproxy` chardev in the
+//! VMM and the `minivmm-vp` endpoint) share it and tests drive it with a simulated channel.
+//!
+//! - [`wire`]: the frame codec, with CRC-32s and resynchronisation after garbage or a lost
+//!   byte;
+//! - [`engine`]: the session engine: HELLO handshake and session ids, streams with credit flow
+//!   control, control-first round-robin transmission, bounded memory, keepalive;
+//! - [`forward`]: forward specs (`NAME:[BIND:]PORT`, `NAME:HOST:PORT`, unix paths);
+//! - [`driver`]: the `vproxy` chardev backend, the sockets and timer around the engine;
+//! - [`agent`]: the `minivmm-vp` endpoint loop over a char device, tty or socket channel.
+//!
+//! The wire format and its rules are written down in `docs/vproxy.md`.
 
+pub mod agent;
+pub mod driver;
+pub mod engine;
 pub mod forward;
+pub mod wire;
+
+pub use engine::{
+    Engine, EngineConfig, EngineEvent, OpenError, SessionStats, StreamId, StreamStats,
+};
