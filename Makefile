@@ -2,6 +2,7 @@
 #
 #   make guest   build the guest images (test kernel, initramfs) into build/
 #   make build   build minivmm (release)
+#   make vp      build the static minivmm-vp endpoint (the guest image gets it at /bin/minivmm-vp)
 #   make run     boot the test kernel with a busybox shell on this terminal
 #   make test    build what is missing, then run every test (unit, property, integration)
 #   make pyenv   build/pyenv: a Python venv with QEMU's qemu.qmp library for the QMP tests
@@ -17,6 +18,9 @@ MINIVMM := target/release/minivmm
 PYENV   := $(BUILD)/pyenv
 # QEMU's Python QMP library, pinned: tests/qmp_client.py drives minivmm through it.
 QEMU_QMP_VERSION := 0.0.6
+# The vproxy endpoint, static so that it runs in the busybox initramfs.
+VP_TARGET := x86_64-unknown-linux-gnu
+VP      := target/$(VP_TARGET)/release/minivmm-vp
 # The options the test kernel needs on this machine's nested KVM; see resources/README.md.
 GUEST_CMDLINE := console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt
 
@@ -24,7 +28,7 @@ export MINIVMM_KERNEL := $(abspath $(KERNEL))
 export MINIVMM_INITRD := $(abspath $(INITRD))
 export MINIVMM_BIN    := $(abspath $(MINIVMM))
 
-.PHONY: all guest build run test bench lint stock deps pyenv clean FORCE
+.PHONY: all guest build vp run test bench lint stock deps pyenv clean FORCE
 
 all: build
 
@@ -37,11 +41,17 @@ guest: $(KERNEL) $(INITRD)
 $(KERNEL): FORCE
 	@bash resources/guest/build-kernel.sh $(BUILD)/guest >/dev/null
 
-$(INITRD): FORCE
-	@bash resources/initramfs/build.sh $(INITRD)
+$(INITRD): vp FORCE
+	@VP=$(VP) bash resources/initramfs/build.sh $(INITRD)
 
 build:
 	cargo build --release -p vmm
+
+# Stripped: the initramfs is unpacked by emulated ring-0 code, every MB costs seconds.
+vp:
+	@RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=symbols \
+	    cargo build --release -p chardev --bin minivmm-vp --target $(VP_TARGET)
+	@echo $(VP)
 
 run: guest build
 	@echo "minivmm: Ctrl-C goes to the guest; Ctrl-A x quits, Ctrl-A h for help; poweroff ends the VM"
@@ -70,8 +80,8 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-stock: deps
-	@bash resources/stock/build.sh $(BUILD)/stock
+stock: deps vp
+	@VP=$(VP) bash resources/stock/build.sh $(BUILD)/stock
 
 clean:
 	cargo clean

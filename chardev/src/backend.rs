@@ -20,6 +20,8 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::time::Duration;
 
+use crate::vproxy::driver::VproxyControl;
+
 /// What a backend wants the event loop to watch an fd for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Interest {
@@ -155,6 +157,57 @@ pub trait Backend: Send {
     fn take_exit_request(&mut self) -> bool {
         false
     }
+
+    /// Run-time control of a `vproxy` backend (forwards, counters). `None` for others.
+    fn vproxy(&mut self) -> Option<&mut dyn VproxyControl> {
+        None
+    }
+}
+
+/// Poll the fds of `backends` once, waiting at most `timeout_ms` (-1: forever), and hand what
+/// was ready to their `on_ready`. Returns whether anything was. A small level-triggered loop
+/// for tools and tests; the VMM has its own epoll loop.
+pub fn poll_backends(backends: &mut [&mut dyn Backend], timeout_ms: i32) -> io::Result<bool> {
+    let mut pfds = Vec::new();
+    let mut owner = Vec::new();
+    for (i, b) in backends.iter().enumerate() {
+        for (fd, interest) in b.poll_fds() {
+            let mut events = 0;
+            if interest.read {
+                events |= libc::POLLIN;
+            }
+            if interest.write {
+                events |= libc::POLLOUT;
+            }
+            pfds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+            owner.push(i);
+        }
+    }
+    // SAFETY: poll reads and writes pfds.len() pollfds, which we own.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::Interrupted => Ok(false),
+            _ => Err(e),
+        };
+    }
+    for (p, &i) in pfds.iter().zip(&owner) {
+        if p.revents == 0 {
+            continue;
+        }
+        let r = Readiness {
+            readable: p.revents & libc::POLLIN != 0,
+            writable: p.revents & libc::POLLOUT != 0,
+            hangup: p.revents & (libc::POLLHUP | libc::POLLERR) != 0,
+        };
+        backends[i].on_ready(p.fd, r);
+    }
+    Ok(n > 0)
 }
 
 /// Line parameters of a UART, as the guest programmed them.

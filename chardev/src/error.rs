@@ -104,6 +104,44 @@ pub enum SpecError {
         /// Why, e.g. "needs server=on".
         reason: &'static str,
     },
+    /// A bad vproxy forward (`oforward=`, `iforward=`, or `minivmm-vp --oforward`).
+    #[error("{}bad {option} '{value}': {reason}", chardev_prefix(.id))]
+    BadForward {
+        /// The chardev id, when the forward came from a `--chardev`.
+        id: Option<String>,
+        /// `oforward` or `iforward`.
+        option: &'static str,
+        /// The forward, quoted for one line.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// `chardev 'ID': ` for an error about chardev `id`, nothing without one.
+fn chardev_prefix(id: &Option<String>) -> String {
+    id.as_ref()
+        .map_or_else(String::new, |id| format!("chardev '{id}': "))
+}
+
+impl SpecError {
+    /// The same error, said of chardev `id` (for errors of parsers that know no chardev).
+    pub fn in_chardev(self, id: &str) -> SpecError {
+        match self {
+            SpecError::BadForward {
+                option,
+                value,
+                reason,
+                ..
+            } => SpecError::BadForward {
+                id: Some(id.to_string()),
+                option,
+                value,
+                reason,
+            },
+            other => other,
+        }
+    }
 }
 
 /// Creating, registering, looking up or waiting on a chardev failed.

@@ -8,7 +8,8 @@
 //! - [`create`] turns a spec into a `Box<dyn Backend>`;
 //! - [`Registry`] keeps named chardevs, hands them to frontends and refuses to remove busy ones;
 //! - [`mux::Mux`] shares one backend between several frontends (Ctrl-A escapes);
-//! - [`vproxy`] multiplexes many socket streams over one channel (the sans-IO engine).
+//! - [`vproxy`] multiplexes many socket streams over one channel (the `vproxy` backend and the
+//!   `minivmm-vp` endpoint).
 //!
 //! # Driving a backend
 //!
@@ -45,7 +46,7 @@ pub mod vproxy;
 #[cfg(test)]
 mod testutil;
 
-pub use backend::{Backend, Event, Interest, LineParams, Readiness};
+pub use backend::{poll_backends, Backend, Event, Interest, LineParams, Readiness};
 pub use error::{Error, Result, SpecError};
 pub use registry::{ChardevInfo, Handle, Registry};
 pub use spec::{parse_serial, BackendSpec, ChardevSpec, SerialArg};
@@ -69,6 +70,7 @@ pub fn create(spec: &ChardevSpec) -> Result<Box<dyn Backend>> {
         BackendSpec::Udp(s) => Box::new(udp::UdpBackend::open(id, s)?),
         BackendSpec::Serial(s) => Box::new(serial::SerialBackend::open(id, s)?),
         BackendSpec::Mux(_) => return Err(Error::NeedsRegistry(id.to_string())),
+        BackendSpec::Vproxy(s) => Box::new(vproxy::driver::VproxyBackend::open(id, s)?),
     };
     match &spec.log {
         Some(log) => Ok(Box::new(logfile::Logged::new(id, backend, log)?)),

@@ -109,4 +109,7 @@ impl Backend for Logged {
     fn take_exit_request(&mut self) -> bool {
         self.inner.take_exit_request()
     }
+    fn vproxy(&mut self) -> Option<&mut dyn crate::vproxy::driver::VproxyControl> {
+        self.inner.vproxy()
+    }
 }

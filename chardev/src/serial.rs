@@ -71,14 +71,21 @@ pub fn nearest_speed(baud: u32) -> (u32, libc::speed_t) {
         .unwrap_or(&(DEFAULT_BAUD, libc::B115200))
 }
 
+/// Set both line speeds of `t` to the standard rate `speed`, as `cfsetispeed` and
+/// `cfsetospeed` do. Done by hand because the libc crate binds those to their pre-2.42 glibc
+/// symbol versions, which a static (`crt-static`) link cannot resolve.
+fn set_speed(t: &mut libc::termios, speed: libc::speed_t) {
+    // CIBAUD zero: the input speed follows the output speed.
+    t.c_cflag &= !(libc::CBAUD | libc::CBAUDEX | libc::CIBAUD);
+    t.c_cflag |= speed;
+    t.c_ispeed = speed;
+    t.c_ospeed = speed;
+}
+
 /// Apply `p` to termios `t`.
-fn apply_params(t: &mut libc::termios, p: LineParams) -> io::Result<()> {
+pub(crate) fn apply_params(t: &mut libc::termios, p: LineParams) -> io::Result<()> {
     let (_, speed) = nearest_speed(p.baud);
-    // SAFETY: cfset*speed only edit the termios we own.
-    let r = unsafe { libc::cfsetispeed(t, speed) | libc::cfsetospeed(t, speed) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_speed(t, speed);
     t.c_cflag &= !(libc::CSIZE | libc::PARENB | libc::PARODD | libc::CMSPAR | libc::CSTOPB);
     t.c_cflag |= match p.data_bits {
         5 => libc::CS5,

@@ -50,7 +50,7 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 /// A socket address in the form the kernel takes.
 #[derive(Clone, Copy)]
-struct SockAddr {
+pub(crate) struct SockAddr {
     storage: libc::sockaddr_storage,
     len: libc::socklen_t,
 }
@@ -64,11 +64,11 @@ impl SockAddr {
         }
     }
 
-    fn family(&self) -> libc::c_int {
+    pub(crate) fn family(&self) -> libc::c_int {
         self.storage.ss_family as libc::c_int
     }
 
-    fn unix(path: &Path, abstract_ns: bool) -> io::Result<Self> {
+    pub(crate) fn unix(path: &Path, abstract_ns: bool) -> io::Result<Self> {
         let mut a = SockAddr::empty();
         // SAFETY: sockaddr_storage is large enough and suitably aligned for a sockaddr_un.
         let sun = unsafe {
@@ -89,7 +89,7 @@ impl SockAddr {
         Ok(a)
     }
 
-    fn inet(addr: &SocketAddr) -> Self {
+    pub(crate) fn inet(addr: &SocketAddr) -> Self {
         let mut a = SockAddr::empty();
         match addr {
             SocketAddr::V4(v4) => {
@@ -121,7 +121,7 @@ impl SockAddr {
     }
 
     /// The inet address, if this is one.
-    fn to_inet(self) -> Option<SocketAddr> {
+    pub(crate) fn to_inet(self) -> Option<SocketAddr> {
         match self.family() {
             libc::AF_INET => {
                 // SAFETY: the family says the storage holds a sockaddr_in.
@@ -151,7 +151,7 @@ impl SockAddr {
 }
 
 /// A new non-blocking, close-on-exec stream socket.
-fn new_socket(family: libc::c_int) -> io::Result<OwnedFd> {
+pub(crate) fn new_socket(family: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: socket takes integers only and returns a new fd or -1.
     let fd = check(unsafe {
         libc::socket(
@@ -170,7 +170,7 @@ fn bind(fd: RawFd, a: &SockAddr) -> io::Result<()> {
 }
 
 /// Start connecting. `Ok(true)`: connected; `Ok(false)`: in progress.
-fn connect(fd: RawFd, a: &SockAddr) -> io::Result<bool> {
+pub(crate) fn connect(fd: RawFd, a: &SockAddr) -> io::Result<bool> {
     loop {
         // SAFETY: a points to a.len valid bytes of socket address, borrowed for the call.
         let r = unsafe { libc::connect(fd, a.as_ptr(), a.len) };
@@ -187,7 +187,7 @@ fn connect(fd: RawFd, a: &SockAddr) -> io::Result<bool> {
 }
 
 /// Accept one pending connection, non-blocking. `Ok(None)`: nobody waiting.
-fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
+pub(crate) fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
     loop {
         // SAFETY: null address pointers are allowed; the flags make the new fd non-blocking.
         let fd = unsafe {
@@ -211,7 +211,7 @@ fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
     }
 }
 
-fn sockname(fd: RawFd, peer: bool) -> io::Result<SockAddr> {
+pub(crate) fn sockname(fd: RawFd, peer: bool) -> io::Result<SockAddr> {
     let mut a = SockAddr::empty();
     // SAFETY: the kernel writes at most a.len bytes into a.storage and updates a.len.
     let r = unsafe {
@@ -244,7 +244,7 @@ pub(crate) fn resolve(host: &str, port: u16, server: bool) -> io::Result<SocketA
 
 /// A unix socket file we created: removed on drop if it is still the same inode.
 #[derive(Debug)]
-struct SocketFile {
+pub(crate) struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -286,6 +286,50 @@ fn fchmod(fd: RawFd, mode: libc::mode_t) -> io::Result<()> {
 fn listen(fd: RawFd) -> io::Result<()> {
     // SAFETY: listen on an fd we own.
     check(unsafe { libc::listen(fd, LISTEN_BACKLOG) }).map(drop)
+}
+
+/// What failed while setting up a listener: the operation ("bind", ...) and the OS error.
+pub(crate) type SetupError = (&'static str, io::Error);
+
+/// A non-blocking listening socket on `addr`. `unix_file` is the filesystem path of a unix
+/// address (not an abstract one): a stale socket file there is replaced, the new one gets mode
+/// 0600, and the returned [`SocketFile`] removes it on drop. Inet listeners get SO_REUSEADDR.
+pub(crate) fn open_listener(
+    addr: &SockAddr,
+    unix_file: Option<&Path>,
+) -> std::result::Result<(OwnedFd, Option<SocketFile>), SetupError> {
+    let fd = new_socket(addr.family()).map_err(|e| ("create socket for", e))?;
+    let raw = fd.as_raw_fd();
+    let file = match unix_file {
+        Some(path) => {
+            let bind_err = |e| ("bind", e);
+            clear_stale_socket(path, addr).map_err(bind_err)?;
+            fchmod(raw, SOCKET_FILE_MODE).map_err(bind_err)?;
+            bind(raw, addr).map_err(bind_err)?;
+            // Belt and braces where fchmod before bind is not honoured.
+            std::fs::set_permissions(
+                path,
+                std::os::unix::fs::PermissionsExt::from_mode(SOCKET_FILE_MODE),
+            )
+            .map_err(bind_err)?;
+            let m = std::fs::symlink_metadata(path).map_err(bind_err)?;
+            Some(SocketFile {
+                path: path.to_path_buf(),
+                dev: m.dev(),
+                ino: m.ino(),
+            })
+        }
+        None => {
+            if addr.family() != libc::AF_UNIX {
+                sys::setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+                    .map_err(|e| ("bind", e))?;
+            }
+            bind(raw, addr).map_err(|e| ("bind", e))?;
+            None
+        }
+    };
+    listen(raw).map_err(|e| ("listen on", e))?;
+    Ok((fd, file))
 }
 
 /// How this socket finds peers.
@@ -405,39 +449,16 @@ impl SocketBackend {
         desc: &str,
         wait: bool,
     ) -> Result<()> {
-        let id = self.id.clone();
-        let err = |op, e| Error::io(&id, op, desc.to_string(), e);
-        let fd = new_socket(addr.family()).map_err(|e| err("create socket for", e))?;
-        let raw = fd.as_raw_fd();
-        match spec {
+        let unix_file = match spec {
             SocketAddrSpec::Unix {
                 path,
                 abstract_ns: false,
-            } => {
-                clear_stale_socket(path, addr).map_err(|e| err("bind", e))?;
-                fchmod(raw, SOCKET_FILE_MODE).map_err(|e| err("bind", e))?;
-                bind(raw, addr).map_err(|e| err("bind", e))?;
-                // Belt and braces where fchmod before bind is not honoured.
-                std::fs::set_permissions(
-                    path,
-                    std::os::unix::fs::PermissionsExt::from_mode(SOCKET_FILE_MODE),
-                )
-                .map_err(|e| err("bind", e))?;
-                let m = std::fs::symlink_metadata(path).map_err(|e| err("bind", e))?;
-                self._file = Some(SocketFile {
-                    path: path.clone(),
-                    dev: m.dev(),
-                    ino: m.ino(),
-                });
-            }
-            SocketAddrSpec::Tcp { .. } => {
-                sys::setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
-                    .map_err(|e| err("bind", e))?;
-                bind(raw, addr).map_err(|e| err("bind", e))?;
-            }
-            _ => bind(raw, addr).map_err(|e| err("bind", e))?,
-        }
-        listen(raw).map_err(|e| err("listen on", e))?;
+            } => Some(path.as_path()),
+            _ => None,
+        };
+        let (fd, file) = open_listener(addr, unix_file)
+            .map_err(|(op, e)| Error::io(&self.id, op, desc.to_string(), e))?;
+        self._file = file;
         self.role = Role::Server { listener: fd, wait };
         Ok(())
     }
@@ -1042,15 +1063,7 @@ mod tests {
         let mut c = UnixStream::connect(&path).unwrap();
         c.set_nonblocking(true).unwrap();
         wait_event(&mut b, |e| *e == Event::Opened);
-        let mut x: u32 = 0x1234_5678;
-        let data: Vec<u8> = (0..TOTAL)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect();
+        let data = crate::testutil::pseudo_random(TOTAL, 0);
         let mut sent = 0;
         let mut got = Vec::with_capacity(TOTAL);
         let mut blocked = false;

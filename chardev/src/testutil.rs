@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Event, Readiness};
+use crate::backend::{poll_backends, Backend, Event};
 
 /// How long any test helper waits before failing.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -12,46 +12,11 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// Poll the fds of `backends` once for up to `timeout_ms` and dispatch what was ready.
 /// Returns whether anything was.
 pub fn pump_many(backends: &mut [&mut dyn Backend], timeout_ms: i32) -> bool {
-    let mut pfds = Vec::new();
-    let mut owner = Vec::new();
-    for (i, b) in backends.iter().enumerate() {
-        for (fd, interest) in b.poll_fds() {
-            let mut events = 0;
-            if interest.read {
-                events |= libc::POLLIN;
-            }
-            if interest.write {
-                events |= libc::POLLOUT;
-            }
-            pfds.push(libc::pollfd {
-                fd,
-                events,
-                revents: 0,
-            });
-            owner.push(i);
-        }
-    }
-    if pfds.is_empty() {
+    if backends.iter().all(|b| b.poll_fds().is_empty()) {
         std::thread::sleep(Duration::from_millis(timeout_ms.clamp(0, 5) as u64));
         return false;
     }
-    // SAFETY: poll reads and writes pfds.len() pollfds, which we own.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
-    if n <= 0 {
-        return false;
-    }
-    for (p, &i) in pfds.iter().zip(&owner) {
-        if p.revents == 0 {
-            continue;
-        }
-        let r = Readiness {
-            readable: p.revents & libc::POLLIN != 0,
-            writable: p.revents & libc::POLLOUT != 0,
-            hangup: p.revents & (libc::POLLHUP | libc::POLLERR) != 0,
-        };
-        backends[i].on_ready(p.fd, r);
-    }
-    true
+    poll_backends(backends, timeout_ms).expect("poll")
 }
 
 /// Poll one backend once.
@@ -111,6 +76,19 @@ pub fn wait_event(b: &mut dyn Backend, pred: impl Fn(&Event) -> bool) -> Vec<Eve
         );
         pump(b, 10);
     }
+}
+
+/// `len` pseudo-random bytes (xorshift), different for each `seed`.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = 0x2545_F491_4F6C_DD1D ^ seed.wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// Make a FIFO.

@@ -6,11 +6,20 @@
 # usage: build.sh OUT.cpio [HOST_FILE:GUEST_PATH ...]
 #   e.g. build.sh build/guest/initramfs.cpio target/x86_64-unknown-linux-gnu/release/minivmm-vp:/bin/minivmm-vp
 # An extra file keeps its executable bit (0755, else 0644); missing parent dirs are created.
+# VP=PATH (the Makefile passes the static minivmm-vp it builds) adds PATH as /bin/minivmm-vp.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:?usage: build.sh OUT.cpio [HOST_FILE:GUEST_PATH ...]}
 shift
+if [ -n "${VP:-}" ]; then
+    [ -f "$VP" ] || { echo "initramfs: VP=$VP: no such file" >&2; exit 1; }
+    if ldd "$VP" >/dev/null 2>&1; then
+        echo "initramfs: $VP is not statically linked (build it with make vp)" >&2
+        exit 1
+    fi
+    set -- "$@" "$VP:/bin/minivmm-vp"
+fi
 
 busybox=${BUSYBOX:-/bin/busybox}
 if ! "$busybox" --list 2>/dev/null | grep -x cttyhack >/dev/null; then

@@ -7,11 +7,17 @@
 //! - [`wire`]: the frame codec, with CRC-32s and resynchronisation after garbage or a lost
 //!   byte;
 //! - [`engine`]: the session engine: HELLO handshake and session ids, streams with credit flow
-//!   control, control-first round-robin transmission, bounded memory, keepalive.
+//!   control, control-first round-robin transmission, bounded memory, keepalive;
+//! - [`forward`]: forward specs (`NAME:[BIND:]PORT`, `NAME:HOST:PORT`, unix paths);
+//! - [`driver`]: the `vproxy` chardev backend, the sockets and timer around the engine;
+//! - [`agent`]: the `minivmm-vp` endpoint loop over a char device, tty or socket channel.
 //!
 //! The wire format and its rules are written down in `docs/vproxy.md`.
 
+pub mod agent;
+pub mod driver;
 pub mod engine;
+pub mod forward;
 pub mod wire;
 
 #[cfg(test)]

@@ -1,0 +1,970 @@
+//! The vproxy chardev backend: the I/O around the sans-IO [`Engine`].
+//!
+//! The frontend's channel (a virtio-console port, a UART) carries the engine's frames:
+//! [`Backend::write`] hands guest bytes to [`Engine::receive`] and always accepts all of them,
+//! so the channel is always drained; [`Backend::read`] pulls [`Engine::transmit`], and
+//! [`Event::Readable`] says when the engine has something to send.
+//!
+//! Around it this module owns every socket:
+//! - one listener per oforward; each accepted connection opens the peer's service of that name;
+//! - for an `OpenRequest` naming a configured iforward, a non-blocking connect to its address
+//!   (resolved when the forward was added, so nothing here waits for DNS); the stream is
+//!   accepted once connected and refused with the error otherwise. A name that is not
+//!   configured is refused with "no such service": the peer names services, never addresses;
+//! - per-stream sockets, read only while the engine has send room for the stream (so a slow
+//!   channel pushes back into the kernel's socket buffers), written from the engine through a
+//!   small bounded buffer; EOF maps to `shutdown(SHUT_WR)` and back, a reset to a close;
+//! - a timerfd armed for [`Engine::poll_timeout`] (keepalive, HELLO retries).
+//!
+//! Removing an oforward closes its listener; streams it already carried live on. Nothing here
+//! blocks, and nothing grows without bound: the engine caps streams and buffers.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::engine::{Engine, EngineConfig, EngineEvent, SessionStats, StreamId, StreamStats};
+use super::forward::{Endpoint, Forward};
+use crate::backend::{Backend, Event, Interest, Readiness};
+use crate::buffer::{EventQueue, OutBuf};
+use crate::error::{Error, Result};
+use crate::socket::{self, SockAddr, SocketFile};
+use crate::spec::VproxySpec;
+use crate::sys;
+
+/// Bytes buffered per stream between the engine and a socket that is not taking them.
+pub const STREAM_PENDING_CAP: usize = 16 * 1024;
+/// Largest socket read handed to the engine at once.
+const SOCKET_READ_CHUNK: usize = 16 * 1024;
+/// Connections accepted per listener wakeup, so one busy listener cannot starve the rest.
+const ACCEPTS_PER_WAKEUP: usize = 16;
+/// Socket reads per stream wakeup, for the same reason.
+const READS_PER_WAKEUP: usize = 4;
+/// The refusal reason for a service that is not an iforward here.
+pub const NO_SUCH_SERVICE: &str = "no such service";
+
+/// Which way a forward goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardDir {
+    /// An iforward: the peer opens it, we connect.
+    In,
+    /// An oforward: we listen, the peer's service is opened.
+    Out,
+}
+
+/// What `query-vproxy` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VproxyInfo {
+    /// Session state and counters.
+    pub session: SessionStats,
+    /// Every live stream.
+    pub streams: Vec<StreamStats>,
+    /// The listeners, with the port the kernel picked for port 0.
+    pub oforwards: Vec<Forward>,
+    /// The services the peer may open.
+    pub iforwards: Vec<Forward>,
+}
+
+/// Run-time control of a vproxy backend (the monitor's `vproxy-forward-add`,
+/// `vproxy-forward-remove` and `query-vproxy`).
+pub trait VproxyControl {
+    /// Add a forward. A listener is bound at once; an iforward's address is resolved at once.
+    /// A name already used in that direction is `AlreadyExists`.
+    fn add_forward(&mut self, dir: ForwardDir, f: Forward) -> io::Result<()>;
+    /// Remove the forward `name`; its live streams are left alone. `NotFound` if absent.
+    fn remove_forward(&mut self, dir: ForwardDir, name: &str) -> io::Result<()>;
+    /// Forwards, session and streams.
+    fn info(&self) -> VproxyInfo;
+}
+
+/// A random session id from the kernel's generator (getrandom(2)); on the unlikely failure,
+/// the clock and pid mixed, which still differs between runs.
+pub fn random_session_id() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf, which we own.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == buf.len() as isize {
+        return u64::from_ne_bytes(buf);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ 0x9E37_79B9_7F4A_7C15
+}
+
+/// An oforward's listening socket.
+#[derive(Debug)]
+struct Listener {
+    /// The forward as bound (port 0 replaced by the kernel's choice).
+    forward: Forward,
+    fd: OwnedFd,
+    _file: Option<SocketFile>,
+}
+
+/// An iforward and its resolved address.
+#[derive(Debug)]
+struct Target {
+    forward: Forward,
+    addr: SockAddr,
+}
+
+/// Where a stream's socket is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Our outgoing connect for an accepted-to-be iforward stream is in progress.
+    Connecting,
+    /// We opened the stream for an accepted connection; the peer has not answered yet.
+    Opening,
+    /// Data flows.
+    Open,
+}
+
+/// One stream's socket.
+#[derive(Debug)]
+struct Conn {
+    fd: OwnedFd,
+    phase: Phase,
+    /// Bytes from the engine not yet written to the socket.
+    pending: OutBuf,
+    /// The socket gave EOF (and the engine was told).
+    read_eof: bool,
+    /// The peer half-closed: shut our write side down once `pending` is flushed.
+    peer_eof: bool,
+    /// `shutdown(SHUT_WR)` done.
+    write_shut: bool,
+    /// The engine is finished with the stream (closed): drop the socket once flushed.
+    engine_done: bool,
+}
+
+impl Conn {
+    fn new(fd: OwnedFd, phase: Phase) -> Self {
+        Conn {
+            fd,
+            phase,
+            pending: OutBuf::new(STREAM_PENDING_CAP),
+            read_eof: false,
+            peer_eof: false,
+            write_shut: false,
+            engine_done: false,
+        }
+    }
+}
+
+/// What `io::Error` from a socket means for its stream.
+fn reset_reason(e: &io::Error) -> String {
+    format!("local socket error: {e}")
+}
+
+/// A forward's address: an inet endpoint resolved now (`listen` picks the wildcard-free rules
+/// of a listener), a unix path as is.
+fn endpoint_addr(endpoint: &Endpoint, listen: bool) -> io::Result<SockAddr> {
+    match endpoint {
+        Endpoint::Tcp { host, port } => Ok(SockAddr::inet(&socket::resolve(host, *port, listen)?)),
+        Endpoint::Unix(path) => SockAddr::unix(path, false),
+    }
+}
+
+/// The vproxy backend.
+#[derive(Debug)]
+pub struct VproxyBackend {
+    id: String,
+    engine: Engine,
+    timer: TimerFd,
+    /// The deadline the timer is armed for.
+    armed: Option<Instant>,
+    listeners: Vec<Listener>,
+    targets: Vec<Target>,
+    conns: BTreeMap<StreamId, Conn>,
+    events: EventQueue,
+    /// A `Readable` was announced and the frontend has not pulled everything since.
+    announced: bool,
+    input_wanted: bool,
+}
+
+impl VproxyBackend {
+    /// Bind the listeners of `spec` and resolve its iforwards; the engine starts its handshake
+    /// at once.
+    pub fn open(id: &str, spec: &VproxySpec) -> Result<Self> {
+        let mut config = spec
+            .rate
+            .map_or_else(EngineConfig::default, EngineConfig::for_rate);
+        if let Some(window) = spec.window {
+            config.stream_window = window;
+        }
+        let timer =
+            TimerFd::new().map_err(|e| Error::io(id, "create timer for", "vproxy", e.into()))?;
+        // A timer re-armed between poll and its handling must not block the read.
+        sys::set_nonblocking(timer.as_raw_fd(), true)
+            .map_err(|e| Error::io(id, "create timer for", "vproxy", e))?;
+        let mut b = VproxyBackend {
+            id: id.to_string(),
+            engine: Engine::new(config, random_session_id(), Instant::now()),
+            timer,
+            armed: None,
+            listeners: Vec::new(),
+            targets: Vec::new(),
+            conns: BTreeMap::new(),
+            events: EventQueue::default(),
+            announced: false,
+            input_wanted: true,
+        };
+        for f in &spec.oforwards {
+            b.add_forward(ForwardDir::Out, f.clone())
+                .map_err(|e| Error::io(id, "listen on", f.to_string(), e))?;
+        }
+        for f in &spec.iforwards {
+            b.add_forward(ForwardDir::In, f.clone())
+                .map_err(|e| Error::io(id, "resolve", f.to_string(), e))?;
+        }
+        b.after();
+        Ok(b)
+    }
+
+    /// The channel was reconnected (the endpoint binary reopened it): every stream is reset
+    /// and the handshake starts again; forwards stay.
+    pub fn channel_reset(&mut self) {
+        self.engine.channel_reset(Instant::now());
+        self.after();
+        // Whatever the engine no longer knows has no business keeping a socket open.
+        let live: Vec<StreamId> = self.engine.stream_stats().iter().map(|s| s.id).collect();
+        self.conns.retain(|id, _| live.contains(id));
+    }
+
+    /// Whether the engine has channel bytes to send now.
+    pub fn wants_transmit(&self) -> bool {
+        self.engine.wants_transmit()
+    }
+
+    fn bind_listener(&self, f: Forward) -> io::Result<Listener> {
+        let addr = endpoint_addr(&f.endpoint, true)?;
+        let unix_file = match &f.endpoint {
+            Endpoint::Unix(path) => Some(path.as_path()),
+            Endpoint::Tcp { .. } => None,
+        };
+        let (fd, file) = socket::open_listener(&addr, unix_file).map_err(|(_, e)| e)?;
+        let endpoint = match socket::sockname(fd.as_raw_fd(), false)
+            .ok()
+            .and_then(SockAddr::to_inet)
+        {
+            Some(sa) => Endpoint::Tcp {
+                host: sa.ip().to_string(),
+                port: sa.port(),
+            },
+            None => f.endpoint.clone(),
+        };
+        Ok(Listener {
+            forward: Forward {
+                name: f.name,
+                endpoint,
+            },
+            fd,
+            _file: file,
+        })
+    }
+
+    /// After anything that may have moved the engine: handle its events, re-arm the timer and
+    /// tell the frontend when there is channel output.
+    fn after(&mut self) {
+        while let Some(ev) = self.engine.poll_event() {
+            self.handle(ev);
+        }
+        self.arm_timer();
+        if self.input_wanted && !self.announced && self.engine.wants_transmit() {
+            self.announced = true;
+            self.events.push(Event::Readable);
+        }
+    }
+
+    fn arm_timer(&mut self) {
+        let deadline = self.engine.poll_timeout();
+        if deadline == self.armed {
+            return;
+        }
+        // A zero duration would disarm the timer, so a due deadline fires in a millisecond.
+        let delay = deadline.map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        });
+        match self.timer.reset(delay, None) {
+            Ok(()) => self.armed = deadline,
+            Err(e) => log::warn!("chardev '{}': cannot arm vproxy timer: {e}", self.id),
+        }
+    }
+
+    fn handle(&mut self, ev: EngineEvent) {
+        match ev {
+            EngineEvent::SessionUp { peer_session } => {
+                log::info!(
+                    "chardev '{}': vproxy session up (peer {peer_session:016x})",
+                    self.id
+                );
+            }
+            EngineEvent::SessionReset { peer_session } => {
+                log::info!(
+                    "chardev '{}': vproxy peer restarted (session {peer_session:016x}), streams reset",
+                    self.id
+                );
+            }
+            EngineEvent::OpenRequest { id, service } => self.open_request(id, &service),
+            EngineEvent::Opened { id } => {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.phase = Phase::Open;
+                }
+            }
+            EngineEvent::OpenFailed { id, reason } => {
+                log::debug!(
+                    "chardev '{}': vproxy stream {id} refused: {reason}",
+                    self.id
+                );
+                self.conns.remove(&id);
+            }
+            EngineEvent::Readable { id } => self.flush(id),
+            // Send room is checked by poll_fds; nothing to do until the socket is readable.
+            EngineEvent::Writable { .. } => {}
+            EngineEvent::Eof { id } => {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.peer_eof = true;
+                }
+                self.flush(id);
+            }
+            EngineEvent::Reset { id, reason } => {
+                log::debug!("chardev '{}': vproxy stream {id} reset: {reason}", self.id);
+                self.conns.remove(&id);
+            }
+            EngineEvent::Closed { id } => {
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.engine_done = true;
+                }
+                self.flush(id);
+            }
+        }
+    }
+
+    /// The peer wants to open `service`: connect to its iforward, or refuse.
+    fn open_request(&mut self, id: StreamId, service: &str) {
+        let Some(target) = self.targets.iter().find(|t| t.forward.name == service) else {
+            log::debug!(
+                "chardev '{}': vproxy peer asked for unknown service '{service}'",
+                self.id
+            );
+            self.engine.refuse(id, NO_SUCH_SERVICE);
+            return;
+        };
+        let addr = target.addr;
+        let attempt = socket::new_socket(addr.family()).and_then(|fd| {
+            let done = socket::connect(fd.as_raw_fd(), &addr)?;
+            Ok((fd, done))
+        });
+        match attempt {
+            Ok((fd, true)) => {
+                self.engine.accept(id);
+                self.conns.insert(id, Conn::new(fd, Phase::Open));
+            }
+            Ok((fd, false)) => {
+                self.conns.insert(id, Conn::new(fd, Phase::Connecting));
+            }
+            Err(e) => {
+                log::debug!(
+                    "chardev '{}': vproxy cannot connect '{service}': {e}",
+                    self.id
+                );
+                self.engine.refuse(id, &format!("connect failed: {e}"));
+            }
+        }
+    }
+
+    /// An outgoing connect finished.
+    fn finish_connect(&mut self, id: StreamId) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match sys::getsockopt_int(c.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR) {
+            Ok(0) => {
+                c.phase = Phase::Open;
+                self.engine.accept(id);
+            }
+            Ok(errno) => {
+                let e = io::Error::from_raw_os_error(errno);
+                self.conns.remove(&id);
+                self.engine.refuse(id, &format!("connect failed: {e}"));
+            }
+            Err(e) => {
+                self.conns.remove(&id);
+                self.engine.refuse(id, &format!("connect failed: {e}"));
+            }
+        }
+    }
+
+    /// Accept what waits on listener `index` and open a stream for each connection.
+    fn accept_on(&mut self, index: usize) {
+        for _ in 0..ACCEPTS_PER_WAKEUP {
+            let l = &self.listeners[index];
+            let fd = match socket::accept(l.fd.as_raw_fd()) {
+                Ok(Some(fd)) => fd,
+                Ok(None) => return,
+                Err(e) => {
+                    log::warn!("chardev '{}': vproxy accept failed: {e}", self.id);
+                    return;
+                }
+            };
+            match self.engine.open(&l.forward.name) {
+                Ok(id) => {
+                    self.conns.insert(id, Conn::new(fd, Phase::Opening));
+                }
+                // Dropping the connection closes it: the client sees the refusal at once.
+                Err(e) => log::warn!(
+                    "chardev '{}': vproxy cannot open '{}': {e}",
+                    self.id,
+                    l.forward.name
+                ),
+            }
+        }
+    }
+
+    /// Read the socket of stream `id` into the engine while it has room.
+    fn read_socket(&mut self, id: StreamId) {
+        let mut buf = [0u8; SOCKET_READ_CHUNK];
+        for _ in 0..READS_PER_WAKEUP {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            let room = self.engine.send_room(id).min(buf.len());
+            if c.phase != Phase::Open || c.read_eof || room == 0 {
+                return;
+            }
+            match sys::read(c.fd.as_raw_fd(), &mut buf[..room]) {
+                Ok(0) => {
+                    c.read_eof = true;
+                    self.engine.shutdown(id);
+                    return;
+                }
+                Ok(n) => {
+                    let taken = self.engine.send(id, &buf[..n]);
+                    debug_assert_eq!(taken, n, "engine took less than its send room");
+                }
+                Err(e) if sys::would_block(&e) => return,
+                Err(e) => {
+                    self.conns.remove(&id);
+                    self.engine.reset(id, &reset_reason(&e));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Move received bytes of stream `id` from the engine to its socket, then carry out a
+    /// pending half-close or close.
+    fn flush(&mut self, id: StreamId) {
+        let mut buf = [0u8; STREAM_PENDING_CAP];
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let fd = c.fd.as_raw_fd();
+        loop {
+            if let Err(e) = c.pending.flush_with(|b| sys::send(fd, b)) {
+                self.conns.remove(&id);
+                self.engine.reset(id, &reset_reason(&e));
+                return;
+            }
+            if !c.pending.is_empty() || c.engine_done {
+                break;
+            }
+            let n = self.engine.recv(id, &mut buf[..c.pending.free()]);
+            if n == 0 {
+                break;
+            }
+            c.pending.push(&buf[..n]);
+        }
+        if !c.pending.is_empty() {
+            return;
+        }
+        if c.peer_eof && !c.write_shut {
+            c.write_shut = true;
+            // SAFETY: shutdown on a socket we own; integer arguments only.
+            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+        }
+        if c.engine_done {
+            self.conns.remove(&id);
+        }
+    }
+
+    /// The stream whose socket is `fd`.
+    fn conn_of(&self, fd: RawFd) -> Option<StreamId> {
+        self.conns
+            .iter()
+            .find(|(_, c)| c.fd.as_raw_fd() == fd)
+            .map(|(&id, _)| id)
+    }
+}
+
+impl VproxyControl for VproxyBackend {
+    fn add_forward(&mut self, dir: ForwardDir, f: Forward) -> io::Result<()> {
+        let taken = match dir {
+            ForwardDir::Out => self.listeners.iter().any(|l| l.forward.name == f.name),
+            ForwardDir::In => self.targets.iter().any(|t| t.forward.name == f.name),
+        };
+        if taken {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("forward '{}' already exists", f.name),
+            ));
+        }
+        match dir {
+            ForwardDir::Out => {
+                let l = self.bind_listener(f)?;
+                self.listeners.push(l);
+            }
+            ForwardDir::In => {
+                let addr = endpoint_addr(&f.endpoint, false)?;
+                self.targets.push(Target { forward: f, addr });
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_forward(&mut self, dir: ForwardDir, name: &str) -> io::Result<()> {
+        let before = self.listeners.len() + self.targets.len();
+        match dir {
+            ForwardDir::Out => self.listeners.retain(|l| l.forward.name != name),
+            ForwardDir::In => self.targets.retain(|t| t.forward.name != name),
+        }
+        if self.listeners.len() + self.targets.len() == before {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no forward '{name}'"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> VproxyInfo {
+        VproxyInfo {
+            session: self.engine.session_stats(),
+            streams: self.engine.stream_stats(),
+            oforwards: self.listeners.iter().map(|l| l.forward.clone()).collect(),
+            iforwards: self.targets.iter().map(|t| t.forward.clone()).collect(),
+        }
+    }
+}
+
+impl Backend for VproxyBackend {
+    fn kind(&self) -> &'static str {
+        "vproxy"
+    }
+
+    fn filename(&self) -> String {
+        let mut s = String::from("vproxy");
+        for l in &self.listeners {
+            s.push_str(&format!(",oforward={}", l.forward));
+        }
+        for t in &self.targets {
+            s.push_str(&format!(",iforward={}", t.forward));
+        }
+        s
+    }
+
+    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
+        let mut v = Vec::with_capacity(1 + self.listeners.len() + self.conns.len());
+        if self.armed.is_some() {
+            v.push((self.timer.as_raw_fd(), Interest::READ));
+        }
+        v.extend(
+            self.listeners
+                .iter()
+                .map(|l| (l.fd.as_raw_fd(), Interest::READ)),
+        );
+        for (&id, c) in &self.conns {
+            let interest = match c.phase {
+                Phase::Connecting => Interest::WRITE,
+                Phase::Opening => continue,
+                Phase::Open => Interest {
+                    read: !c.read_eof && self.engine.send_room(id) > 0,
+                    write: !c.pending.is_empty(),
+                },
+            };
+            if interest.read || interest.write {
+                v.push((c.fd.as_raw_fd(), interest));
+            }
+        }
+        v
+    }
+
+    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
+        if fd == self.timer.as_raw_fd() {
+            let _ = self.timer.wait();
+            self.armed = None;
+            self.engine.handle_timeout(Instant::now());
+        } else if let Some(i) = self.listeners.iter().position(|l| l.fd.as_raw_fd() == fd) {
+            self.accept_on(i);
+        } else if let Some(id) = self.conn_of(fd) {
+            let connecting = self.conns.get(&id).map(|c| c.phase) == Some(Phase::Connecting);
+            if connecting {
+                self.finish_connect(id);
+            } else {
+                if readiness.writable || readiness.hangup {
+                    self.flush(id);
+                }
+                if readiness.readable || readiness.hangup {
+                    self.read_socket(id);
+                }
+            }
+        }
+        self.after();
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.engine.transmit(buf);
+        if n == 0 {
+            self.announced = false;
+        }
+        self.after();
+        Ok(n)
+    }
+
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.engine.receive(data, Instant::now());
+        self.after();
+        Ok(data.len())
+    }
+
+    fn set_input_wanted(&mut self, wanted: bool) {
+        self.input_wanted = wanted;
+        if wanted {
+            self.announced = false;
+            self.after();
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        true
+    }
+
+    fn take_events(&mut self) -> Vec<Event> {
+        self.events.take()
+    }
+
+    fn vproxy(&mut self) -> Option<&mut dyn VproxyControl> {
+        Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::poll_backends;
+    use crate::testutil::{pseudo_random, DEADLINE};
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::thread::JoinHandle;
+
+    type Cmd = Box<dyn FnOnce(&mut VproxyBackend, &mut VproxyBackend) + Send>;
+
+    /// Two backends whose channels are wired to each other, pumped by a thread.
+    struct Pair {
+        cmds: mpsc::Sender<Cmd>,
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    /// Move channel bytes from `from` to `to` in both directions' units of one read.
+    fn carry(from: &mut VproxyBackend, to: &mut VproxyBackend, buf: &mut [u8]) -> bool {
+        let mut moved = false;
+        loop {
+            let n = from.read(buf).unwrap();
+            if n == 0 {
+                return moved;
+            }
+            assert_eq!(
+                to.write(&buf[..n]).unwrap(),
+                n,
+                "the channel must always be drained"
+            );
+            moved = true;
+        }
+    }
+
+    impl Pair {
+        fn new(a: VproxySpec, b: VproxySpec) -> Pair {
+            let mut a = VproxyBackend::open("a", &a).unwrap();
+            let mut b = VproxyBackend::open("b", &b).unwrap();
+            let (cmds, rx) = mpsc::channel::<Cmd>();
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop2 = stop.clone();
+            let thread = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                while !stop2.load(Ordering::Relaxed) {
+                    while let Ok(cmd) = rx.try_recv() {
+                        cmd(&mut a, &mut b);
+                    }
+                    let moved = carry(&mut a, &mut b, &mut buf) | carry(&mut b, &mut a, &mut buf);
+                    let _ = (a.take_events(), b.take_events());
+                    let wait = if moved { 0 } else { 5 };
+                    poll_backends(&mut [&mut a, &mut b], wait).unwrap();
+                }
+            });
+            Pair {
+                cmds,
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        /// Run `f` on the two backends in the pump thread and return its result.
+        fn with<R: Send + 'static>(
+            &self,
+            f: impl FnOnce(&mut VproxyBackend, &mut VproxyBackend) -> R + Send + 'static,
+        ) -> R {
+            let (tx, rx) = mpsc::channel();
+            self.cmds
+                .send(Box::new(move |a, b| {
+                    let _ = tx.send(f(a, b));
+                }))
+                .unwrap();
+            rx.recv_timeout(DEADLINE).unwrap()
+        }
+
+        /// The port side A listens on for oforward `name`.
+        fn a_port(&self, name: &'static str) -> u16 {
+            self.with(move |a, _| {
+                let info = a.info();
+                let f = info.oforwards.iter().find(|f| f.name == name).unwrap();
+                match &f.endpoint {
+                    Endpoint::Tcp { port, .. } => *port,
+                    Endpoint::Unix(_) => panic!("not tcp"),
+                }
+            })
+        }
+    }
+
+    impl Drop for Pair {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn spec(oforwards: &[&str], iforwards: &[&str]) -> VproxySpec {
+        VproxySpec {
+            oforwards: oforwards
+                .iter()
+                .map(|s| super::super::forward::parse_oforward(s).unwrap())
+                .collect(),
+            iforwards: iforwards
+                .iter()
+                .map(|s| super::super::forward::parse_iforward(s).unwrap())
+                .collect(),
+            rate: None,
+            window: None,
+        }
+    }
+
+    /// A tcp echo server on loopback serving every connection in its own thread; its port.
+    fn echo_server() -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut s);
+                    let _ = s.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        port
+    }
+
+    fn connect(port: u16) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s
+    }
+
+    #[test]
+    fn tcp_echo_through_oforward_and_iforward_with_half_close() {
+        let echo = echo_server();
+        let pair = Pair::new(
+            spec(&["echo:0"], &[]),
+            spec(&[], &[&format!("echo:127.0.0.1:{echo}")]),
+        );
+        let mut c = connect(pair.a_port("echo"));
+        c.write_all(b"hello through vproxy").unwrap();
+        let mut got = [0u8; 20];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello through vproxy");
+        // Half-close: our EOF reaches the echo server, whose EOF comes back after the data.
+        c.write_all(b"last words").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"last words");
+        // Both directions finished: the stream is freed on both sides.
+        let end = Instant::now() + DEADLINE;
+        while pair.with(|a, b| a.info().streams.len() + b.info().streams.len()) > 0 {
+            assert!(Instant::now() < end, "streams not freed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn unix_oforward_to_unix_iforward() {
+        let dir = tempfile::tempdir().unwrap();
+        let server_path = dir.path().join("server.sock");
+        let listen_path = dir.path().join("listen.sock");
+        let l = UnixListener::bind(&server_path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut line = [0u8; 4];
+            s.read_exact(&mut line).unwrap();
+            s.write_all(b"pong").unwrap();
+        });
+        let _pair = Pair::new(
+            spec(&[&format!("svc:unix:{}", listen_path.display())], &[]),
+            spec(&[], &[&format!("svc:unix:{}", server_path.display())]),
+        );
+        let mut c = UnixStream::connect(&listen_path).unwrap();
+        c.set_read_timeout(Some(DEADLINE)).unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"pong");
+    }
+
+    /// A connection the peer refuses is closed without data.
+    fn assert_refused(port: u16) {
+        let mut c = connect(port);
+        let _ = c.write_all(b"anyone?");
+        let mut got = Vec::new();
+        match c.read_to_end(&mut got) {
+            Ok(_) => assert!(got.is_empty(), "refused stream gave {got:?}"),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+
+    #[test]
+    fn unknown_service_and_failed_connect_are_refused() {
+        // Nothing listens on the port of a listener we closed.
+        let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let pair = Pair::new(
+            spec(&["nosuch:0", "down:0"], &[]),
+            spec(&[], &[&format!("down:127.0.0.1:{dead_port}")]),
+        );
+        assert_refused(pair.a_port("nosuch"));
+        assert_refused(pair.a_port("down"));
+        let failures = pair.with(|a, _| a.info().streams.len());
+        assert_eq!(failures, 0, "refused streams must be freed");
+    }
+
+    #[test]
+    fn twenty_concurrent_streams_checksummed() {
+        const STREAMS: usize = 20;
+        const BYTES: usize = 200 * 1024;
+        let echo = echo_server();
+        let pair = Pair::new(
+            spec(&["echo:0"], &[]),
+            spec(&[], &[&format!("echo:127.0.0.1:{echo}")]),
+        );
+        let port = pair.a_port("echo");
+        let clients: Vec<_> = (0..STREAMS)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    // A different pseudo-random payload per stream.
+                    let data = pseudo_random(BYTES, i as u64);
+                    let c = connect(port);
+                    let mut w = c.try_clone().unwrap();
+                    let sent = data.clone();
+                    let writer = std::thread::spawn(move || {
+                        w.write_all(&sent).unwrap();
+                        w.shutdown(Shutdown::Write).unwrap();
+                    });
+                    let mut got = Vec::with_capacity(BYTES);
+                    (&c).read_to_end(&mut got).unwrap();
+                    writer.join().unwrap();
+                    let sum = |d: &[u8]| {
+                        d.iter().fold(0u64, |h, &b| {
+                            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3)
+                        })
+                    };
+                    assert_eq!(got.len(), BYTES, "stream {i} length");
+                    assert_eq!(sum(&got), sum(&data), "stream {i} checksum");
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn forwards_added_and_removed_at_run_time() {
+        let echo = echo_server();
+        let pair = Pair::new(spec(&[], &[]), spec(&[], &[]));
+        let echo_fwd = format!("echo:127.0.0.1:{echo}");
+        pair.with(move |a, b| {
+            let o = super::super::forward::parse_oforward("echo:0").unwrap();
+            a.vproxy().unwrap().add_forward(ForwardDir::Out, o).unwrap();
+            let i = super::super::forward::parse_iforward(&echo_fwd).unwrap();
+            b.vproxy()
+                .unwrap()
+                .add_forward(ForwardDir::In, i.clone())
+                .unwrap();
+            let again = b.vproxy().unwrap().add_forward(ForwardDir::In, i);
+            assert_eq!(again.unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        });
+        let port = pair.a_port("echo");
+        let mut live = connect(port);
+        live.write_all(b"one").unwrap();
+        let mut got = [0u8; 3];
+        live.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"one");
+
+        // Removing the oforward closes the listener but not the stream it carries.
+        pair.with(|a, _| {
+            let c = a.vproxy().unwrap();
+            c.remove_forward(ForwardDir::Out, "echo").unwrap();
+            assert_eq!(
+                c.remove_forward(ForwardDir::Out, "echo")
+                    .unwrap_err()
+                    .kind(),
+                io::ErrorKind::NotFound
+            );
+            assert!(c.info().oforwards.is_empty());
+        });
+        assert_eq!(
+            TcpStream::connect(("127.0.0.1", port)).unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
+        live.write_all(b"two").unwrap();
+        live.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"two");
+
+        // Without the iforward, the peer's service is gone for new streams.
+        pair.with(|a, b| {
+            b.vproxy()
+                .unwrap()
+                .remove_forward(ForwardDir::In, "echo")
+                .unwrap();
+            let o = super::super::forward::parse_oforward("echo:0").unwrap();
+            a.vproxy().unwrap().add_forward(ForwardDir::Out, o).unwrap();
+        });
+        assert_refused(pair.a_port("echo"));
+        live.write_all(b"three").unwrap();
+        let mut got = [0u8; 5];
+        live.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"three");
+        let info = pair.with(|a, _| a.info());
+        assert_eq!(info.streams.len(), 1);
+        assert!(info.session.up);
+    }
+}
