@@ -17,7 +17,7 @@ use crate::machine::{capitalize, describe, DeviceSpec, Machine};
 use crate::protocol::{
     QmpError, PACKAGE, QEMU_VERSION_MAJOR, QEMU_VERSION_MICRO, QEMU_VERSION_MINOR,
 };
-use crate::{hmp, sys};
+use crate::{hmp, sys, vproxy};
 
 /// Every command the dispatcher answers, in `query-commands` order.
 pub const COMMANDS: &[&str] = &[
@@ -46,6 +46,9 @@ pub const COMMANDS: &[&str] = &[
     "device_del",
     "human-monitor-command",
     "query-virtio-serial",
+    "vproxy-forward-add",
+    "vproxy-forward-remove",
+    "query-vproxy",
 ];
 
 /// Most bytes one `ringbuf-read` returns (it may always return fewer than asked).
@@ -370,6 +373,29 @@ pub fn execute(
         "query-virtio-serial" => {
             a.finish()?;
             return Ok(query_virtio_serial(ctx));
+        }
+        "vproxy-forward-add" => {
+            let id = a.str("id")?;
+            let dir = a.opt_enum("direction", vproxy::DIRECTIONS)?;
+            let forward = a.str("forward")?;
+            a.finish()?;
+            let dir = dir.ok_or_else(|| QmpError::generic("Parameter 'direction' is missing"))?;
+            vproxy::forward_add(ctx.machine.chardevs(), id, dir, forward)?;
+            return ok();
+        }
+        "vproxy-forward-remove" => {
+            let id = a.str("id")?;
+            let dir = a.opt_enum("direction", vproxy::DIRECTIONS)?;
+            let name = a.str("name")?;
+            a.finish()?;
+            let dir = dir.ok_or_else(|| QmpError::generic("Parameter 'direction' is missing"))?;
+            vproxy::forward_remove(ctx.machine.chardevs(), id, dir, name)?;
+            return ok();
+        }
+        "query-vproxy" => {
+            let id = a.opt_str("id")?;
+            a.finish()?;
+            return vproxy::query(ctx.machine.chardevs(), id);
         }
         other => {
             return Err(QmpError::command_not_found(format!(

@@ -14,7 +14,8 @@
 //! - [`hub`]: [`Monitor`], all of a VM's monitors behind one object;
 //! - [`events`], [`fdstore`]: the event queue and the named-fd store;
 //! - [`instance`]: the runtime directory, instance file, listing and stale cleanup;
-//! - [`client`]: a small blocking QMP client (`minivmm qmp NAME CMD`).
+//! - [`client`]: a small blocking QMP client (`minivmm qmp NAME CMD`);
+//! - [`vproxy`]: the vproxy forward commands and `query-vproxy`.
 //!
 //! This crate depends on `chardev` only among minivmm's crates.
 
@@ -31,6 +32,7 @@ pub mod machine;
 pub mod protocol;
 pub mod server;
 mod sys;
+pub mod vproxy;
 
 pub use chardev_mon::{ChardevMonitor, MonitorMode};
 pub use client::{qmp_command, ClientError, QmpClient};

@@ -24,6 +24,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::engine::{Engine, EngineConfig, EngineEvent, SessionStats, StreamId, StreamStats};
@@ -179,6 +180,9 @@ pub struct VproxyBackend {
     targets: Vec<Target>,
     conns: BTreeMap<StreamId, Conn>,
     events: EventQueue,
+    /// Signalled when a control call changed the fds to poll (a listener added or removed), so
+    /// the event loop, which may not be the caller, wakes and re-reads `poll_fds`.
+    changed: EventFd,
     /// A `Readable` was announced and the frontend has not pulled everything since.
     announced: bool,
     input_wanted: bool,
@@ -208,6 +212,8 @@ impl VproxyBackend {
             targets: Vec::new(),
             conns: BTreeMap::new(),
             events: EventQueue::default(),
+            changed: EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| Error::io(id, "create eventfd for", "vproxy", e))?,
             announced: false,
             input_wanted: true,
         };
@@ -500,6 +506,15 @@ impl VproxyBackend {
     }
 }
 
+impl VproxyBackend {
+    /// Wake the event loop to re-read `poll_fds` after a control call.
+    fn fds_changed(&self) {
+        if let Err(e) = self.changed.write(1) {
+            log::warn!("chardev '{}': cannot wake the event loop: {e}", self.id);
+        }
+    }
+}
+
 impl VproxyControl for VproxyBackend {
     fn add_forward(&mut self, dir: ForwardDir, f: Forward) -> io::Result<()> {
         let taken = match dir {
@@ -516,6 +531,7 @@ impl VproxyControl for VproxyBackend {
             ForwardDir::Out => {
                 let l = self.bind_listener(f)?;
                 self.listeners.push(l);
+                self.fds_changed();
             }
             ForwardDir::In => {
                 let addr = endpoint_addr(&f.endpoint, false)?;
@@ -537,6 +553,7 @@ impl VproxyControl for VproxyBackend {
                 format!("no forward '{name}'"),
             ));
         }
+        self.fds_changed();
         Ok(())
     }
 
@@ -567,7 +584,8 @@ impl Backend for VproxyBackend {
     }
 
     fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        let mut v = Vec::with_capacity(1 + self.listeners.len() + self.conns.len());
+        let mut v = Vec::with_capacity(2 + self.listeners.len() + self.conns.len());
+        v.push((self.changed.as_raw_fd(), Interest::READ));
         if self.armed.is_some() {
             v.push((self.timer.as_raw_fd(), Interest::READ));
         }
@@ -593,7 +611,10 @@ impl Backend for VproxyBackend {
     }
 
     fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
-        if fd == self.timer.as_raw_fd() {
+        if fd == self.changed.as_raw_fd() {
+            // Only the wakeup matters: the caller re-reads `poll_fds` after this.
+            let _ = self.changed.read();
+        } else if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
             self.armed = None;
             self.engine.handle_timeout(Instant::now());
