@@ -14,18 +14,22 @@ SHELL   := /bin/bash
 BUILD   := build
 KERNEL  := $(BUILD)/guest/vmlinux
 INITRD  := $(BUILD)/initramfs.cpio
+# The same image plus /bin/minivmm-vp (1.5 MB of static binary costs seconds of every boot
+# here, so only the guests that use vproxy, and `make run`, carry it).
+INITRD_VP := $(BUILD)/initramfs-vp.cpio
 MINIVMM := target/release/minivmm
 PYENV   := $(BUILD)/pyenv
 # QEMU's Python QMP library, pinned: tests/qmp_client.py drives minivmm through it.
 QEMU_QMP_VERSION := 0.0.6
 # The vproxy endpoint, static so that it runs in the busybox initramfs.
 VP_TARGET := x86_64-unknown-linux-gnu
-VP      := target/$(VP_TARGET)/release/minivmm-vp
+VP      := target/$(VP_TARGET)/vp/minivmm-vp
 # The options the test kernel needs on this machine's nested KVM; see resources/README.md.
 GUEST_CMDLINE := console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt
 
 export MINIVMM_KERNEL := $(abspath $(KERNEL))
 export MINIVMM_INITRD := $(abspath $(INITRD))
+export MINIVMM_INITRD_VP := $(abspath $(INITRD_VP))
 export MINIVMM_BIN    := $(abspath $(MINIVMM))
 
 .PHONY: all guest build vp run test bench lint stock deps pyenv clean FORCE
@@ -35,27 +39,30 @@ all: build
 deps:
 	@bash resources/deps.sh
 
-guest: $(KERNEL) $(INITRD)
+guest: $(KERNEL) $(INITRD) $(INITRD_VP)
 
 # The kernel script caches by source version, fragment and patches: cheap when nothing changed.
 $(KERNEL): FORCE
 	@bash resources/guest/build-kernel.sh $(BUILD)/guest >/dev/null
 
-$(INITRD): vp FORCE
-	@VP=$(VP) bash resources/initramfs/build.sh $(INITRD)
+$(INITRD): FORCE
+	@bash resources/initramfs/build.sh $(INITRD)
+
+$(INITRD_VP): vp FORCE
+	@VP=$(VP) bash resources/initramfs/build.sh $(INITRD_VP)
 
 build:
 	cargo build --release -p vmm
 
 # Stripped: the initramfs is unpacked by emulated ring-0 code, every MB costs seconds.
 vp:
-	@RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=symbols \
-	    cargo build --release -p chardev --bin minivmm-vp --target $(VP_TARGET)
+	@RUSTFLAGS='-C target-feature=+crt-static' \
+	    cargo build --profile vp -p chardev --bin minivmm-vp --target $(VP_TARGET)
 	@echo $(VP)
 
 run: guest build
 	@echo "minivmm: Ctrl-C goes to the guest; Ctrl-A x quits, Ctrl-A h for help; poweroff ends the VM"
-	$(MINIVMM) --kernel $(KERNEL) --initrd $(INITRD) --append "$(GUEST_CMDLINE)" --memory 256M --serial mon:stdio
+	$(MINIVMM) --kernel $(KERNEL) --initrd $(INITRD_VP) --append "$(GUEST_CMDLINE)" --memory 256M --serial mon:stdio
 
 pyenv: $(PYENV)/.qemu.qmp-$(QEMU_QMP_VERSION)
 

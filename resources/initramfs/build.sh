@@ -14,7 +14,8 @@ out=${1:?usage: build.sh OUT.cpio [HOST_FILE:GUEST_PATH ...]}
 shift
 if [ -n "${VP:-}" ]; then
     [ -f "$VP" ] || { echo "initramfs: VP=$VP: no such file" >&2; exit 1; }
-    if ldd "$VP" >/dev/null 2>&1; then
+    # A dynamic executable names its loader (PT_INTERP); a static or static-pie one does not.
+    if LC_ALL=C readelf -l "$VP" | grep -q "program interpreter"; then
         echo "initramfs: $VP is not statically linked (build it with make vp)" >&2
         exit 1
     fi

@@ -63,10 +63,17 @@ pub fn test_kernel() -> PathBuf {
 
 /// The test initramfs (`$MINIVMM_INITRD`, default `build/initramfs.cpio`).
 pub fn test_initrd() -> PathBuf {
-    let p = from_env_or(
-        "MINIVMM_INITRD",
-        workspace_root().join("build/initramfs.cpio"),
-    );
+    initrd_from("MINIVMM_INITRD", "build/initramfs.cpio")
+}
+
+/// The test initramfs with `/bin/minivmm-vp` (`$MINIVMM_INITRD_VP`, default
+/// `build/initramfs-vp.cpio`).
+pub fn test_initrd_vp() -> PathBuf {
+    initrd_from("MINIVMM_INITRD_VP", "build/initramfs-vp.cpio")
+}
+
+fn initrd_from(var: &str, default: &str) -> PathBuf {
+    let p = from_env_or(var, workspace_root().join(default));
     assert!(
         p.exists(),
         "test initramfs {} missing: run `make guest`",

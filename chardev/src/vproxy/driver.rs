@@ -81,6 +81,26 @@ pub trait VproxyControl {
     fn info(&self) -> VproxyInfo;
 }
 
+/// Make the next close of socket `fd` send a TCP reset (SO_LINGER on with a zero timeout).
+/// Unix sockets have no such thing: their peer sees an abort as an ordinary end of stream, so
+/// a client that must tell a truncated stream from a complete one uses a TCP forward.
+fn abort_socket(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads one linger struct, which lives on this frame, on an fd we own.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::addr_of!(linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
 /// A random session id from the kernel's generator (getrandom(2)); on the unlikely failure,
 /// the clock and pid mixed, which still differs between runs.
 pub fn random_session_id() -> u64 {
@@ -325,7 +345,7 @@ impl VproxyBackend {
                     "chardev '{}': vproxy stream {id} refused: {reason}",
                     self.id
                 );
-                self.conns.remove(&id);
+                self.abort(id);
             }
             EngineEvent::Readable { id } => self.flush(id),
             // Send room is checked by poll_fds; nothing to do until the socket is readable.
@@ -338,7 +358,7 @@ impl VproxyBackend {
             }
             EngineEvent::Reset { id, reason } => {
                 log::debug!("chardev '{}': vproxy stream {id} reset: {reason}", self.id);
-                self.conns.remove(&id);
+                self.abort(id);
             }
             EngineEvent::Closed { id } => {
                 if let Some(c) = self.conns.get_mut(&id) {
@@ -382,6 +402,14 @@ impl VproxyBackend {
         }
     }
 
+    /// Drop stream `id`'s connection with a TCP reset rather than a FIN, so that its client
+    /// sees an abort (ECONNRESET), never an orderly end after truncated data.
+    fn abort(&mut self, id: StreamId) {
+        if let Some(c) = self.conns.remove(&id) {
+            abort_socket(c.fd.as_raw_fd());
+        }
+    }
+
     /// An outgoing connect finished.
     fn finish_connect(&mut self, id: StreamId) {
         let Some(c) = self.conns.get_mut(&id) else {
@@ -420,12 +448,15 @@ impl VproxyBackend {
                 Ok(id) => {
                     self.conns.insert(id, Conn::new(fd, Phase::Opening));
                 }
-                // Dropping the connection closes it: the client sees the refusal at once.
-                Err(e) => log::warn!(
+                // Aborting the connection closes it: the client sees the refusal at once.
+                Err(e) => {
+                    abort_socket(fd.as_raw_fd());
+                    log::warn!(
                     "chardev '{}': vproxy cannot open '{}': {e}",
                     self.id,
                     l.forward.name
-                ),
+                    );
+                }
             }
         }
     }

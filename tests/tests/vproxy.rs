@@ -1,0 +1,303 @@
+//! vproxy end to end: a Linux guest runs `minivmm-vp` on a virtio-console port and on a paced
+//! 115200-baud UART (COM2), with an echo service (busybox `nc -ll -e cat`) and a web server
+//! (busybox `httpd`; the echo server's listen backlog is its number of `-l` flags, so it gets
+//! 128 of them to take 100 connections at once); the host side is minivmm's `vproxy` chardev. One boot (and one reset)
+//! checks, in order:
+//!
+//! - guest → host: the guest's `nc` reaches a host TCP service through an iforward, over
+//!   virtio and over the UART;
+//! - host → guest: an HTTP GET through an oforward reaches the guest's httpd;
+//! - 100 concurrent echo streams over virtio, and 4 over the UART, each checksummed;
+//! - forwards added and removed over QMP while running, `query-vproxy` counters;
+//! - a VM reset in the middle of a transfer: the open stream ends (never silently corrupted),
+//!   the guest comes back with a new session and the same host forwards work again.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use monitor::client::QmpClient;
+use serde_json::{json, Value};
+use tests::{require_kvm, run64, test_cmdline, test_initrd_vp, test_kernel, Vmm};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const STEP_TIMEOUT: Duration = Duration::from_secs(300);
+/// Concurrent streams over the virtio port, and bytes each sends (and gets back).
+const VIRTIO_STREAMS: usize = 100;
+const VIRTIO_BYTES: usize = 2048;
+/// Concurrent streams over the 115200-baud UART, and bytes each.
+const UART_STREAMS: usize = 4;
+const UART_BYTES: usize = 1024;
+/// Marker the guest prints once its endpoints and services run (each boot).
+const UP: &str = "VP-UP";
+
+/// The guest's part, run by /init at every boot.
+const GUEST_SCRIPT: &str = "ip link set lo up\n\
+mkdir -p /tmp/www; echo vproxy-web-ok >/tmp/www/index.html; httpd -p 127.0.0.1:80 -h /tmp/www\n\
+L=; for i in $(seq 128); do L=\"$L -l\"; done; nc $L -p 7 -e cat &\n\
+minivmm-vp --channel /dev/virtio-ports/org.minivmm.vproxy --iforward echo:127.0.0.1:7 --iforward web:127.0.0.1:80 --oforward hostsvc:127.0.0.1:9000 &\n\
+minivmm-vp --channel tty:/dev/ttyS1,speed=115200 --iforward echo:127.0.0.1:7 --oforward hostsvc:127.0.0.1:9001 &\n\
+until netstat -ltn | grep -q ':9001 '; do sleep 0.5; done\n\
+echo VP-UP\n\
+echo g2h-virtio=$(echo ping-v | nc 127.0.0.1 9000)\n\
+echo g2h-uart=$(echo ping-u | nc 127.0.0.1 9001)\n\
+while :; do sleep 1000; done\n";
+
+/// A deterministic payload, different for every stream.
+fn payload(seed: usize, n: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9u32 ^ (seed as u32).wrapping_mul(0x85EB_CA6B);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Connect to a unix oforward, retrying while the listener is not there yet.
+fn connect(path: &Path) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => {
+                s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+                return s;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "connect {}: {e}", path.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Send `data` through the echo service behind `path`, half-close, and return what came back.
+fn echo(path: &Path, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = connect(path);
+    let mut writer = s.try_clone()?;
+    let data = data.to_vec();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        writer.write_all(&data)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)?;
+    sender.join().expect("sender thread")?;
+    Ok(back)
+}
+
+/// Run `streams` echo streams of `bytes` each at once through `path`; every one must come
+/// back byte-identical.
+fn echo_many(path: &Path, streams: usize, bytes: usize) {
+    let started = Instant::now();
+    let workers: Vec<_> = (0..streams)
+        .map(|i| {
+            let path = path.to_path_buf();
+            std::thread::spawn(move || {
+                let data = payload(i, bytes);
+                let back = echo(&path, &data).unwrap_or_else(|e| panic!("stream {i}: {e}"));
+                assert_eq!(back.len(), data.len(), "stream {i}: length");
+                assert!(back == data, "stream {i}: data differs");
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("echo stream");
+    }
+    eprintln!(
+        "{streams} echo streams of {bytes} bytes through {} in {:?}",
+        path.display(),
+        started.elapsed()
+    );
+}
+
+/// A host TCP service: answers each connection's first line with `pong:LINE` and closes.
+fn host_service() -> (u16, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_ok() {
+                    let mut w = conn;
+                    let _ = w.write_all(format!("pong:{line}").as_bytes());
+                }
+            });
+        }
+    });
+    (port, handle)
+}
+
+fn qmp_ok(qmp: &mut QmpClient, cmd: &str, args: Value) -> Value {
+    let a = qmp.execute(cmd, Some(args)).expect("qmp");
+    assert!(a.get("return").is_some(), "{cmd}: {a}");
+    a["return"].clone()
+}
+
+fn vproxy_info(qmp: &mut QmpClient, id: &str) -> Value {
+    qmp_ok(qmp, "query-vproxy", json!({"id": id}))[0].clone()
+}
+
+#[test]
+fn streams_both_ways_over_virtio_and_uart_with_forward_changes_and_a_reset() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| -> PathBuf { dir.path().join(name) };
+    let (port, _service) = host_service();
+    let vp0 = format!(
+        "vproxy,id=vp0,oforward=echo:unix:{},oforward=web:unix:{},iforward=hostsvc:127.0.0.1:{port}",
+        p("echo.sock").display(),
+        p("web.sock").display()
+    );
+    let vp1 = format!(
+        "vproxy,id=vp1,rate=11520,oforward=echo:unix:{},iforward=hostsvc:127.0.0.1:{port}",
+        p("echo-uart.sock").display()
+    );
+    let kernel = test_kernel();
+    let initrd = test_initrd_vp();
+    let qmp_path = p("qmp.sock");
+    let mut vm = Vmm::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        &test_cmdline(&run64(GUEST_SCRIPT)),
+        "--serial",
+        "stdio",
+        "--chardev",
+        &vp0,
+        "--device",
+        "virtserialport,chardev=vp0,name=org.minivmm.vproxy",
+        "--chardev",
+        &vp1,
+        "--device",
+        "isa-serial,chardev=vp1,index=1",
+        "--monitor",
+        qmp_path.to_str().unwrap(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !qmp_path.exists() {
+        assert!(Instant::now() < deadline, "no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut qmp = QmpClient::connect(&qmp_path, Duration::from_secs(30)).expect("qmp");
+    qmp.negotiate().unwrap();
+    vm.wait_for(UP, BOOT_TIMEOUT);
+
+    // Guest -> host through iforwards, over both channels.
+    let line = vm.wait_for("g2h-virtio=", STEP_TIMEOUT);
+    assert!(line.contains("g2h-virtio=pong:ping-v"), "{line}");
+    let line = vm.wait_for("g2h-uart=", STEP_TIMEOUT);
+    assert!(line.contains("g2h-uart=pong:ping-u"), "{line}");
+
+    // Host -> guest: HTTP through an oforward.
+    let mut web = connect(&p("web.sock"));
+    web.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut page = String::new();
+    web.read_to_string(&mut page).unwrap();
+    assert!(page.contains("vproxy-web-ok"), "{page}");
+
+    // Many streams at once, checksummed, over virtio and over the paced UART.
+    echo_many(&p("echo.sock"), VIRTIO_STREAMS, VIRTIO_BYTES);
+    echo_many(&p("echo-uart.sock"), UART_STREAMS, UART_BYTES);
+    let info = vproxy_info(&mut qmp, "vp0");
+    assert_eq!(info["session"]["up"], true, "{info}");
+    assert!(
+        info["session"]["bytes-rx"].as_u64().unwrap() >= (VIRTIO_STREAMS * VIRTIO_BYTES) as u64,
+        "{info}"
+    );
+    assert_eq!(info["session"]["crc-errors"], 0, "{info}");
+    let uart = vproxy_info(&mut qmp, "vp1");
+    assert_eq!(uart["session"]["up"], true, "{uart}");
+
+    // Forwards change at run time.
+    let extra = p("echo2.sock");
+    qmp_ok(
+        &mut qmp,
+        "vproxy-forward-add",
+        json!({"id": "vp0", "direction": "out",
+               "forward": format!("echo:unix:{}", extra.display())}),
+    );
+    // The name is taken: a second oforward to the same service needs a name of its own.
+    let dup = qmp
+        .execute(
+            "vproxy-forward-add",
+            Some(json!({"id": "vp0", "direction": "out",
+                        "forward": format!("echo:unix:{}", extra.display())})),
+        )
+        .unwrap();
+    assert!(dup.get("error").is_some(), "{dup}");
+    qmp_ok(
+        &mut qmp,
+        "vproxy-forward-remove",
+        json!({"id": "vp0", "direction": "out", "name": "echo"}),
+    );
+    assert!(
+        UnixStream::connect(p("echo.sock")).is_err(),
+        "removed oforward still accepts"
+    );
+    qmp_ok(
+        &mut qmp,
+        "vproxy-forward-add",
+        json!({"id": "vp0", "direction": "out",
+               "forward": format!("echo:unix:{}", p("echo.sock").display())}),
+    );
+    assert_eq!(echo(&p("echo.sock"), b"again").unwrap(), b"again");
+    qmp_ok(
+        &mut qmp,
+        "vproxy-forward-add",
+        json!({"id": "vp0", "direction": "in", "forward": "extra:127.0.0.1:1"}),
+    );
+    let info = vproxy_info(&mut qmp, "vp0");
+    assert!(
+        info["iforwards"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("extra:127.0.0.1:1")),
+        "{info}"
+    );
+    qmp_ok(
+        &mut qmp,
+        "vproxy-forward-remove",
+        json!({"id": "vp0", "direction": "in", "name": "extra"}),
+    );
+
+    // A reset in the middle of a transfer: the stream ends, never silently corrupted; after
+    // the guest is back, the same forwards carry new streams.
+    let mut s = connect(&p("echo.sock"));
+    let first = payload(7, 512);
+    s.write_all(&first).unwrap();
+    let mut got = vec![0u8; first.len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, first);
+    let resets_before = vproxy_info(&mut qmp, "vp0")["session"]["session-resets"]
+        .as_u64()
+        .unwrap();
+    qmp_ok(&mut qmp, "system_reset", json!({}));
+    // Whatever was in flight: the stream ends with EOF or an error, and what it delivered is
+    // a prefix of what was sent.
+    let more = payload(8, 4096);
+    let _ = s.write_all(&more);
+    let mut tail = Vec::new();
+    let _ = s.read_to_end(&mut tail);
+    assert!(more.starts_with(&tail), "bytes after the reset are not what was sent");
+    vm.wait_for(UP, BOOT_TIMEOUT);
+    echo_many(&p("echo.sock"), 10, VIRTIO_BYTES);
+    echo_many(&p("echo-uart.sock"), 1, UART_BYTES);
+    let info = vproxy_info(&mut qmp, "vp0");
+    assert!(
+        info["session"]["session-resets"].as_u64().unwrap() > resets_before,
+        "no new session after the reset: {info}"
+    );
+
+    qmp_ok(&mut qmp, "quit", json!({}));
+    assert_eq!(vm.wait_exit(Duration::from_secs(60)).code(), Some(0));
+}
