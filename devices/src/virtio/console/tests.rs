@@ -923,3 +923,61 @@ proptest! {
         prop_assert_eq!(rig.d.irq.level(), status != 0);
     }
 }
+
+/// A machine reset (the bus's reset, not the driver's Status write): the transport goes back
+/// to status 0 and the ports forget the guest, but keep their backends and host connection;
+/// the next guest redoes the handshake and finds the ports as the first one did.
+#[test]
+fn machine_reset_keeps_ports_and_backends_for_the_next_guest() {
+    let mut rig = Rig::new(&three_ports());
+    rig.handshake();
+    rig.open(1, true);
+    rig.d.run();
+    rig.console().take_events();
+    assert!(rig.console().port_info("p1").unwrap().guest_open);
+
+    BusDevice::reset(&mut rig.d.dev);
+    assert_eq!(rig.d.status(), 0);
+    assert!(!rig.d.dev.is_activated());
+    let closed: Vec<(String, bool)> = rig
+        .console()
+        .take_events()
+        .into_iter()
+        .map(|e| (e.port_id, e.open))
+        .collect();
+    assert_eq!(closed, vec![("p1".to_string(), false)]);
+    let p1 = rig.console().port_info("p1").unwrap();
+    assert!(!p1.guest_open);
+    assert!(p1.host_connected, "the backend's peer is still there");
+    assert_eq!(rig.console().ports().len(), 3);
+
+    // The rebooted guest's driver starts from scratch and learns the same ports.
+    let queues: Vec<(u16, u16)> = (0..2 * (MAX_PORTS as u16 + 1))
+        .map(|q| {
+            (
+                q,
+                if q == CRX || q == CTX {
+                    CTRL_SIZE
+                } else {
+                    DATA_SIZE
+                },
+            )
+        })
+        .collect();
+    rig.d.start(multiport_features(), &queues);
+    rig.d.run();
+    let msgs = rig.handshake();
+    let adds = msgs
+        .iter()
+        .filter(|(h, _)| h.event == VIRTIO_CONSOLE_PORT_ADD)
+        .count();
+    assert_eq!(adds, 3);
+    assert!(msgs
+        .iter()
+        .any(|(h, _)| (h.id, h.event, h.value) == (1, VIRTIO_CONSOLE_PORT_OPEN, 1)));
+    rig.open(1, true);
+    rig.d.post_out(tx(1), b"again");
+    rig.d.notify(tx(1));
+    rig.d.run();
+    assert_eq!(rig.be(1).out, b"again");
+}
