@@ -624,5 +624,69 @@ mod tests {
         assert_eq!(VmExit::PowerOff.status(), 0);
         assert_eq!(VmExit::Crash(String::new()).status(), 1);
         assert_eq!(VmExit::Signal(15).status(), 143);
+        assert_eq!(VmExit::Reset(ShutdownCause::GuestReset).status(), 0);
+        assert_eq!(VmExit::ResetFailed(String::new()).status(), 1);
+    }
+
+    #[test]
+    fn a_reset_request_reboots_or_exits_as_told() {
+        let latch = ExitLatch::new(ResetAction::Reboot).unwrap();
+        latch.request_reset(ShutdownCause::HostQmpSystemReset);
+        latch.request_reset(ShutdownCause::GuestReset);
+        assert!(!latch.stopping());
+        assert_eq!(
+            latch.pending_reset(),
+            Some(ShutdownCause::HostQmpSystemReset)
+        );
+        assert_eq!(latch.event().read().unwrap(), 2);
+        latch.clear_reset();
+        assert_eq!(latch.pending_reset(), None);
+
+        let latch = ExitLatch::new(ResetAction::Exit).unwrap();
+        devices::power::PowerControl::request(&*latch, devices::power::PowerEvent::Reset);
+        assert!(latch.stopping());
+        assert_eq!(latch.pending_reset(), None);
+        assert_eq!(
+            latch.reason(),
+            Some(VmExit::Reset(ShutdownCause::GuestReset))
+        );
+    }
+
+    /// Two vCPU-like threads park on a reset request, each carries out the order on its own
+    /// thread, and they leave only when the reset is cleared.
+    #[test]
+    fn reset_order_reaches_every_parked_thread() {
+        VcpuControl::install_kick_handler().unwrap();
+        let control = VcpuControl::new();
+        let exit = ExitLatch::new(ResetAction::Reboot).unwrap();
+        let done = Arc::new(Mutex::new(Vec::new()));
+        exit.request_reset(ShutdownCause::GuestReset);
+        let mut threads = Vec::new();
+        for id in 0..2u8 {
+            let (control2, exit2, done2) = (control.clone(), exit.clone(), done.clone());
+            let t = std::thread::spawn(move || {
+                control2.park(id, &exit2, &mut |mode| {
+                    lock(&done2).push((id, mode));
+                    Ok(())
+                });
+            });
+            control.register(id, t.as_pthread_t());
+            threads.push(t);
+        }
+        assert!(control.park_all(&exit));
+        let mode = EntryMode::Pvh { entry: 0x10_0000 };
+        assert_eq!(control.order_reset(mode, &exit), Ok(()));
+        let mut seen = lock(&done).clone();
+        seen.sort_by_key(|&(id, _)| id);
+        assert_eq!(seen, vec![(0, mode), (1, mode)]);
+        assert!(
+            threads.iter().all(|t| !t.is_finished()),
+            "held until cleared"
+        );
+        exit.clear_reset();
+        control.release();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 }
