@@ -133,15 +133,20 @@ impl SerialPort {
     /// connection state. Output held in the UART goes to the new backend.
     pub fn replace_backend(&mut self, backend: Box<dyn Backend>) -> Box<dyn Backend> {
         let old = std::mem::replace(&mut self.backend, backend);
+        self.resync_backend();
+        old
+    }
+
+    /// Forget what the backend was told, so the next service tells it again, and take the
+    /// modem inputs from its connection state. No input waited on the line: the first
+    /// character arrives when it is read, not in slots missed before.
+    fn resync_backend(&mut self) {
         self.sent_params = None;
         self.sent_break = false;
         self.input_wanted = None;
-        // No input of the new backend waited on this line: its first character arrives when
-        // it is read, not in slots missed before.
         self.serial.set_input_waiting(false);
         self.serial.set_modem_inputs(modem_for(&*self.backend));
         self.write_kick();
-        old
     }
 
     /// Machine reset: the UART back to its power-on registers ([`Serial::reset`]), the
@@ -149,12 +154,7 @@ impl SerialPort {
     /// parameters and break state on the next [`SerialPort::service`], which the kick asks for.
     pub fn reset(&mut self) {
         self.serial.reset();
-        self.sent_params = None;
-        self.sent_break = false;
-        self.input_wanted = None;
-        self.serial.set_input_waiting(false);
-        self.serial.set_modem_inputs(modem_for(&*self.backend));
-        self.write_kick();
+        self.resync_backend();
     }
 
     /// The UART.
