@@ -16,6 +16,10 @@ pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// The guest writes `data` at `offset` inside the device's range.
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// Machine reset (a guest reboot, `system_reset`): back to the power-on state the guest
+    /// sees, keeping what belongs to the host (chardev backends, their peers, configuration).
+    /// Runs on the event-loop thread while every vCPU is parked.
+    fn reset(&mut self);
 }
 
 /// Errors from building a bus.
@@ -104,6 +108,18 @@ impl Bus {
             None => false,
         }
     }
+
+    /// Reset every device on the bus ([`BusDevice::reset`]), each once, in address order.
+    pub fn reset_devices(&self) {
+        let mut done: Vec<&SharedDevice> = Vec::new();
+        for entry in self.ranges.values() {
+            if done.iter().any(|d| Arc::ptr_eq(d, &entry.device)) {
+                continue;
+            }
+            lock(&entry.device).reset();
+            done.push(&entry.device);
+        }
+    }
 }
 
 /// Lock a device, carrying on with its state if a previous holder panicked: one broken access
@@ -119,6 +135,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         writes: Vec<(u64, Vec<u8>)>,
+        resets: usize,
     }
 
     impl BusDevice for Recorder {
@@ -128,6 +145,26 @@ mod tests {
         fn write(&mut self, offset: u64, data: &[u8]) {
             self.writes.push((offset, data.to_vec()));
         }
+        fn reset(&mut self) {
+            self.writes.clear();
+            self.resets += 1;
+        }
+    }
+
+    #[test]
+    fn reset_reaches_each_device_once() {
+        let a = Arc::new(Mutex::new(Recorder::default()));
+        let b = Arc::new(Mutex::new(Recorder::default()));
+        let mut bus = Bus::new();
+        bus.insert(a.clone(), 0x60, 1).unwrap();
+        // One device at two ranges, as an i8042 has.
+        bus.insert(b.clone(), 0x3f8, 8).unwrap();
+        bus.insert(b.clone(), 0x64, 1).unwrap();
+        assert!(bus.write(0x3f8, &[1]));
+        bus.reset_devices();
+        assert_eq!(a.lock().unwrap().resets, 1);
+        assert_eq!(b.lock().unwrap().resets, 1);
+        assert!(b.lock().unwrap().writes.is_empty());
     }
 
     #[test]

@@ -81,6 +81,10 @@ impl BusDevice for AcpiPm {
             _ => log::debug!("acpi-pm: ignored write {value:#x} at offset {offset}"),
         }
     }
+
+    fn reset(&mut self) {
+        // No state: the registers only report requests.
+    }
 }
 
 /// The GED event bit of the power button: `_EVT` notifies `PNP0C0C` when it reads it.
@@ -139,6 +143,14 @@ impl BusDevice for GenericEventDevice {
             data.len()
         );
     }
+
+    fn reset(&mut self) {
+        // Events the old guest did not read are lost with it, and the line drops.
+        if self.pending != 0 {
+            self.pending = 0;
+            self.irq.set_level(false);
+        }
+    }
 }
 
 /// i8042 command port offset from the data port (0x64 - 0x60).
@@ -168,6 +180,10 @@ impl BusDevice for I8042 {
         if offset == I8042_COMMAND_OFFSET && data.first() == Some(&I8042_CMD_RESET_CPU) {
             self.power.request(PowerEvent::Reset);
         }
+    }
+
+    fn reset(&mut self) {
+        // No state: there is no keyboard, only the reset line.
     }
 }
 
@@ -231,6 +247,18 @@ mod tests {
         assert_eq!(u32::from_le_bytes(d), 0);
         ged.write(0, &[1, 2, 3, 4]);
         assert_eq!(ged.pending(), 0);
+    }
+
+    #[test]
+    fn ged_reset_forgets_unread_events_and_drops_its_line() {
+        let line = Arc::new(Line::default());
+        let mut ged = GenericEventDevice::new(line.clone());
+        ged.reset();
+        assert!(line.0.lock().unwrap().is_empty());
+        ged.notify(GED_EVENT_POWER_BUTTON);
+        ged.reset();
+        assert_eq!(ged.pending(), 0);
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
     }
 
     #[test]

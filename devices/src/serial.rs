@@ -716,6 +716,40 @@ impl Serial {
         self.settle();
     }
 
+    /// Machine reset: every register back to its power-on value (IER, LCR, MCR, FCR, SCR 0,
+    /// divisor [`RESET_DIVISOR`], no error or delta bit latched), both FIFOs empty, the
+    /// interrupt line low. What is not the chip's stays: the configuration, the modem inputs
+    /// the far end drives, the counters, and the output the guest already handed over. The
+    /// characters in the transmit FIFO and shift register complete at once (a guest's last
+    /// line before it reboots reaches the host whole) into the holding area, up to
+    /// [`TX_HOLD_LIMIT`]; a sink that refused output keeps the transmitter stalled, as
+    /// before the reset.
+    pub fn reset(&mut self) {
+        self.advance();
+        let mut tx_out = std::mem::take(&mut self.tx_out);
+        let pending = self.tsr.take().map(|s| s.byte).into_iter();
+        for byte in pending.chain(self.tx_fifo.drain(..)) {
+            if tx_out.len() < TX_HOLD_LIMIT {
+                tx_out.push_back(byte);
+            } else {
+                self.stats.tx_discarded += 1;
+            }
+        }
+        let was_high = self.irq_level;
+        let mut fresh = Serial::new(self.config, self.irq.clone(), self.clock.clone());
+        fresh.external_lines = self.external_lines;
+        fresh.msr_lines = fresh.effective_lines();
+        fresh.tx_stalled = self.tx_stalled && !tx_out.is_empty();
+        fresh.tx_out = tx_out;
+        fresh.stats = self.stats;
+        // The line parameters went back to the reset values: the far end must hear of it.
+        fresh.notify = true;
+        *self = fresh;
+        if was_high {
+            self.irq.set_level(false);
+        }
+    }
+
     // Register helpers.
 
     fn read_rbr(&mut self) -> u8 {
@@ -1280,6 +1314,40 @@ mod tests {
             }
             assert_eq!(self.uart.receive(&[byte]), 1);
         }
+    }
+
+    #[test]
+    fn machine_reset_restores_power_on_registers_and_keeps_the_output() {
+        let mut rig = Rig::programmed(12, LCR_8N1);
+        rig.uart.write(REG_IER, IER_ERBFI | IER_ETBEI);
+        rig.uart.write(REG_SCR, 0x5a);
+        rig.uart.set_modem_inputs(ModemInputs::DISCONNECTED);
+        rig.feed(b'x');
+        for &b in b"ab" {
+            rig.uart.write(REG_RBR_THR, b);
+        }
+        assert!(rig.irq.level());
+        rig.uart.reset();
+        assert!(!rig.irq.level(), "the line drops on reset");
+        let u = &mut rig.uart;
+        assert_eq!(u.read(REG_IER), 0);
+        assert_eq!(u.read(REG_IIR_FCR), IIR_NONE);
+        assert_eq!(u.read(REG_LCR), 0);
+        assert_eq!(u.read(REG_MCR), 0);
+        assert_eq!(u.read(REG_SCR), 0);
+        assert_eq!(u.read(REG_LSR), LSR_THRE | LSR_TEMT, "RX FIFO emptied");
+        // The far end is still disconnected, with no delta bits for it.
+        assert_eq!(u.read(REG_MSR), 0);
+        assert_eq!(
+            u.line_params().baud,
+            DEFAULT_BAUD_BASE / u32::from(RESET_DIVISOR)
+        );
+        assert!(
+            u.take_kick(),
+            "the backend hears of the reset line parameters"
+        );
+        // What the guest wrote before the reset still reaches the host, in order.
+        assert_eq!(rig.drain(), b"ab");
     }
 
     #[test]

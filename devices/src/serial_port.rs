@@ -133,15 +133,28 @@ impl SerialPort {
     /// connection state. Output held in the UART goes to the new backend.
     pub fn replace_backend(&mut self, backend: Box<dyn Backend>) -> Box<dyn Backend> {
         let old = std::mem::replace(&mut self.backend, backend);
+        self.resync_backend();
+        old
+    }
+
+    /// Forget what the backend was told, so the next service tells it again, and take the
+    /// modem inputs from its connection state. No input waited on the line: the first
+    /// character arrives when it is read, not in slots missed before.
+    fn resync_backend(&mut self) {
         self.sent_params = None;
         self.sent_break = false;
         self.input_wanted = None;
-        // No input of the new backend waited on this line: its first character arrives when
-        // it is read, not in slots missed before.
         self.serial.set_input_waiting(false);
         self.serial.set_modem_inputs(modem_for(&*self.backend));
         self.write_kick();
-        old
+    }
+
+    /// Machine reset: the UART back to its power-on registers ([`Serial::reset`]), the
+    /// backend kept with its connection and peers. The backend is told the reset line
+    /// parameters and break state on the next [`SerialPort::service`], which the kick asks for.
+    pub fn reset(&mut self) {
+        self.serial.reset();
+        self.resync_backend();
     }
 
     /// The UART.
@@ -323,6 +336,10 @@ impl BusDevice for SerialPort {
             }
         }
         self.kick_if_needed();
+    }
+
+    fn reset(&mut self) {
+        SerialPort::reset(self);
     }
 }
 
@@ -963,5 +980,35 @@ mod tests {
         // Already kicked: more output before the service does not kick again.
         rig.outb(REG_RBR_THR, b'y');
         assert!(!rig.kicked());
+    }
+
+    /// A machine reset keeps the backend (and its peer) and everything the guest had sent;
+    /// the backend hears the power-on line parameters.
+    #[test]
+    fn machine_reset_keeps_the_backend_and_the_output() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        for &b in b"bye\n" {
+            rig.outb(REG_RBR_THR, b);
+        }
+        BusDevice::reset(&mut rig.port);
+        assert_eq!(rig.inb(REG_LCR), 0);
+        assert_eq!(rig.inb(REG_MCR), 0);
+        assert_eq!(rig.inb(REG_LSR), LSR_THRE | LSR_TEMT);
+        assert_eq!(
+            rig.inb(REG_MSR) & (MSR_DCD | MSR_DSR | MSR_CTS),
+            MSR_DCD | MSR_DSR | MSR_CTS
+        );
+        assert_eq!(rig.port.service(), None);
+        assert_eq!(rig.state().out, b"bye\n");
+        let params = rig
+            .state()
+            .params
+            .last()
+            .copied()
+            .expect("line parameters sent");
+        assert_eq!(params.baud, 9600);
+        assert!(rig.state().connected);
+        let _ = &rig.clock;
     }
 }

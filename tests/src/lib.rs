@@ -4,6 +4,7 @@
 //! Every test that needs KVM calls [`require_kvm`], which fails the test loudly (never skips)
 //! when `/dev/kvm` cannot be opened.
 
+pub mod qmp;
 pub mod stream;
 
 use std::io::{BufRead, BufReader, Read};

@@ -139,3 +139,60 @@ fn linux_runs_a_command_from_the_command_line_and_powers_off() {
     c.expect_from(at, &format!("{EXIT_MARKER} 3"), COMMAND_TIMEOUT);
     assert_eq!(c.wait_exit(COMMAND_TIMEOUT).code(), Some(0));
 }
+
+/// A guest reboot restarts the VM in process, as QEMU does by default: the shell types
+/// `reboot -f` (the command line has `reboot=k`, so the i8042 resets the machine), the same
+/// console (stdio, the same pipes) and the same QMP client see the kernel boot to the ready
+/// marker again with both vCPUs, QMP reports `RESET` from the guest and no `SHUTDOWN`, and
+/// `poweroff -f` then ends minivmm with status 0.
+#[test]
+fn linux_reboot_restarts_the_vm_in_process_then_poweroff() {
+    use serde_json::{json, Value};
+    use tests::qmp::Qmp;
+    let dir = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let mut c = Console::boot(
+        "",
+        &[
+            "--smp",
+            "2",
+            "--memory",
+            "256M",
+            "--monitor",
+            qmp.to_str().unwrap(),
+        ],
+    );
+    let ready = c.expect(READY_MARKER, BOOT_TIMEOUT);
+    let (mut q, _) = Qmp::connect(&qmp);
+    q.ok("qmp_capabilities", Value::Null);
+
+    let at = c.type_line("reboot -f");
+    c.expect_from(at, READY_MARKER, BOOT_TIMEOUT);
+    let ev = q.event("RESET");
+    assert_eq!(
+        ev["data"],
+        json!({"guest": true, "reason": "guest-reset"}),
+        "{ev}"
+    );
+    assert_eq!(
+        q.ok("query-status", Value::Null)["status"],
+        json!("running")
+    );
+
+    let at = c.type_line("echo cpus=$(grep -c ^processor /proc/cpuinfo)");
+    c.expect_from(at, "cpus=2", COMMAND_TIMEOUT);
+    assert!(
+        !q.events.iter().any(|e| e["event"] == json!("SHUTDOWN")),
+        "a reboot is no shutdown: {:?}",
+        q.events
+    );
+
+    c.type_line("poweroff -f");
+    let status = c.wait_exit(COMMAND_TIMEOUT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "poweroff after the reboot did not end minivmm with status 0:\n{}",
+        String::from_utf8_lossy(&c.out.seen[ready..])
+    );
+}

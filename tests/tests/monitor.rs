@@ -7,7 +7,7 @@
 //! Every VM here gets its own runtime root (`MINIVMM_RUNTIME_DIR`), so tests running in
 //! parallel, or other minivmm instances on the host, never see each other.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -17,6 +17,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tests::qmp::Qmp;
 use tests::{minivmm_bin, require_kvm, workspace_root, Vmm};
 
 /// The console line of the spinning tiny guest once it runs.
@@ -85,88 +86,6 @@ fn inherit_as_fd3(cmd: &mut Command, fd: i32) {
             }
             Ok(())
         });
-    }
-}
-
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    events: Vec<Value>,
-}
-
-impl Qmp {
-    fn connect(path: &std::path::Path) -> (Qmp, Value) {
-        let deadline = Instant::now() + TIMEOUT;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "connect {}: {e}", path.display());
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        Qmp::on(stream)
-    }
-
-    /// A QMP session on a connected stream; returns it and the greeting.
-    fn on(stream: UnixStream) -> (Qmp, Value) {
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let mut q = Qmp {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-            events: Vec::new(),
-        };
-        let greeting = q.read();
-        (q, greeting)
-    }
-
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("read QMP");
-        assert!(n > 0, "QMP connection closed");
-        assert!(line.ends_with("\r\n"), "QMP lines end with CRLF: {line:?}");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
-    }
-
-    fn send_raw(&mut self, raw: &str) -> Value {
-        self.writer.write_all(raw.as_bytes()).unwrap();
-        loop {
-            let v = self.read();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn cmd(&mut self, execute: &str, arguments: Value) -> Value {
-        let mut msg = json!({ "execute": execute, "id": execute });
-        if !arguments.is_null() {
-            msg["arguments"] = arguments;
-        }
-        let reply = self.send_raw(&format!("{msg}\n"));
-        assert_eq!(reply["id"], json!(execute), "{reply}");
-        reply
-    }
-
-    fn ok(&mut self, execute: &str, arguments: Value) -> Value {
-        let reply = self.cmd(execute, arguments);
-        assert!(reply.get("return").is_some(), "{execute}: {reply}");
-        reply["return"].clone()
-    }
-
-    fn event(&mut self, name: &str) -> Value {
-        loop {
-            if let Some(i) = self.events.iter().position(|e| e["event"] == json!(name)) {
-                return self.events.remove(i);
-            }
-            let v = self.read();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            }
-        }
     }
 }
 

@@ -1,12 +1,17 @@
 //! Tiny guest programs booted through the `minivmm` CLI under real KVM: the boot path (PVH
-//! entry, start info, memory map), the COM1 16550 at register level, and every way a VM ends
-//! (ACPI power-off, i8042 reset, triple fault, host signals).
+//! entry, start info, memory map), the COM1 16550 at register level, machine resets (a guest
+//! reboot and `system_reset` in process, `--no-reboot`), and every way a VM ends (ACPI
+//! power-off, a reset under `--no-reboot`, triple fault, host signals).
 
 use std::time::Duration;
 
 use tests::{require_kvm, Vmm};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// The console line of the spinning tiny guest once it runs.
+const SPINNING: &str = "spinning until a signal";
+/// How long a stopped VM is watched for output it must not produce.
+const STOPPED_QUIET: Duration = Duration::from_millis(500);
 
 fn boot(guest: &str, extra: &[&str]) -> Vmm {
     require_kvm();
@@ -56,10 +61,140 @@ fn pvh_start_info_carries_cmdline_rsdp_and_memory_map() {
     assert!(out.contains("0000000000100000 0000000003F00000 1"), "{out}");
 }
 
+/// The console lines of the `reset` guest: it resets twice, then powers off.
+const THREE_BOOTS: [&str; 3] = [
+    "boot 1: resetting through the i8042",
+    "boot 2: resetting through the i8042",
+    "boot 3: powering off",
+];
+
 #[test]
-fn i8042_reset_ends_the_vm_with_status_zero() {
+fn guest_reset_reboots_in_process_until_the_guest_powers_off() {
     let mut vm = boot(env!("TINY_GUEST_RESET"), &[]);
-    vm.wait_for("resetting through the i8042", TIMEOUT);
+    for line in THREE_BOOTS {
+        vm.wait_for(line, TIMEOUT);
+    }
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0), "{}", vm.transcript());
+    // Each boot found its image loaded again and a fresh PVH start info.
+    assert!(
+        !vm.output.iter().any(|l| l.contains("FAIL")),
+        "{}",
+        vm.transcript()
+    );
+}
+
+#[test]
+fn no_reboot_ends_the_vm_at_the_first_reset_with_status_zero() {
+    let mut vm = boot(env!("TINY_GUEST_RESET"), &["--no-reboot"]);
+    vm.wait_for(THREE_BOOTS[0], TIMEOUT);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    assert!(
+        !vm.output.iter().any(|l| l.contains("boot 2")),
+        "{}",
+        vm.transcript()
+    );
+}
+
+/// Four vCPUs (three application processors back to wait-for-SIPI each time) and a COM port
+/// on a unix socket: the peer that connected before the first boot reads all three boots on
+/// the one connection, which ends only when the VM does.
+#[test]
+fn socket_peer_stays_connected_across_resets_with_four_vcpus() {
+    use std::io::Read;
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("com1.sock");
+    let spec = format!("unix:{},server=on,wait=on", sock.display());
+    let mut vm = Vmm::start(&[
+        "--kernel",
+        env!("TINY_GUEST_RESET"),
+        "--smp",
+        "4",
+        "--serial",
+        &spec,
+    ]);
+    let mut client = connect_when_listening(&sock);
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut got = String::new();
+    client.read_to_string(&mut got).unwrap();
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0), "{}", vm.transcript());
+    let expected: String = THREE_BOOTS.iter().map(|l| format!("{l}\n")).collect();
+    assert_eq!(got, expected);
+}
+
+/// `system_reset` reboots the running VM (RESET, no SHUTDOWN); a reset while stopped keeps it
+/// stopped until `cont`; `quit` still ends it.
+#[test]
+fn qmp_system_reset_boots_the_guest_again_and_respects_stop() {
+    use serde_json::{json, Value};
+    use tests::qmp::Qmp;
+    let dir = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let mut vm = boot(
+        env!("TINY_GUEST_SPIN"),
+        &["--smp", "2", "--monitor", qmp.to_str().unwrap()],
+    );
+    vm.wait_for(SPINNING, TIMEOUT);
+    let (mut q, _) = Qmp::connect(&qmp);
+    q.ok("qmp_capabilities", Value::Null);
+
+    q.ok("system_reset", Value::Null);
+    let ev = q.event("RESET");
+    assert_eq!(
+        ev["data"],
+        json!({"guest": false, "reason": "host-qmp-system-reset"}),
+        "{ev}"
+    );
+    vm.wait_for(SPINNING, TIMEOUT);
+    assert_eq!(
+        q.ok("query-status", Value::Null)["status"],
+        json!("running")
+    );
+
+    q.ok("stop", Value::Null);
+    q.ok("system_reset", Value::Null);
+    q.event("RESET");
+    assert_eq!(q.ok("query-status", Value::Null)["status"], json!("paused"));
+    std::thread::sleep(STOPPED_QUIET);
+    let lines = vm.output.len();
+    assert_eq!(
+        vm.transcript().matches(SPINNING).count(),
+        2,
+        "a stopped VM ran after its reset"
+    );
+    q.ok("cont", Value::Null);
+    vm.wait_for(SPINNING, TIMEOUT);
+    assert!(vm.output.len() > lines);
+
+    assert!(
+        !q.events.iter().any(|e| e["event"] == json!("SHUTDOWN")),
+        "a reset is no shutdown: {:?}",
+        q.events
+    );
+    q.ok("quit", Value::Null);
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+}
+
+#[test]
+fn qmp_system_reset_under_no_reboot_shuts_down_with_status_zero() {
+    use serde_json::{json, Value};
+    use tests::qmp::Qmp;
+    let dir = tempfile::tempdir().unwrap();
+    let qmp = dir.path().join("qmp.sock");
+    let mut vm = boot(
+        env!("TINY_GUEST_SPIN"),
+        &["--no-reboot", "--monitor", qmp.to_str().unwrap()],
+    );
+    vm.wait_for(SPINNING, TIMEOUT);
+    let (mut q, _) = Qmp::connect(&qmp);
+    q.ok("qmp_capabilities", Value::Null);
+    q.ok("system_reset", Value::Null);
+    let ev = q.event("SHUTDOWN");
+    assert_eq!(
+        ev["data"],
+        json!({"guest": false, "reason": "host-qmp-system-reset"}),
+        "{ev}"
+    );
     assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
 }
 
@@ -80,7 +215,7 @@ fn triple_fault_is_reported_with_registers_and_fails() {
 fn sigterm_and_sigint_stop_the_vm_cleanly() {
     for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
         let mut vm = boot(env!("TINY_GUEST_SPIN"), &["--smp", "2"]);
-        vm.wait_for("spinning until a signal", TIMEOUT);
+        vm.wait_for(SPINNING, TIMEOUT);
         // SAFETY: sending a signal to the child process we spawned and still own.
         let rc = unsafe { libc::kill(vm.pid() as i32, sig) };
         assert_eq!(rc, 0);
@@ -159,4 +294,22 @@ fn four_com_ports_reach_their_own_backends() {
         .iter()
         .any(|l| l.contains("COM2") || l.contains("COM3")));
     assert!(!sock.exists(), "socket file left behind");
+}
+
+/// Connect to the unix socket server at `path` once minivmm listens there.
+fn connect_when_listening(path: &std::path::Path) -> std::os::unix::net::UnixStream {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no socket {}: {e}",
+                    path.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
 }

@@ -78,6 +78,11 @@ pub struct Cli {
     /// The VM's UUID (`query-uuid`), xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx. Default: random.
     #[arg(long, value_name = "UUID")]
     pub uuid: Option<String>,
+
+    /// Exit (status 0) instead of rebooting when the guest resets the machine, as QEMU's
+    /// -no-reboot; `system_reset` exits too. Default: the VM reboots in process.
+    #[arg(long)]
+    pub no_reboot: bool,
 }
 
 /// The validated machine configuration the VMM builds from.
@@ -107,6 +112,8 @@ pub struct VmConfig {
     pub name: Option<String>,
     /// `--uuid`, checked and lowercased.
     pub uuid: Option<String>,
+    /// `--no-reboot`: a reset ends the VM instead of rebooting it.
+    pub no_reboot: bool,
 }
 
 /// A `--mon chardev=ID,mode=...`.
@@ -491,6 +498,7 @@ impl Cli {
             mons,
             name: self.name.clone(),
             uuid,
+            no_reboot: self.no_reboot,
         })
     }
 }
@@ -540,6 +548,8 @@ mod tests {
         assert_eq!(c.com_ports[0].chardev, "serial0");
         assert_eq!(c.chardevs[0].backend.kind(), "stdio");
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert!(!c.no_reboot, "a guest reboot restarts the VM by default");
+        assert!(cli(&["--no-reboot"]).validate().unwrap().no_reboot);
     }
 
     #[test]

@@ -1,7 +1,13 @@
 //! vCPU set-up for the boot: CPUID, MSRs, segment and control registers, page tables, FPU
-//! and local-APIC interrupt pins, for either the 64-bit Linux entry or the 32-bit PVH entry.
+//! and local-APIC interrupt pins, for either the 64-bit Linux entry or the 32-bit PVH entry;
+//! and for a machine reset, the vCPU's state as KVM created it ([`VcpuSnapshot`]), to which
+//! [`reset_vcpu`] returns before configuring the boot again.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, CpuId, Msrs, KVM_VCPUEVENT_VALID_NMI_PENDING,
+    KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+};
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -256,6 +262,16 @@ fn setup_lint(vcpu: &VcpuFd) -> Result<(), CpuError> {
         .map_err(|e| CpuError::Kvm("KVM_SET_LAPIC", e))
 }
 
+/// Give vCPU `id` its CPUID: KVM's supported leaves adjusted by [`filter_cpuid`]. Set once:
+/// it is not vCPU state a reset changes (KVM keeps it, and updates the bits that follow
+/// CR4, XCR0 and the APIC base itself), and KVM refuses a second one after the first run.
+pub fn set_cpuid(vcpu: &VcpuFd, id: u8, cpuid: &CpuId) -> Result<(), CpuError> {
+    let mut cpuid = cpuid.clone();
+    filter_cpuid(&mut cpuid, id, host_is_kvm_pvm());
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| CpuError::Kvm("KVM_SET_CPUID2", e))
+}
+
 /// Configure vCPU `id`: CPUID, MSRs, FPU, LAPIC pins and, for the boot vCPU (id 0), the
 /// registers of the kernel entry. Application processors wait for INIT/SIPI in the kernel.
 pub fn configure_vcpu(
@@ -265,10 +281,18 @@ pub fn configure_vcpu(
     mem: &GuestMemoryMmap,
     mode: EntryMode,
 ) -> Result<(), CpuError> {
-    let mut cpuid = cpuid.clone();
-    filter_cpuid(&mut cpuid, id, host_is_kvm_pvm());
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(|e| CpuError::Kvm("KVM_SET_CPUID2", e))?;
+    set_cpuid(vcpu, id, cpuid)?;
+    configure_boot(vcpu, id, mem, mode)
+}
+
+/// The part of [`configure_vcpu`] after CPUID: MSRs, LAPIC pins, FPU and, for the boot vCPU,
+/// the entry registers with the boot GDT (and page tables) written into guest memory.
+fn configure_boot(
+    vcpu: &VcpuFd,
+    id: u8,
+    mem: &GuestMemoryMmap,
+    mode: EntryMode,
+) -> Result<(), CpuError> {
     let msrs = Msrs::from_entries(&boot_msrs()).map_err(|_| CpuError::GuestWrite("MSR list"))?;
     vcpu.set_msrs(&msrs)
         .map_err(|e| CpuError::Kvm("KVM_SET_MSRS", e))?;
@@ -314,6 +338,104 @@ pub fn configure_vcpu(
         .map_err(|e| CpuError::Kvm("KVM_SET_SREGS", e))?;
     vcpu.set_regs(&regs)
         .map_err(|e| CpuError::Kvm("KVM_SET_REGS", e))
+}
+
+/// A vCPU's architectural state as KVM created it (after its CPUID was set, before the boot
+/// configuration): what a machine reset puts back before [`configure_vcpu`] runs again, so
+/// that the second boot starts from exactly the state the first one did. The MSRs are every
+/// one KVM lists (`KVM_GET_MSR_INDEX_LIST`) that reads back, the paravirtual ones (kvmclock,
+/// async page faults, steal time, PV EOI) included: left enabled, KVM would keep writing
+/// into the memory of the next boot. The boot vCPU's multiprocessor state is runnable,
+/// an application processor's waits for INIT/SIPI.
+pub struct VcpuSnapshot {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: kvm_fpu,
+    lapic: kvm_lapic_state,
+    mp_state: kvm_mp_state,
+    events: kvm_vcpu_events,
+    debugregs: kvm_debugregs,
+    /// `None` where KVM has no XCRs (no XSAVE on the host).
+    xcrs: Option<kvm_xcrs>,
+    msrs: Vec<kvm_msr_entry>,
+}
+
+impl VcpuSnapshot {
+    /// Read `vcpu`'s state, with the MSRs of `msr_indices` that KVM lets it read.
+    pub fn capture(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<Self, CpuError> {
+        let kvm = |what| move |e| CpuError::Kvm(what, e);
+        let mut msrs = Vec::new();
+        for &index in msr_indices {
+            let entry = kvm_msr_entry {
+                index,
+                ..Default::default()
+            };
+            let mut one =
+                Msrs::from_entries(&[entry]).map_err(|_| CpuError::GuestWrite("MSR list"))?;
+            // An MSR KVM lists but does not let this vCPU read (its CPUID lacks the feature)
+            // has no state to restore.
+            if matches!(vcpu.get_msrs(&mut one), Ok(1)) {
+                msrs.extend_from_slice(one.as_slice());
+            }
+        }
+        Ok(VcpuSnapshot {
+            regs: vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
+            fpu: vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?,
+            lapic: vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
+            mp_state: vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
+            events: vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+            debugregs: vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
+            xcrs: vcpu.get_xcrs().ok(),
+            msrs,
+        })
+    }
+
+    /// Put the state back, in the order QEMU does (registers, then MSRs, then the LAPIC, the
+    /// multiprocessor state and the pending events). An MSR KVM refuses now (one it lets
+    /// userspace set only before the first run, when the value differs) is skipped.
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), CpuError> {
+        let kvm = |what| move |e| CpuError::Kvm(what, e);
+        vcpu.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
+        vcpu.set_fpu(&self.fpu).map_err(kvm("KVM_SET_FPU"))?;
+        if let Some(xcrs) = &self.xcrs {
+            vcpu.set_xcrs(xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+        }
+        let mut rest = self.msrs.as_slice();
+        while !rest.is_empty() {
+            let batch = Msrs::from_entries(rest).map_err(|_| CpuError::GuestWrite("MSR list"))?;
+            let set = vcpu.set_msrs(&batch).map_err(kvm("KVM_SET_MSRS"))?;
+            let Some(refused) = rest.get(set) else { break };
+            log::debug!("reset: KVM keeps MSR {:#x} as it is", refused.index);
+            rest = &rest[set + 1..];
+        }
+        vcpu.set_lapic(&self.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        let mut events = self.events;
+        // Also clear a pending NMI and the SIPI vector, which KVM takes only when flagged.
+        events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        vcpu.set_vcpu_events(&events)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        vcpu.set_debug_regs(&self.debugregs)
+            .map_err(kvm("KVM_SET_DEBUGREGS"))
+    }
+}
+
+/// Machine reset of vCPU `id`: back to its creation state, then configured for the boot as
+/// the first time (as [`configure_vcpu`] does after CPUID, which stays: the boot vCPU at the
+/// kernel entry with the boot GDT and page tables rewritten, the others waiting for
+/// INIT/SIPI).
+pub fn reset_vcpu(
+    vcpu: &VcpuFd,
+    id: u8,
+    mem: &GuestMemoryMmap,
+    mode: EntryMode,
+    snapshot: &VcpuSnapshot,
+) -> Result<(), CpuError> {
+    snapshot.restore(vcpu)?;
+    configure_boot(vcpu, id, mem, mode)
 }
 
 #[cfg(test)]

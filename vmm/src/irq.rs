@@ -40,6 +40,18 @@ impl IrqLines {
         })
     }
 
+    /// Machine reset: every line low, in KVM too (whatever its sources last said: they have
+    /// been reset), so that no level of the old guest's devices survives into the next boot.
+    pub fn lower_all(&self) {
+        let mut lines = devices::bus::lock(&self.lines);
+        for (&gsi, entry) in lines.iter_mut() {
+            entry.0 = 0;
+            if let Err(e) = self.vm.set_irq_line(gsi, false) {
+                log::error!("KVM_IRQ_LINE gsi {gsi} level false: {e}");
+            }
+        }
+    }
+
     fn set(&self, gsi: u32, mask: u64, high: bool) {
         let mut lines = devices::bus::lock(&self.lines);
         let entry = lines.entry(gsi).or_insert((0, 0));

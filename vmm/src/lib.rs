@@ -11,8 +11,21 @@ pub mod irq;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod reset;
 pub mod serial;
 pub mod tools;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
+
+/// "outer: inner: innermost", the way an error chain reads best on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

@@ -114,12 +114,9 @@ impl Machine for VmMachine {
     }
 
     fn system_reset(&mut self) -> Result<(), MachineError> {
-        // minivmm ends the VM on a reset (as on a guest reboot), reporting it first.
-        self.events
-            .push(QmpEvent::reset(ShutdownCause::HostQmpSystemReset));
-        self.events
-            .push(QmpEvent::shutdown(ShutdownCause::HostQmpSystemReset));
-        self.exit.exit(VmExit::Reset);
+        // The main loop resets the machine after this command returns and then reports
+        // RESET; under --no-reboot the VM ends instead, with SHUTDOWN (QEMU's order).
+        self.exit.request_reset(ShutdownCause::HostQmpSystemReset);
         Ok(())
     }
 

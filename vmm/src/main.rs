@@ -1,11 +1,12 @@
 //! The `minivmm` binary: parse the command line, build the VM, run it, and turn how it ended
-//! into the process exit status (0 for a guest power-off or reset). When the first argument is
+//! into the process exit status (0 for a guest power-off, or a reset under `--no-reboot`). When the first argument is
 //! `list`, `qmp` or `console`, it acts on running instances instead (`vmm::tools`).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::cli::Cli;
+use vmm::error_chain;
 use vmm::tools::{ToolCli, SUBCOMMANDS};
 use vmm::vcpu::VmExit;
 use vmm::vm::{Vm, VmError};
@@ -39,8 +40,10 @@ fn main() -> ExitCode {
     let status = match Vm::new(&config).and_then(Vm::run) {
         Ok(exit) => {
             chardev::restore_terminal();
-            if let VmExit::Crash(msg) = &exit {
-                eprintln!("minivmm: guest stopped: {msg}");
+            match &exit {
+                VmExit::Crash(msg) => eprintln!("minivmm: guest stopped: {msg}"),
+                VmExit::ResetFailed(msg) => eprintln!("minivmm: reset failed: {msg}"),
+                _ => {}
             }
             exit.status()
         }
@@ -55,16 +58,4 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(u8::try_from(status).unwrap_or(1))
-}
-
-/// "outer: inner: innermost", the way the error chain reads best on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }

@@ -143,6 +143,19 @@ pub fn readiness(set: EventSet) -> Readiness {
     }
 }
 
+/// Make `fd` non-blocking. The port's timerfd must be: one epoll batch can report it
+/// readable after an earlier event of the same batch re-armed (or disarmed) it, and a
+/// blocking read would then hold the event loop until the new deadline, or for ever.
+fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an fd this handler owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The subscriber for one COM port.
 pub struct SerialHandler {
     port: Arc<Mutex<SerialPort>>,
@@ -161,10 +174,12 @@ impl SerialHandler {
         exit: Arc<ExitLatch>,
     ) -> std::io::Result<Self> {
         let kick = lock(&port).kick_fd();
+        let timer = TimerFd::new()?;
+        set_nonblocking(timer.as_raw_fd())?;
         Ok(SerialHandler {
             port,
             kick,
-            timer: TimerFd::new()?,
+            timer,
             clock,
             fds: FdRegistrations::default(),
             exit,

@@ -1,6 +1,8 @@
 //! Building and running a VM: KVM VM and irqchip, guest RAM, the boot images and ACPI tables,
 //! the legacy devices on the port-I/O bus, the vCPU threads, and the event loop that runs on
-//! the calling thread until the guest powers off, resets, crashes or a signal stops it.
+//! the calling thread until the guest powers off, crashes or a signal stops it. A machine
+//! reset is carried out in the same loop ([`crate::reset`]), or ends the VM under
+//! `--no-reboot`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,8 +26,7 @@ use monitor::{Instance, InstanceConfig, InstanceError, Monitor, QmpEvent, Shutdo
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::acpi::{self, ComPort, VirtioMmioSlot};
-use crate::boot;
+use crate::acpi::{ComPort, VirtioMmioSlot};
 use crate::cli::VmConfig;
 use crate::cpu;
 use crate::event_loop::{block_stop_signals, Lifecycle, SignalFd};
@@ -36,8 +37,9 @@ use crate::layout::{
     VIRTIO_MMIO_START,
 };
 use crate::machine::{MonitorHandler, VmMachine};
+use crate::reset::{BootPlan, IrqchipSnapshot, LoadError, MachineReset, ResetError};
 use crate::serial::SerialHandler;
-use crate::vcpu::{self, ExitLatch, VcpuContext, VcpuControl, VmExit};
+use crate::vcpu::{self, ExitLatch, ResetAction, VcpuContext, VcpuControl, VmExit};
 use crate::virtio::{register_ioeventfds, PortEventSink, VirtioConsoleHandler};
 
 /// TSS address KVM needs on Intel hosts (three pages just below the BIOS ROM window).
@@ -57,12 +59,12 @@ pub enum VmError {
     /// Guest memory could not be allocated.
     #[error("cannot allocate guest memory")]
     Memory(#[source] vm_memory::mmap::FromRangesError),
-    /// Loading the kernel or initrd failed.
+    /// Loading the kernel, the initrd or the ACPI tables failed.
     #[error(transparent)]
-    Boot(#[from] boot::BootError),
-    /// Writing ACPI tables failed.
+    Load(#[from] LoadError),
+    /// The first-boot state a reset returns to could not be read.
     #[error(transparent)]
-    Acpi(#[from] acpi::AcpiError),
+    Reset(#[from] ResetError),
     /// vCPU set-up failed.
     #[error(transparent)]
     Cpu(#[from] cpu::CpuError),
@@ -132,6 +134,8 @@ pub struct Vm {
     exit: Arc<ExitLatch>,
     /// The monitor subscriber; its machine owns the chardev registry.
     monitor: Arc<Mutex<MonitorHandler>>,
+    /// What a machine reset needs.
+    reset: MachineReset,
     /// The runtime directory, removed when the VM is dropped, however it ended.
     _instance: Instance,
 }
@@ -184,8 +188,14 @@ impl Vm {
         kvm_vm
             .create_pit2(pit)
             .map_err(|e| VmError::KvmIoctl("KVM_CREATE_PIT2", e))?;
+        let irqchip = IrqchipSnapshot::capture(&kvm_vm)?;
 
-        let exit = ExitLatch::new().map_err(|e| VmError::Io("cannot create eventfd", e))?;
+        let on_reset = if config.no_reboot {
+            ResetAction::Exit
+        } else {
+            ResetAction::Reboot
+        };
+        let exit = ExitLatch::new(on_reset).map_err(|e| VmError::Io("cannot create eventfd", e))?;
         let irqs = IrqLines::new(kvm_vm.clone());
         let clock: Arc<dyn Clock> = Arc::new(MonotonicClock::new());
         let mut event_manager: EventManager<Subscriber> =
@@ -341,20 +351,24 @@ impl Vm {
             ACPI_GED_LEN,
         )?;
 
-        let rsdp = acpi::create_acpi_tables(&mem, config.vcpus, &com_ports, &virtio_slots)?;
-        let boot = boot::load(
-            &mem,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &config.cmdline,
-            rsdp,
-        )?;
+        let plan = BootPlan {
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            cmdline: config.cmdline.clone(),
+            vcpus: config.vcpus,
+            com_ports,
+            virtio_slots,
+        };
+        let boot = plan.load(&mem)?;
 
         event_manager.add_subscriber(Arc::new(Mutex::new(Lifecycle::new(exit.clone(), signals))));
 
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| VmError::KvmIoctl("KVM_GET_SUPPORTED_CPUID", e))?;
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(|e| VmError::KvmIoctl("KVM_GET_MSR_INDEX_LIST", e))?;
         let control = VcpuControl::new();
         VcpuControl::install_kick_handler()
             .map_err(|e| VmError::Io("cannot install the vCPU kick handler", e))?;
@@ -378,6 +392,8 @@ impl Vm {
             let fd = kvm_vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmError::KvmIoctl("KVM_CREATE_VCPU", e))?;
+            cpu::set_cpuid(&fd, id, &cpuid)?;
+            let snapshot = cpu::VcpuSnapshot::capture(&fd, msr_indices.as_slice())?;
             cpu::configure_vcpu(&fd, id, &cpuid, &mem, boot.mode)?;
             vcpus.push(VcpuContext {
                 id,
@@ -387,13 +403,26 @@ impl Vm {
                 mem: mem.clone(),
                 exit: exit.clone(),
                 control: control.clone(),
+                snapshot,
             });
         }
+        let reset = MachineReset {
+            plan,
+            mem,
+            vm: kvm_vm,
+            irqchip,
+            irqs,
+            pio,
+            mmio,
+            control,
+            exit: exit.clone(),
+        };
         Ok(Vm {
             vcpus,
             event_manager,
             exit,
             monitor,
+            reset,
             _instance: instance,
         })
     }
@@ -406,6 +435,9 @@ impl Vm {
         }
         while !self.exit.stopping() {
             self.event_manager.run().map_err(VmError::EventLoop)?;
+            if let Some(cause) = self.exit.pending_reset() {
+                self.reset(cause);
+            }
         }
         // Let the paced UARTs and the backends' buffers drain what the guest wrote before it
         // stopped (its last console lines), for a bounded time.
@@ -421,10 +453,10 @@ impl Vm {
             let mut handler = devices::bus::lock(&self.monitor);
             let cause = match &reason {
                 VmExit::PowerOff => Some(ShutdownCause::GuestShutdown),
-                VmExit::Reset => Some(ShutdownCause::GuestReset),
+                VmExit::Reset(cause) => Some(*cause),
                 VmExit::Signal(_) => Some(ShutdownCause::HostSignal),
-                VmExit::Crash(_) => Some(ShutdownCause::HostError),
-                // quit and system_reset queued their own SHUTDOWN.
+                VmExit::Crash(_) | VmExit::ResetFailed(_) => Some(ShutdownCause::HostError),
+                // quit queued its own SHUTDOWN.
                 VmExit::Quit => None,
             };
             if let Some(cause) = cause {
@@ -433,6 +465,21 @@ impl Vm {
             handler.flush(MONITOR_FLUSH_TIME);
         }
         Ok(reason)
+    }
+}
+
+impl Vm {
+    /// Carry out the pending machine reset for `cause` and report it with `RESET`; a failure
+    /// ends the VM.
+    fn reset(&mut self, cause: ShutdownCause) {
+        let started = Instant::now();
+        match self.reset.run() {
+            Ok(()) => {
+                log::info!("machine reset ({cause:?}) in {:?}", started.elapsed());
+                devices::bus::lock(&self.monitor).push_event(QmpEvent::reset(cause));
+            }
+            Err(e) => self.exit.exit(VmExit::ResetFailed(crate::error_chain(&e))),
+        }
     }
 }
 

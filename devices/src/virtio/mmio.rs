@@ -340,7 +340,10 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         self.device.features() | feature(VIRTIO_F_VERSION_1)
     }
 
-    fn reset(&mut self) {
+    /// Device reset, as the driver's write of 0 to Status does: status 0, every queue
+    /// unconfigured, the interrupt cleared and its line low, the device reset
+    /// ([`VirtioDevice::reset`]: it keeps its host side). A machine reset does this too.
+    pub fn reset(&mut self) {
         self.device.reset();
         self.interrupt.clear();
         for slot in &mut self.slots {
@@ -604,6 +607,12 @@ impl<D: VirtioDevice> BusDevice for VirtioMmio<D> {
         if self.device.take_kick() {
             self.write_kick();
         }
+    }
+
+    fn reset(&mut self) {
+        VirtioMmio::reset(self);
+        // The event loop re-reads what to poll (the device may no longer want input).
+        self.write_kick();
     }
 }
 

@@ -58,17 +58,7 @@ impl Rig {
     /// with every queue set up.
     fn new(ports: &[(PortConfig, bool)]) -> Rig {
         let mut rig = Rig::stopped(MAX_PORTS, ports);
-        let queues: Vec<(u16, u16)> = (0..2 * (MAX_PORTS as u16 + 1))
-            .map(|q| {
-                let size = if q == CRX || q == CTX {
-                    CTRL_SIZE
-                } else {
-                    DATA_SIZE
-                };
-                (q, size)
-            })
-            .collect();
-        rig.d.start(multiport_features(), &queues);
+        rig.d.start(multiport_features(), &all_queues());
         rig.d.run();
         rig
     }
@@ -160,6 +150,20 @@ impl Rig {
     fn open(&mut self, nr: u32, open: bool) {
         self.send_ctrl(nr, VIRTIO_CONSOLE_PORT_OPEN, u16::from(open));
     }
+}
+
+/// Every queue of a [`MAX_PORTS`] console with the test's sizes, as a driver sets them up.
+fn all_queues() -> Vec<(u16, u16)> {
+    (0..2 * (MAX_PORTS as u16 + 1))
+        .map(|q| {
+            let size = if q == CRX || q == CTX {
+                CTRL_SIZE
+            } else {
+                DATA_SIZE
+            };
+            (q, size)
+        })
+        .collect()
 }
 
 fn three_ports() -> Vec<(PortConfig, bool)> {
@@ -660,18 +664,7 @@ fn restart_after_reset() {
     rig.d.run();
     rig.console().take_events();
     // A new driver: full handshake again, data flows.
-    let rig_queues: Vec<(u16, u16)> = (0..10u16)
-        .map(|q| {
-            (
-                q,
-                if q == CRX || q == CTX {
-                    CTRL_SIZE
-                } else {
-                    DATA_SIZE
-                },
-            )
-        })
-        .collect();
+    let rig_queues = all_queues();
     rig.d.start(multiport_features(), &rig_queues);
     rig.d.run();
     assert_eq!(rig.console().take_events().len(), 1);
@@ -846,18 +839,7 @@ fn a_reset_recovers_from_needs_reset() {
         rig.d.publish(tx(1), 0);
         rig.d.notify(tx(1));
     });
-    let queues: Vec<(u16, u16)> = (0..10u16)
-        .map(|q| {
-            (
-                q,
-                if q == CRX || q == CTX {
-                    CTRL_SIZE
-                } else {
-                    DATA_SIZE
-                },
-            )
-        })
-        .collect();
+    let queues = all_queues();
     rig.d.start(multiport_features(), &queues);
     assert!(!rig.d.needs_reset());
     rig.handshake();
@@ -922,4 +904,51 @@ proptest! {
         let status = rig.d.read32(crate::virtio::mmio::REG_INTERRUPT_STATUS);
         prop_assert_eq!(rig.d.irq.level(), status != 0);
     }
+}
+
+/// A machine reset (the bus's reset, not the driver's Status write): the transport goes back
+/// to status 0 and the ports forget the guest, but keep their backends and host connection;
+/// the next guest redoes the handshake and finds the ports as the first one did.
+#[test]
+fn machine_reset_keeps_ports_and_backends_for_the_next_guest() {
+    let mut rig = Rig::new(&three_ports());
+    rig.handshake();
+    rig.open(1, true);
+    rig.d.run();
+    rig.console().take_events();
+    assert!(rig.console().port_info("p1").unwrap().guest_open);
+
+    BusDevice::reset(&mut rig.d.dev);
+    assert_eq!(rig.d.status(), 0);
+    assert!(!rig.d.dev.is_activated());
+    let closed: Vec<(String, bool)> = rig
+        .console()
+        .take_events()
+        .into_iter()
+        .map(|e| (e.port_id, e.open))
+        .collect();
+    assert_eq!(closed, vec![("p1".to_string(), false)]);
+    let p1 = rig.console().port_info("p1").unwrap();
+    assert!(!p1.guest_open);
+    assert!(p1.host_connected, "the backend's peer is still there");
+    assert_eq!(rig.console().ports().len(), 3);
+
+    // The rebooted guest's driver starts from scratch and learns the same ports.
+    let queues = all_queues();
+    rig.d.start(multiport_features(), &queues);
+    rig.d.run();
+    let msgs = rig.handshake();
+    let adds = msgs
+        .iter()
+        .filter(|(h, _)| h.event == VIRTIO_CONSOLE_PORT_ADD)
+        .count();
+    assert_eq!(adds, 3);
+    assert!(msgs
+        .iter()
+        .any(|(h, _)| (h.id, h.event, h.value) == (1, VIRTIO_CONSOLE_PORT_OPEN, 1)));
+    rig.open(1, true);
+    rig.d.post_out(tx(1), b"again");
+    rig.d.notify(tx(1));
+    rig.d.run();
+    assert_eq!(rig.be(1).out, b"again");
 }

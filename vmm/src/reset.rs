@@ -1,0 +1,180 @@
+//! Machine reset in process: what a guest reboot or `system_reset` does when the VM is allowed
+//! to reboot (the default; `--no-reboot` ends the VM instead).
+//!
+//! The process, its chardevs (sockets, ptys, their peers), the monitor and its clients stay;
+//! the guest's machine goes back to its first-boot state:
+//!
+//! 1. every vCPU parks before its next `KVM_RUN` (they already stop at the request);
+//! 2. the ACPI tables, the kernel, the initrd, the command line and the boot structure are
+//!    written into guest RAM again by the first boot's own code ([`BootPlan::load`]); the
+//!    rest of RAM is not cleared, as on QEMU;
+//! 3. every device on both buses goes back to its power-on state (`BusDevice::reset`: the
+//!    UARTs keep their backends, the virtio transports go to status 0 and the consoles keep
+//!    their ports), then every interrupt line is lowered and the in-kernel PIC, IOAPIC and PIT
+//!    get the state they had right after creation ([`IrqchipSnapshot`]);
+//! 4. each vCPU, on its own thread, puts back the state KVM created it in and is configured
+//!    for the boot as the first time (`cpu::reset_vcpu`);
+//! 5. the vCPUs run again, unless `stop` is in force: a stopped VM stays stopped until `cont`.
+//!
+//! Everything runs on the event-loop thread, which does nothing else meanwhile. An error ends
+//! the VM (status 1) with the message; nothing here panics.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use devices::bus::Bus;
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vm_memory::GuestMemoryMmap;
+
+use crate::acpi::{self, ComPort, VirtioMmioSlot};
+use crate::boot::{self, BootInfo};
+use crate::irq::IrqLines;
+use crate::vcpu::{ExitLatch, VcpuControl};
+
+/// Errors while loading the boot images and tables.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// Loading the kernel or initrd failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Writing ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+}
+
+/// Errors during a reset. Each ends the VM.
+#[derive(Debug, Error)]
+pub enum ResetError {
+    /// A vCPU did not leave the guest in time.
+    #[error("the vCPUs did not stop in time")]
+    Park,
+    /// The boot images or tables could not be written again.
+    #[error("cannot load the boot images again")]
+    Load(#[from] LoadError),
+    /// A KVM VM ioctl failed.
+    #[error("KVM {0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// A vCPU could not reset its state.
+    #[error("{0}")]
+    Vcpu(String),
+}
+
+/// What the boot writes into guest RAM, kept to write it again on a reset.
+#[derive(Debug, Clone)]
+pub struct BootPlan {
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// The initrd.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// vCPUs (one local APIC each in the MADT).
+    pub vcpus: u8,
+    /// The COM ports the DSDT declares.
+    pub com_ports: Vec<ComPort>,
+    /// The virtio-mmio slots the DSDT declares.
+    pub virtio_slots: Vec<VirtioMmioSlot>,
+}
+
+impl BootPlan {
+    /// Write the ACPI tables, then the kernel, initrd, command line and boot structure.
+    /// The files are read again each time, as at the first boot.
+    pub fn load(&self, mem: &GuestMemoryMmap) -> Result<BootInfo, LoadError> {
+        let rsdp = acpi::create_acpi_tables(mem, self.vcpus, &self.com_ports, &self.virtio_slots)?;
+        Ok(boot::load(
+            mem,
+            &self.kernel,
+            self.initrd.as_deref(),
+            &self.cmdline,
+            rsdp,
+        )?)
+    }
+}
+
+/// The in-kernel interrupt controllers and timer as KVM created them.
+pub struct IrqchipSnapshot {
+    chips: Vec<kvm_irqchip>,
+    pit: kvm_pit_state2,
+}
+
+impl IrqchipSnapshot {
+    /// Read the PICs, the IOAPIC and the PIT (call right after creating them).
+    pub fn capture(vm: &VmFd) -> Result<Self, ResetError> {
+        let mut chips = Vec::new();
+        for chip_id in [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ] {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map_err(|e| ResetError::Kvm("KVM_GET_IRQCHIP", e))?;
+            chips.push(chip);
+        }
+        let pit = vm
+            .get_pit2()
+            .map_err(|e| ResetError::Kvm("KVM_GET_PIT2", e))?;
+        Ok(IrqchipSnapshot { chips, pit })
+    }
+
+    /// Put them back.
+    pub fn restore(&self, vm: &VmFd) -> Result<(), ResetError> {
+        for chip in &self.chips {
+            vm.set_irqchip(chip)
+                .map_err(|e| ResetError::Kvm("KVM_SET_IRQCHIP", e))?;
+        }
+        vm.set_pit2(&self.pit)
+            .map_err(|e| ResetError::Kvm("KVM_SET_PIT2", e))
+    }
+}
+
+/// Everything a reset touches; see the module documentation for the order.
+pub struct MachineReset {
+    /// The boot to write again.
+    pub plan: BootPlan,
+    /// Guest RAM.
+    pub mem: GuestMemoryMmap,
+    /// The KVM VM.
+    pub vm: Arc<VmFd>,
+    /// The in-kernel irqchip and PIT as created.
+    pub irqchip: IrqchipSnapshot,
+    /// The interrupt lines the devices drive.
+    pub irqs: Arc<IrqLines>,
+    /// The port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// The MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// The vCPUs.
+    pub control: Arc<VcpuControl>,
+    /// Where the reset was asked for.
+    pub exit: Arc<ExitLatch>,
+}
+
+impl MachineReset {
+    /// Reset the machine and let the vCPUs boot again (unless `stop` holds them). The reset
+    /// request on the exit latch is cleared on success; on an error the vCPUs stay parked
+    /// and the caller ends the VM.
+    pub fn run(&self) -> Result<(), ResetError> {
+        if !self.control.park_all(&self.exit) {
+            return Err(ResetError::Park);
+        }
+        let boot = self.plan.load(&self.mem)?;
+        self.pio.reset_devices();
+        self.mmio.reset_devices();
+        self.irqs.lower_all();
+        self.irqchip.restore(&self.vm)?;
+        self.control
+            .order_reset(boot.mode, &self.exit)
+            .map_err(ResetError::Vcpu)?;
+        self.exit.clear_reset();
+        self.control.release();
+        Ok(())
+    }
+}
