@@ -151,7 +151,10 @@ mod tests {
         assert_eq!(q[0]["iforwards"], json!(["ssh:127.0.0.1:22"]));
         let outs = q[0]["oforwards"].as_array().unwrap();
         assert_eq!(outs.len(), 2);
-        assert!(outs.iter().all(|o| !o.as_str().unwrap().ends_with(":0")), "{q}");
+        assert!(
+            outs.iter().all(|o| !o.as_str().unwrap().ends_with(":0")),
+            "{q}"
+        );
         assert_eq!(q[0]["session"]["up"], false);
         forward_remove(&mut r, "vp0", "out", "web").unwrap();
         let q = query(&mut r, Some("vp0")).unwrap();

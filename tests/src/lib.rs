@@ -171,6 +171,21 @@ impl Vmm {
     /// Wait until a console line contains `needle`; returns that line. Panics with the whole
     /// console (and stderr) on timeout or if the VMM exits first.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.try_wait_for(needle, timeout) {
+            Some(line) => line,
+            None => {
+                let _ = self.child.kill();
+                panic!(
+                    "timed out after {timeout:?} waiting for {needle:?}\n{}",
+                    self.transcript()
+                );
+            }
+        }
+    }
+
+    /// [`Vmm::wait_for`] that returns `None` on timeout, leaving the VM running so the test can
+    /// gather what it needs before failing. Still panics if the VMM exits first.
+    pub fn try_wait_for(&mut self, needle: &str, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -181,16 +196,12 @@ impl Vmm {
                 Ok(line) => {
                     self.output.push(line.clone());
                     if line.contains(needle) {
-                        return line;
+                        return Some(line);
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     if Instant::now() >= deadline {
-                        let _ = self.child.kill();
-                        panic!(
-                            "timed out after {timeout:?} waiting for {needle:?}\n{}",
-                            self.transcript()
-                        );
+                        return None;
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {

@@ -18,8 +18,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use monitor::client::QmpClient;
 use serde_json::{json, Value};
+use tests::qmp::Qmp;
 use tests::{require_kvm, run64, test_cmdline, test_initrd_vp, test_kernel, Vmm};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -135,14 +135,23 @@ fn host_service() -> (u16, std::thread::JoinHandle<()>) {
     (port, handle)
 }
 
-fn qmp_ok(qmp: &mut QmpClient, cmd: &str, args: Value) -> Value {
-    let a = qmp.execute(cmd, Some(args)).expect("qmp");
-    assert!(a.get("return").is_some(), "{cmd}: {a}");
-    a["return"].clone()
+fn vproxy_info(qmp: &mut Qmp, id: &str) -> Value {
+    qmp.ok("query-vproxy", json!({"id": id}))[0].clone()
 }
 
-fn vproxy_info(qmp: &mut QmpClient, id: &str) -> Value {
-    qmp_ok(qmp, "query-vproxy", json!({"id": id}))[0].clone()
+/// Wait for a console line containing `needle`; on timeout, fail with what both vproxies
+/// report, which says which side of which channel stalled.
+fn wait_or_dump(vm: &mut Vmm, qmp: &mut Qmp, needle: &str, timeout: Duration) -> String {
+    match vm.try_wait_for(needle, timeout) {
+        Some(line) => line,
+        None => {
+            let state = qmp.ok("query-vproxy", Value::Null);
+            panic!(
+                "timed out waiting for {needle:?}\nquery-vproxy: {state:#}\n{}",
+                vm.transcript()
+            );
+        }
+    }
 }
 
 #[test]
@@ -183,19 +192,14 @@ fn streams_both_ways_over_virtio_and_uart_with_forward_changes_and_a_reset() {
         "--monitor",
         qmp_path.to_str().unwrap(),
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !qmp_path.exists() {
-        assert!(Instant::now() < deadline, "no QMP socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut qmp = QmpClient::connect(&qmp_path, Duration::from_secs(30)).expect("qmp");
-    qmp.negotiate().unwrap();
+    let (mut qmp, _) = Qmp::connect(&qmp_path);
+    qmp.ok("qmp_capabilities", Value::Null);
     vm.wait_for(UP, BOOT_TIMEOUT);
 
     // Guest -> host through iforwards, over both channels.
-    let line = vm.wait_for("g2h-virtio=", STEP_TIMEOUT);
+    let line = wait_or_dump(&mut vm, &mut qmp, "g2h-virtio=", STEP_TIMEOUT);
     assert!(line.contains("g2h-virtio=pong:ping-v"), "{line}");
-    let line = vm.wait_for("g2h-uart=", STEP_TIMEOUT);
+    let line = wait_or_dump(&mut vm, &mut qmp, "g2h-uart=", STEP_TIMEOUT);
     assert!(line.contains("g2h-uart=pong:ping-u"), "{line}");
 
     // Host -> guest: HTTP through an oforward.
@@ -220,23 +224,19 @@ fn streams_both_ways_over_virtio_and_uart_with_forward_changes_and_a_reset() {
 
     // Forwards change at run time.
     let extra = p("echo2.sock");
-    qmp_ok(
-        &mut qmp,
+    qmp.ok(
         "vproxy-forward-add",
         json!({"id": "vp0", "direction": "out",
                "forward": format!("echo:unix:{}", extra.display())}),
     );
     // The name is taken: a second oforward to the same service needs a name of its own.
-    let dup = qmp
-        .execute(
-            "vproxy-forward-add",
-            Some(json!({"id": "vp0", "direction": "out",
-                        "forward": format!("echo:unix:{}", extra.display())})),
-        )
-        .unwrap();
+    let dup = qmp.cmd(
+        "vproxy-forward-add",
+        json!({"id": "vp0", "direction": "out",
+               "forward": format!("echo:unix:{}", extra.display())}),
+    );
     assert!(dup.get("error").is_some(), "{dup}");
-    qmp_ok(
-        &mut qmp,
+    qmp.ok(
         "vproxy-forward-remove",
         json!({"id": "vp0", "direction": "out", "name": "echo"}),
     );
@@ -244,15 +244,13 @@ fn streams_both_ways_over_virtio_and_uart_with_forward_changes_and_a_reset() {
         UnixStream::connect(p("echo.sock")).is_err(),
         "removed oforward still accepts"
     );
-    qmp_ok(
-        &mut qmp,
+    qmp.ok(
         "vproxy-forward-add",
         json!({"id": "vp0", "direction": "out",
                "forward": format!("echo:unix:{}", p("echo.sock").display())}),
     );
     assert_eq!(echo(&p("echo.sock"), b"again").unwrap(), b"again");
-    qmp_ok(
-        &mut qmp,
+    qmp.ok(
         "vproxy-forward-add",
         json!({"id": "vp0", "direction": "in", "forward": "extra:127.0.0.1:1"}),
     );
@@ -264,8 +262,7 @@ fn streams_both_ways_over_virtio_and_uart_with_forward_changes_and_a_reset() {
             .contains(&json!("extra:127.0.0.1:1")),
         "{info}"
     );
-    qmp_ok(
-        &mut qmp,
+    qmp.ok(
         "vproxy-forward-remove",
         json!({"id": "vp0", "direction": "in", "name": "extra"}),
     );
@@ -281,15 +278,18 @@ fn streams_both_ways_over_virtio_and_uart_with_forward_changes_and_a_reset() {
     let resets_before = vproxy_info(&mut qmp, "vp0")["session"]["session-resets"]
         .as_u64()
         .unwrap();
-    qmp_ok(&mut qmp, "system_reset", json!({}));
+    qmp.ok("system_reset", Value::Null);
     // Whatever was in flight: the stream ends with EOF or an error, and what it delivered is
     // a prefix of what was sent.
     let more = payload(8, 4096);
     let _ = s.write_all(&more);
     let mut tail = Vec::new();
     let _ = s.read_to_end(&mut tail);
-    assert!(more.starts_with(&tail), "bytes after the reset are not what was sent");
-    vm.wait_for(UP, BOOT_TIMEOUT);
+    assert!(
+        more.starts_with(&tail),
+        "bytes after the reset are not what was sent"
+    );
+    wait_or_dump(&mut vm, &mut qmp, UP, BOOT_TIMEOUT);
     echo_many(&p("echo.sock"), 10, VIRTIO_BYTES);
     echo_many(&p("echo-uart.sock"), 1, UART_BYTES);
     let info = vproxy_info(&mut qmp, "vp0");
@@ -298,6 +298,6 @@ fn streams_both_ways_over_virtio_and_uart_with_forward_changes_and_a_reset() {
         "no new session after the reset: {info}"
     );
 
-    qmp_ok(&mut qmp, "quit", json!({}));
+    qmp.ok("quit", Value::Null);
     assert_eq!(vm.wait_exit(Duration::from_secs(60)).code(), Some(0));
 }

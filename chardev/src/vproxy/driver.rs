@@ -452,9 +452,9 @@ impl VproxyBackend {
                 Err(e) => {
                     abort_socket(fd.as_raw_fd());
                     log::warn!(
-                    "chardev '{}': vproxy cannot open '{}': {e}",
-                    self.id,
-                    l.forward.name
+                        "chardev '{}': vproxy cannot open '{}': {e}",
+                        self.id,
+                        l.forward.name
                     );
                 }
             }
@@ -668,8 +668,18 @@ impl Backend for VproxyBackend {
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.engine.transmit(buf);
-        if n == 0 {
+        // Fill the whole buffer if the engine has that much: frontends take a short read as
+        // "drained" (as from an fd) and wait for the next `Readable`, which is announced
+        // again only after a short read.
+        let mut n = 0;
+        while n < buf.len() {
+            let k = self.engine.transmit(&mut buf[n..]);
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        if n < buf.len() {
             self.announced = false;
         }
         self.after();
@@ -717,6 +727,9 @@ mod tests {
 
     type Cmd = Box<dyn FnOnce(&mut VproxyBackend, &mut VproxyBackend) + Send>;
 
+    /// Bytes the test channel moves per read: a 16550's FIFO.
+    const CHANNEL_CHUNK: usize = 16;
+
     /// Two backends whose channels are wired to each other, pumped by a thread.
     struct Pair {
         cmds: mpsc::Sender<Cmd>,
@@ -724,21 +737,31 @@ mod tests {
         thread: Option<JoinHandle<()>>,
     }
 
-    /// Move channel bytes from `from` to `to` in both directions' units of one read.
-    fn carry(from: &mut VproxyBackend, to: &mut VproxyBackend, buf: &mut [u8]) -> bool {
+    /// Move channel bytes from `from` to `to` the way a frontend does: only after `from`
+    /// announced `Readable` (`pending`), and taking a short read as "drained" until the next
+    /// announcement. `buf` is small (a UART's FIFO), so frames cross in pieces.
+    fn carry(
+        from: &mut VproxyBackend,
+        to: &mut VproxyBackend,
+        pending: &mut bool,
+        buf: &mut [u8],
+    ) -> bool {
+        *pending |= from.take_events().contains(&Event::Readable);
         let mut moved = false;
-        loop {
+        while *pending {
             let n = from.read(buf).unwrap();
-            if n == 0 {
-                return moved;
+            if n < buf.len() {
+                *pending = false;
             }
             assert_eq!(
                 to.write(&buf[..n]).unwrap(),
                 n,
                 "the channel must always be drained"
             );
-            moved = true;
+            moved |= n > 0;
+            *pending |= from.take_events().contains(&Event::Readable);
         }
+        moved
     }
 
     impl Pair {
@@ -749,13 +772,14 @@ mod tests {
             let stop = Arc::new(AtomicBool::new(false));
             let stop2 = stop.clone();
             let thread = std::thread::spawn(move || {
-                let mut buf = vec![0u8; 4096];
+                let mut buf = [0u8; CHANNEL_CHUNK];
+                let (mut a_pending, mut b_pending) = (false, false);
                 while !stop2.load(Ordering::Relaxed) {
                     while let Ok(cmd) = rx.try_recv() {
                         cmd(&mut a, &mut b);
                     }
-                    let moved = carry(&mut a, &mut b, &mut buf) | carry(&mut b, &mut a, &mut buf);
-                    let _ = (a.take_events(), b.take_events());
+                    let moved = carry(&mut a, &mut b, &mut a_pending, &mut buf)
+                        | carry(&mut b, &mut a, &mut b_pending, &mut buf);
                     let wait = if moved { 0 } else { 5 };
                     poll_backends(&mut [&mut a, &mut b], wait).unwrap();
                 }
