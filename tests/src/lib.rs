@@ -314,6 +314,23 @@ pub fn run_to_end(args: &[&str]) -> (ExitStatus, String) {
     )
 }
 
+/// A deterministic, non-repeating-looking payload of `n` bytes (xorshift32), different for
+/// every `seed`, for transfers checked byte for byte.
+pub fn payload(seed: u32, n: usize) -> Vec<u8> {
+    let mut x = 0x1234_5678u32 ^ seed.wrapping_mul(0x85EB_CA6B);
+    if x == 0 {
+        x = 1;
+    }
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,24 +14,13 @@ use std::time::{Duration, Instant};
 
 use monitor::client::QmpClient;
 use serde_json::{json, Value};
-use tests::{require_kvm, run64, test_cmdline, test_initrd, test_kernel, Vmm, EXIT_MARKER};
+use tests::{
+    payload, require_kvm, run64, test_cmdline, test_initrd, test_kernel, Vmm, EXIT_MARKER,
+};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bytes sent each way.
 const BULK: usize = 2 << 20;
-
-/// A deterministic, non-repeating-looking payload.
-fn payload(n: usize) -> Vec<u8> {
-    let mut x: u32 = 0x1234_5678;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
 
 /// Wait for the QMP event `name` whose data matches `want` (events before it are skipped).
 fn wait_event(qmp: &mut QmpClient, name: &str, want: &Value) -> Value {
@@ -185,7 +174,7 @@ fn named_port_and_console_port_move_data_both_ways() {
     vm.wait_for("ABCDE", Duration::from_secs(120));
 
     // Bulk host -> guest, checksummed by the guest.
-    let data = payload(BULK);
+    let data = payload(0, BULK);
     let expect_in = md5_hex(&data);
     let mut writer = port.try_clone().unwrap();
     let started = Instant::now();

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tests::qmp::Qmp;
-use tests::{require_kvm, run64, test_cmdline, test_initrd_vp, test_kernel, Vmm};
+use tests::{payload, require_kvm, run64, test_cmdline, test_initrd_vp, test_kernel, Vmm};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
@@ -48,19 +48,6 @@ echo VP-UP\n\
 echo g2h-virtio=$(echo ping-v | nc 127.0.0.1 9000)\n\
 echo g2h-uart=$(echo ping-u | nc 127.0.0.1 9001)\n\
 while :; do sleep 1000; done\n";
-
-/// A deterministic payload, different for every stream.
-fn payload(seed: usize, n: usize) -> Vec<u8> {
-    let mut x = 0x9E37_79B9u32 ^ (seed as u32).wrapping_mul(0x85EB_CA6B);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
 
 /// Connect to a unix oforward, retrying while the listener is not there yet.
 fn connect(path: &Path) -> UnixStream {
@@ -102,7 +89,7 @@ fn echo_many(path: &Path, streams: usize, bytes: usize) {
         .map(|i| {
             let path = path.to_path_buf();
             std::thread::spawn(move || {
-                let data = payload(i, bytes);
+                let data = payload(i as u32, bytes);
                 let back = echo(&path, &data).unwrap_or_else(|e| panic!("stream {i}: {e}"));
                 assert_eq!(back.len(), data.len(), "stream {i}: length");
                 assert!(back == data, "stream {i}: data differs");
