@@ -6,11 +6,7 @@
 # missing. Runs: BENCH_RUNS (default 3); extra arguments go to bench-serial.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
-    echo "bench: installing qemu-system-x86" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null
-fi
+. resources/need-qemu.sh
 cargo build --release -q -p vmm
 # The guests are assembled by the tests crate's build script, into its OUT_DIR.
 out_dir=$(cargo build -q -p tests --message-format=json | python3 -c '
