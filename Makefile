@@ -82,6 +82,7 @@ test: deps guest stock build pyenv
 bench: guest build
 	@bash resources/bench-boot.sh
 	@bash resources/bench-serial.sh
+	@bash resources/bench-vproxy.sh
 
 lint:
 	cargo fmt --all -- --check

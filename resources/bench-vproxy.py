@@ -1,0 +1,762 @@
+#!/usr/bin/env python3
+"""vproxy benchmark, host only: two `minivmm-vp` endpoints whose channels are joined by a relay
+in this process. THE CHANNEL IS A HOST RELAY, NOT A GUEST: no VMM, no UART, no virtio; the
+figures are vproxy's own costs (framing, credits, scheduling) and its memory, not a guest's.
+
+Side A has the oforwards (`sink`, `echo`), side B the iforwards to a byte-counting sink server
+and an echo server, both in this process. Measured:
+
+1. Bulk throughput, unpaced relay: 64 MiB through one stream (client -> oforward on A -> B ->
+   sink) against the same 64 MiB through the raw relay (client -> relay -> sink, no vproxy).
+   Clock: from the client's connect to the sink's last byte. Median of --runs, alternating.
+2. Bulk throughput over a relay paced at 11520 B/s each way (a 115200-baud 8N1 line, a token
+   bucket per direction, 16 bytes at a time): payload bytes the sink got per second over
+   --paced-seconds after 2 s of warm-up, against the line rate; and the relay's wire bytes in
+   that direction (frames, headers, CRCs, the opposite stream's CREDIT/acks excluded).
+3. Echo latency on the same paced relay: one 32-byte message at a time through the `echo`
+   forward, waiting for the whole echo; p50/p99/max of --echo-count round trips, with no other
+   traffic (baseline) and with a bulk stream saturating the line in the same direction (A->B).
+4. Memory: VmRSS (/proc/PID/status) of each minivmm-vp before, and with, 1000 concurrent
+   streams open through `echo` (8 bytes echoed on each, all kept open); KiB per stream.
+
+Paced rows run twice. `tty` channel: each endpoint opens a pty slave with
+`--channel tty:/dev/pts/N,speed=115200`, the relay copies between the pty masters; the speed
+is the endpoint's only rate hint (minivmm-vp has no --rate option), which sizes its windows
+and frames for 11520 B/s (vproxy.md §8: 2880-byte window, 224-byte frames). `unix` channel:
+`--channel unix:PATH` to the relay's socket, no rate hint (64 KiB windows, 1024-byte frames).
+The unpaced rows and the memory row use the unix channel.
+
+usage: bench-vproxy.py [--vp BIN] [--runs N] [--paced-seconds S] [--echo-count N]
+                       [--streams N] [--only 1,2,3,4]
+BIN: --vp, else $MINIVMM_VP, else target/x86_64-unknown-linux-gnu/vp/minivmm-vp from the repo.
+"""
+
+import argparse
+import os
+import resource
+import selectors
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_VP = os.path.join(REPO, "target/x86_64-unknown-linux-gnu/vp/minivmm-vp")
+LINE_RATE = 11520  # bytes/s of a 115200-baud 8N1 line (10 bits a byte)
+BULK_BYTES = 64 << 20
+CHUNK = 256 << 10
+ECHO_MSG = 32
+MIB = 1 << 20
+BACKLOG = 8  # minivmm-vp's listen backlog (chardev LISTEN_BACKLOG): connects in flight at once
+
+
+def log(msg):
+    print(f"  {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- relay
+
+
+class Relay:
+    """Joins two byte channels, optionally pacing each direction at `rate` bytes/s with a
+    token bucket (16 bytes a time, like a UART's FIFO; bursts of at most 32). kind 'unix': listens on a socket and accepts the
+    two endpoints (in any order); kind 'tty': two pty pairs, the endpoints open the slaves.
+    wire[0] counts bytes first->second, wire[1] second->first."""
+
+    def __init__(self, tmp, kind, rate=None, name="relay"):
+        self.kind, self.rate = kind, rate
+        self.wire = [0, 0]
+        self.stop = threading.Event()
+        self.threads = []
+        self.fds = []  # pty fds to close
+        if kind == "unix":
+            self.path = os.path.join(tmp, name + ".sock")
+            self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.lsock.bind(self.path)
+            self.lsock.listen(2)
+            self.specs = [f"unix:{self.path}"] * 2
+            t = threading.Thread(target=self._accept, daemon=True)
+            t.start()
+            self.threads.append(t)
+        else:
+            self.lsock = None
+            pairs = [os.openpty() for _ in range(2)]
+            # The slaves stay open here too, so a master never reads EIO while an endpoint
+            # (re)opens its slave.
+            for m, s in pairs:
+                self.fds += [m, s]
+            self.specs = [f"tty:{os.ttyname(s)},speed=115200" for _, s in pairs]
+            self._start([p[0] for p in pairs], [os.read] * 2, [self._fd_writer] * 2)
+
+    @staticmethod
+    def _fd_writer(fd, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    def _accept(self):
+        conns = []
+        try:
+            while len(conns) < 2:
+                c, _ = self.lsock.accept()
+                conns.append(c)
+        except OSError:
+            return
+        self.conns = conns
+        self._start(conns, [lambda c, n: c.recv(n)] * 2, [lambda c, d: c.sendall(d)] * 2)
+
+    def _start(self, ends, readers, writers):
+        for i in (0, 1):
+            t = threading.Thread(target=self._pump, daemon=True,
+                                 args=(ends[i], ends[1 - i], readers[i], writers[1 - i], i))
+            t.start()
+            self.threads.append(t)
+
+    def _pump(self, src, dst, read, write, idx):
+        rate = self.rate
+        # 16 bytes (a UART FIFO) go at a time and at most 32 at once, so even a lone short
+        # frame takes its line time; about 720 wakeups/s at 11520 B/s.
+        chunk = min(16, rate) if rate else CHUNK
+        burst = 2 * chunk if rate else None  # absorbs a late wakeup
+        tokens, last = 0.0, time.monotonic()
+        try:
+            while not self.stop.is_set():
+                if rate:
+                    now = time.monotonic()
+                    tokens = min(burst, tokens + (now - last) * rate)
+                    last = now
+                    if tokens < chunk:
+                        time.sleep((chunk - tokens) / rate)
+                        continue
+                    n = int(tokens)
+                else:
+                    n = CHUNK
+                data = read(src, n)
+                if not data:
+                    break
+                if rate:
+                    tokens -= len(data)
+                write(dst, data)
+                self.wire[idx] += len(data)
+        except OSError:
+            pass
+        if self.kind == "unix":
+            try:
+                dst.shutdown(socket.SHUT_WR)  # pass the end on, as a half close
+            except OSError:
+                pass
+
+    def close(self):
+        self.stop.set()
+        if self.lsock is not None:
+            self.lsock.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            for c in getattr(self, "conns", []):
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for t in self.threads:
+            t.join(timeout=2)
+
+
+# ---------------------------------------------------------------- local servers
+
+
+class Sink:
+    """TCP server counting the bytes of each connection; `total` counts all of them."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.total = 0
+        self.done = []  # (bytes, time of the last byte) per finished connection
+        self.cond = threading.Condition()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drain, args=(c,), daemon=True).start()
+
+    def _drain(self, c):
+        n, last = 0, time.monotonic()
+        with c:
+            while True:
+                try:
+                    data = c.recv(CHUNK)
+                except OSError:
+                    break
+                if not data:
+                    break
+                n += len(data)
+                last = time.monotonic()
+                with self.cond:
+                    self.total += len(data)
+                    self.cond.notify_all()
+        with self.cond:
+            self.done.append((n, last))
+            self.cond.notify_all()
+
+    def wait_total(self, target, timeout):
+        end = time.monotonic() + timeout
+        with self.cond:
+            while self.total < target:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+class Echo:
+    """TCP echo server, one thread and a selector for any number of connections."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, selectors.EVENT_READ)
+        self.conns = set()
+        self.stop = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop:
+            for key, _ in self.sel.select(timeout=0.2):
+                s = key.fileobj
+                if s is self.sock:
+                    try:
+                        c, _ = s.accept()
+                    except OSError:
+                        continue
+                    c.setblocking(False)
+                    self.conns.add(c)
+                    self.sel.register(c, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = s.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if data:
+                    try:
+                        s.setblocking(True)
+                        s.sendall(data)
+                        s.setblocking(False)
+                        continue
+                    except OSError:
+                        pass
+                self.sel.unregister(s)
+                self.conns.discard(s)
+                s.close()
+
+    def close(self):
+        self.stop = True
+        self.thread.join(timeout=2)
+        for c in list(self.conns):
+            c.close()
+        self.sock.close()
+        self.sel.close()
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+class Endpoints:
+    """A relay and the two minivmm-vp processes on it: A with oforwards sink/echo, B with the
+    iforwards to `sink` and `echo`."""
+
+    def __init__(self, vp, tmp, kind, rate, sink, echo, tag):
+        self.relay = Relay(tmp, kind, rate, name=tag)
+        self.sink_port, self.echo_port = free_port(), free_port()
+        self.procs, self.errs = [], []
+        argv_a = [vp, "--channel", self.relay.specs[0],
+                  "--oforward", f"sink:{self.sink_port}", "--oforward", f"echo:{self.echo_port}"]
+        argv_b = [vp, "--channel", self.relay.specs[1],
+                  "--iforward", f"sink:127.0.0.1:{sink.port}",
+                  "--iforward", f"echo:127.0.0.1:{echo.port}"]
+        try:
+            for argv in (argv_a, argv_b):
+                err = tempfile.TemporaryFile(dir=tmp)
+                self.errs.append(err)
+                self.procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                                   stdout=subprocess.DEVNULL, stderr=err))
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def stderr_tail(self):
+        out = []
+        for name, err in zip("AB", self.errs):
+            err.seek(0)
+            lines = err.read().decode(errors="replace").strip().splitlines()
+            if lines:
+                out.append(f"{name}: " + " | ".join(lines[-3:]))
+        return "; ".join(out) or "(no stderr)"
+
+    def check_alive(self):
+        for name, p in zip("AB", self.procs):
+            if p.poll() is not None:
+                raise BenchError(f"minivmm-vp {name} exited with {p.returncode}: "
+                                 + self.stderr_tail())
+
+    def wait_ready(self, timeout=20):
+        """Until an echo goes through (session up, both forwards in place)."""
+        end = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < end:
+            self.check_alive()
+            try:
+                with socket.create_connection(("127.0.0.1", self.echo_port), timeout=5) as s:
+                    s.sendall(b"ready?")
+                    got = b""
+                    while len(got) < 6:
+                        data = s.recv(64)
+                        if not data:
+                            break
+                        got += data
+                    if got == b"ready?":
+                        return
+                    last = f"echo returned {got!r}"
+            except OSError as e:
+                last = str(e)
+            time.sleep(0.1)
+        raise BenchError(f"endpoints not ready after {timeout} s ({last}): " + self.stderr_tail())
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.relay.close()
+        for e in self.errs:
+            e.close()
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def send_bulk(sock, total=None, stop=None):
+    """Send `total` bytes (or until `stop` is set), then shut the write side."""
+    buf = b"\x5a" * CHUNK
+    sent = 0
+    try:
+        while (total is None or sent < total) and not (stop is not None and stop.is_set()):
+            n = CHUNK if total is None else min(CHUNK, total - sent)
+            sock.sendall(buf[:n])
+            sent += n
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    return sent
+
+
+def abort(sock):
+    """Close with a TCP reset, so the endpoint drops what the kernel still buffers for it
+    (an orderly close would still deliver the client's socket buffers, seconds of line)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def bulk_vproxy(ep, sink, total, timeout=120):
+    """Returns bytes/s, and the CPU share of each endpoint meanwhile."""
+    base = sink.total
+    cpu0 = [cpu_seconds(p.pid) for p in ep.procs]
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", ep.sink_port)) as s:
+        threading.Thread(target=send_bulk, args=(s, total), daemon=True).start()
+        ok = sink.wait_total(base + total, timeout)
+        t1 = time.monotonic()
+    if not ok:
+        ep.check_alive()
+        raise BenchError(f"vproxy bulk: {sink.total - base} of {total} bytes in {timeout} s")
+    cpu = [(cpu_seconds(p.pid) - c) / (t1 - t0) for p, c in zip(ep.procs, cpu0)]
+    return total / (t1 - t0), cpu
+
+
+def bulk_raw(tmp, total, timeout=120):
+    """The same bytes through the relay alone: a client on each side of it."""
+    relay = Relay(tmp, "unix", None, name="raw")
+    try:
+        t0 = time.monotonic()
+        a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.connect(relay.path)
+        b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        b.connect(relay.path)
+        threading.Thread(target=send_bulk, args=(a, total), daemon=True).start()
+        got = 0
+        b.settimeout(timeout)
+        while got < total:
+            data = b.recv(CHUNK)
+            if not data:
+                break
+            got += len(data)
+        t1 = time.monotonic()
+        a.close()
+        b.close()
+    finally:
+        relay.close()
+    if got < total:
+        raise BenchError(f"raw relay: {got} of {total} bytes")
+    return total / (t1 - t0)
+
+
+class BulkStream:
+    """A stream through `sink` that a thread keeps full until close()."""
+
+    def __init__(self, ep):
+        self.stop = threading.Event()
+        self.sock = socket.create_connection(("127.0.0.1", ep.sink_port))
+        # A small send buffer: less queued in the kernel ahead of vproxy.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+        self.thread = threading.Thread(target=send_bulk, args=(self.sock, None, self.stop),
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        abort(self.sock)
+        self.thread.join(timeout=5)
+
+
+def paced_rates(ep, sink, seconds):
+    """Payload B/s the sink gets, and wire B/s A->B, over `seconds` (a bulk stream running)."""
+    p0, w0, t0 = sink.total, ep.relay.wire[0], time.monotonic()
+    time.sleep(seconds)
+    p1, w1, t1 = sink.total, ep.relay.wire[0], time.monotonic()
+    ep.check_alive()
+    return (p1 - p0) / (t1 - t0), (w1 - w0) / (t1 - t0)
+
+
+def echo_rtts(ep, count, budget):
+    """Round trips of `count` ECHO_MSG-byte messages on one stream (stops after `budget` s)."""
+    rtts = []
+    msg = bytes(range(ECHO_MSG))
+    end = time.monotonic() + budget
+    with socket.create_connection(("127.0.0.1", ep.echo_port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.settimeout(max(budget, 1) + 30)
+        for _ in range(count):
+            if rtts and time.monotonic() > end:
+                break
+            t0 = time.monotonic()
+            s.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                data = s.recv(len(msg) - len(got))
+                if not data:
+                    raise BenchError("echo stream closed: " + ep.stderr_tail())
+                got += data
+            rtts.append(time.monotonic() - t0)
+            if got != msg:
+                raise BenchError(f"echo returned {got!r}")
+            time.sleep(0.02)
+    return rtts
+
+
+def percentile(values, p):
+    v = sorted(values)
+    k = (len(v) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def open_streams(ep, n, batch):
+    """Open n streams through `echo`, `batch` connects at a time, 8 bytes echoed on each
+    before the next batch; returns the open sockets."""
+    socks = []
+    sel = selectors.DefaultSelector()
+    try:
+        for first in range(0, n, batch):
+            for i in range(first, min(n, first + batch)):
+                s = socket.create_connection(("127.0.0.1", ep.echo_port), timeout=10)
+                s.setblocking(False)
+                s.send(b"%08d" % i)
+                socks.append(s)
+                sel.register(s, selectors.EVENT_READ, [i, b""])
+            pending = len(sel.get_map())
+            end = time.monotonic() + 30
+            while pending and time.monotonic() < end:
+                for key, _ in sel.select(timeout=1):
+                    data = key.fileobj.recv(64)
+                    if not data:
+                        raise BenchError(f"stream {key.data[0]} closed: " + ep.stderr_tail())
+                    key.data[1] += data
+                    if len(key.data[1]) >= 8:
+                        if key.data[1] != b"%08d" % key.data[0]:
+                            raise BenchError(f"stream {key.data[0]} got {key.data[1]!r}")
+                        sel.unregister(key.fileobj)
+                        pending -= 1
+            if pending:
+                raise BenchError(f"{pending} streams of those from {first} did not echo in "
+                                 "30 s: " + ep.stderr_tail())
+        return socks
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    finally:
+        sel.close()
+
+
+def listen_overflows():
+    """The kernel's ListenOverflows counter (a connect found an accept queue full)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+        for head, vals in zip(lines[::2], lines[1::2]):
+            h, v = head.split(), vals.split()
+            if "ListenOverflows" in h:
+                return int(v[h.index("ListenOverflows")])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# ---------------------------------------------------------------- main
+
+
+def raise_nofile(want):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vp", default=os.environ.get("MINIVMM_VP") or DEFAULT_VP)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--paced-seconds", type=float, default=18.0,
+                    help="measured seconds of paced bulk (after 2 s of warm-up and the echoes)")
+    ap.add_argument("--echo-count", type=int, default=50)
+    ap.add_argument("--echo-budget", type=float, default=30.0,
+                    help="at most this many seconds of echoes per row")
+    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--burst", type=int, default=32,
+                    help="simultaneous connects in the burst row (4b)")
+    ap.add_argument("--channels", default="tty,unix", help="paced rows: tty, unix or both")
+    ap.add_argument("--only", default="1,2,3,4")
+    args = ap.parse_args()
+
+    if not (os.path.isfile(args.vp) and os.access(args.vp, os.X_OK)):
+        print(f"bench: minivmm-vp not found at '{args.vp}' (build it with `make vp`, "
+              "or set MINIVMM_VP)", file=sys.stderr)
+        return 1
+    only = set(args.only.split(","))
+    channels = [c for c in args.channels.split(",") if c]
+    nofile = raise_nofile(max(8192, 4 * args.streams + 256))
+    if "4" in only and nofile < 2 * args.streams + 256:
+        print(f"bench: RLIMIT_NOFILE is {nofile}, {2 * args.streams + 256} needed for "
+              f"{args.streams} streams", file=sys.stderr)
+        return 1
+
+    # SIGTERM (make's Ctrl-C goes as SIGINT) unwinds through the finally blocks.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    rows, notes = [], []
+    sink, echo = Sink(), Echo()
+    started = time.monotonic()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-vproxy.") as tmp:
+            if "1" in only:
+                ep = Endpoints(args.vp, tmp, "unix", None, sink, echo, "unpaced")
+                try:
+                    vps, raws, cpus = [], [], []
+                    for run in range(args.runs):
+                        rate, cpu = bulk_vproxy(ep, sink, BULK_BYTES)
+                        vps.append(rate)
+                        cpus.append(cpu)
+                        raws.append(bulk_raw(tmp, BULK_BYTES))
+                        log(f"bulk 64 MiB run {run + 1}/{args.runs}: vproxy "
+                            f"{vps[-1] / MIB:.1f} MiB/s (CPU A {cpu[0] * 100:.0f} %, B "
+                            f"{cpu[1] * 100:.0f} %), raw relay {raws[-1] / MIB:.1f} MiB/s")
+                finally:
+                    ep.close()
+                v, r = statistics.median(vps), statistics.median(raws)
+                ca = statistics.median(c[0] for c in cpus) * 100
+                cb = statistics.median(c[1] for c in cpus) * 100
+                rows.append(("1. bulk 64 MiB, 1 stream", "unix, unpaced",
+                             f"{v / MIB:.1f} MiB/s vs raw relay {r / MIB:.1f} MiB/s = "
+                             f"{v / r * 100:.1f} % efficiency",
+                             f"median of {args.runs}; minivmm-vp CPU A {ca:.0f} %, B {cb:.0f} %"))
+
+            for kind in channels:
+                if not ({"2", "3"} & only):
+                    break
+                label = (f"{kind} (speed=115200: rate hint 11520)" if kind == "tty"
+                         else f"{kind} (no rate hint)")
+                ep = Endpoints(args.vp, tmp, kind, LINE_RATE, sink, echo, "paced-" + kind)
+                bulk = None
+                try:
+                    # Echo on the idle line, then one bulk stream: echo beside it, then its
+                    # throughput (the echoes are over by then).
+                    lat = []
+                    if "3" in only:
+                        lat.append(("idle line (baseline)",
+                                    echo_rtts(ep, args.echo_count, args.echo_budget)))
+                    bulk = BulkStream(ep)
+                    time.sleep(2.0)
+                    if sink.total == 0:
+                        raise BenchError("the bulk stream did not start: " + ep.stderr_tail())
+                    if "3" in only:
+                        base = sink.total
+                        lat.append(("with bulk A->B",
+                                    echo_rtts(ep, args.echo_count, args.echo_budget)))
+                        if sink.total == base:
+                            raise BenchError("the bulk stream stalled while echoing")
+                    for what, rtts in lat:
+                        ms = [x * 1000 for x in rtts]
+                        log(f"echo, {kind}, {what}: {len(ms)} round trips, p50 "
+                            f"{percentile(ms, 50):.0f} ms, max {max(ms):.0f} ms")
+                        rows.append((f"3. echo {ECHO_MSG} B RTT, {what}", label,
+                                     f"p50 {percentile(ms, 50):.0f} ms, p99 "
+                                     f"{percentile(ms, 99):.0f} ms, max {max(ms):.0f} ms",
+                                     f"{len(ms)} round trips"))
+                    if "2" in only:
+                        payload, wire = paced_rates(ep, sink, args.paced_seconds)
+                        log(f"paced bulk, {kind}: {payload:.0f} B/s payload, {wire:.0f} B/s wire")
+                        rows.append(("2. bulk, 1 stream, paced 11520 B/s", label,
+                                     f"{payload:.0f} B/s = {payload / LINE_RATE * 100:.1f} % "
+                                     "of line",
+                                     f"wire A->B {wire:.0f} B/s ({wire / LINE_RATE * 100:.1f} %)"
+                                     f", {args.paced_seconds:.0f} s"))
+                finally:
+                    if bulk is not None:
+                        bulk.close()
+                    ep.close()
+
+            if "4" in only:
+                ep = Endpoints(args.vp, tmp, "unix", None, sink, echo, "streams")
+                socks = []
+                try:
+                    time.sleep(0.5)
+                    before = [rss_kib(p.pid) for p in ep.procs]
+                    t0 = time.monotonic()
+                    socks = open_streams(ep, args.streams, BACKLOG)
+                    took = time.monotonic() - t0
+                    time.sleep(0.5)
+                    ep.check_alive()
+                    during = [rss_kib(p.pid) for p in ep.procs]
+                    log(f"{args.streams} streams open in {took:.1f} s; VmRSS A "
+                        f"{before[0]} -> {during[0]} KiB, B {before[1]} -> {during[1]} KiB")
+                    for name, b, d in zip("AB", before, during):
+                        rows.append((f"4. VmRSS, {args.streams} open streams, side {name}",
+                                     "unix, unpaced",
+                                     f"{b} KiB -> {d} KiB",
+                                     f"{(d - b) / args.streams:.1f} KiB/stream"))
+                    notes.append(f"{args.streams} streams opened {BACKLOG} at a time (each "
+                                 f"batch echoed before the next) in {took:.1f} s")
+                    for s in socks:
+                        s.close()
+                    socks = []
+                    # A burst of simultaneous connects to one oforward.
+                    time.sleep(1.0)
+                    ov0 = listen_overflows()
+                    t0 = time.monotonic()
+                    socks = open_streams(ep, args.burst, args.burst)
+                    took = time.monotonic() - t0
+                    ov1 = listen_overflows()
+                    ov = "n/a" if ov0 is None or ov1 is None else ov1 - ov0
+                    log(f"burst of {args.burst} connects: all echoed in {took:.2f} s, "
+                        f"ListenOverflows +{ov}")
+                    rows.append((f"4b. burst of {args.burst} simultaneous connects to an "
+                                 "oforward", "unix, unpaced",
+                                 f"all echoed in {took:.2f} s",
+                                 f"kernel ListenOverflows +{ov} (system-wide counter)"))
+                finally:
+                    for s in socks:
+                        s.close()
+                    ep.close()
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        echo.close()
+        sink.close()
+
+    sys.stderr.flush()
+    print()
+    print(f"vproxy, two minivmm-vp endpoints on a HOST RELAY (not a guest: no VMM, no UART, "
+          f"no virtio), {time.strftime('%Y-%m-%d')}, {time.monotonic() - started:.0f} s")
+    print(f"paced = relay token bucket at {LINE_RATE} B/s each way (115200 baud 8N1); "
+          "tty = pty pairs, the endpoints' speed=115200 is their rate hint; "
+          "unix = socket channel, no rate hint")
+    print()
+    print("| measurement | channel | result | detail |")
+    print("|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: r[0].split(".")[0]):  # stable: 1, 2, 3, 4, 4b
+        print("| " + " | ".join(r) + " |")
+    for n in notes:
+        print(f"\n{n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
