@@ -283,9 +283,9 @@ fn fchmod(fd: RawFd, mode: libc::mode_t) -> io::Result<()> {
     check(unsafe { libc::fchmod(fd, mode) }).map(drop)
 }
 
-fn listen(fd: RawFd) -> io::Result<()> {
+fn listen(fd: RawFd, backlog: libc::c_int) -> io::Result<()> {
     // SAFETY: listen on an fd we own.
-    check(unsafe { libc::listen(fd, LISTEN_BACKLOG) }).map(drop)
+    check(unsafe { libc::listen(fd, backlog) }).map(drop)
 }
 
 /// What failed while setting up a listener: the operation ("bind", ...) and the OS error.
@@ -294,9 +294,11 @@ pub(crate) type SetupError = (&'static str, io::Error);
 /// A non-blocking listening socket on `addr`. `unix_file` is the filesystem path of a unix
 /// address (not an abstract one): a stale socket file there is replaced, the new one gets mode
 /// 0600, and the returned [`SocketFile`] removes it on drop. Inet listeners get SO_REUSEADDR.
+/// `backlog` is the accept queue's length.
 pub(crate) fn open_listener(
     addr: &SockAddr,
     unix_file: Option<&Path>,
+    backlog: libc::c_int,
 ) -> std::result::Result<(OwnedFd, Option<SocketFile>), SetupError> {
     let fd = new_socket(addr.family()).map_err(|e| ("create socket for", e))?;
     let raw = fd.as_raw_fd();
@@ -328,7 +330,7 @@ pub(crate) fn open_listener(
             None
         }
     };
-    listen(raw).map_err(|e| ("listen on", e))?;
+    listen(raw, backlog).map_err(|e| ("listen on", e))?;
     Ok((fd, file))
 }
 
@@ -456,7 +458,7 @@ impl SocketBackend {
             } => Some(path.as_path()),
             _ => None,
         };
-        let (fd, file) = open_listener(addr, unix_file)
+        let (fd, file) = open_listener(addr, unix_file, LISTEN_BACKLOG)
             .map_err(|(op, e)| Error::io(&self.id, op, desc.to_string(), e))?;
         self._file = file;
         self.role = Role::Server { listener: fd, wait };

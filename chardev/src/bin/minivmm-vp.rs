@@ -23,7 +23,8 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 
 const USAGE: &str = "\
-usage: minivmm-vp --channel SPEC [--iforward NAME:HOST:PORT]... [--oforward NAME:[BIND:]PORT]... [-v]
+usage: minivmm-vp --channel SPEC [--iforward NAME:HOST:PORT]... [--oforward NAME:[BIND:]PORT]...
+                  [--rate BYTES_PER_S] [--window SIZE] [-v]
 
   --channel SPEC   the channel to the other end:
                      PATH                   a char device, e.g. /dev/virtio-ports/org.minivmm.vproxy
@@ -34,6 +35,9 @@ usage: minivmm-vp --channel SPEC [--iforward NAME:HOST:PORT]... [--oforward NAME
   --oforward NAME:[BIND:]PORT | NAME:unix:PATH
                    listen here (BIND defaults to 127.0.0.1) and carry each connection to
                    the other end's service NAME
+  --rate N         the channel's speed in bytes per second, to size windows and frames
+                   (as the vproxy chardev's rate=; a tty channel's speed sets it by default)
+  --window SIZE    the per-stream window, 1K to 16M (as the chardev's window=)
   -v, --verbose    more messages (twice: debug)
   -h, --help       this help";
 
@@ -104,6 +108,21 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
                 }
                 list.push(f);
             }
+            "--rate" | "--window" => {
+                // The same syntax and limits as the vproxy chardev's rate= and window=.
+                let key = &flag[2..];
+                let opt = format!("vproxy,id=minivmm-vp,{key}={}", value()?);
+                let parsed = chardev::ChardevSpec::parse(&opt).map_err(|e| {
+                    format!(
+                        "option '{flag}': {}",
+                        e.to_string().replace("chardev 'minivmm-vp': ", "")
+                    )
+                })?;
+                if let chardev::BackendSpec::Vproxy(v) = parsed.backend {
+                    spec.rate = v.rate.or(spec.rate);
+                    spec.window = v.window.or(spec.window);
+                }
+            }
             other => return Err(format!("unknown argument '{}'", other.escape_debug())),
         }
     }
@@ -170,10 +189,15 @@ mod tests {
             "--iforward=ssh:127.0.0.1:22",
             "--oforward",
             "web:8080",
+            "--rate",
+            "11520",
+            "--window=4K",
             "-v",
         ]) else {
             panic!("did not parse")
         };
+        assert_eq!(c.vproxy.rate, Some(11_520));
+        assert_eq!(c.vproxy.window, Some(4096));
         assert_eq!(c.channel, ChannelSpec::Unix("/tmp/vp.sock".into()));
         assert_eq!(c.vproxy.iforwards[0].to_string(), "ssh:127.0.0.1:22");
         assert_eq!(c.vproxy.oforwards[0].to_string(), "web:127.0.0.1:8080");
@@ -205,6 +229,14 @@ mod tests {
                     "a:2",
                 ][..],
                 "--oforward 'a' given twice",
+            ),
+            (
+                &["--channel", "/dev/x", "--rate", "0"][..],
+                "option '--rate': bad value '0'",
+            ),
+            (
+                &["--channel", "/dev/x", "--window", "1"][..],
+                "option '--window': bad value '1'",
             ),
         ] {
             let Err(e) = parse(args) else {

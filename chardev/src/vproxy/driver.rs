@@ -40,6 +40,10 @@ use crate::sys;
 pub const STREAM_PENDING_CAP: usize = 16 * 1024;
 /// Largest socket read handed to the engine at once.
 const SOCKET_READ_CHUNK: usize = 16 * 1024;
+/// Accept queue of an oforward's listener: a proxy takes bursts of connections (the kernel
+/// caps it at net.core.somaxconn); a short queue makes each overflowing client wait a second
+/// for its SYN to be retried.
+const OFORWARD_BACKLOG: libc::c_int = libc::SOMAXCONN;
 /// Connections accepted per listener wakeup, so one busy listener cannot starve the rest.
 const ACCEPTS_PER_WAKEUP: usize = 16;
 /// Socket reads per stream wakeup, for the same reason.
@@ -270,7 +274,8 @@ impl VproxyBackend {
             Endpoint::Unix(path) => Some(path.as_path()),
             Endpoint::Tcp { .. } => None,
         };
-        let (fd, file) = socket::open_listener(&addr, unix_file).map_err(|(_, e)| e)?;
+        let (fd, file) =
+            socket::open_listener(&addr, unix_file, OFORWARD_BACKLOG).map_err(|(_, e)| e)?;
         let endpoint = match socket::sockname(fd.as_raw_fd(), false)
             .ok()
             .and_then(SockAddr::to_inet)
