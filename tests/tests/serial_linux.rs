@@ -73,6 +73,37 @@ fn rate(bytes: usize, first: Instant, last: Instant) -> f64 {
     (bytes - 1) as f64 / last.duration_since(first).as_secs_f64()
 }
 
+/// Have the ttyS1 shell set `baud` and write `n` copies of `byte`; returns the characters per
+/// second the host side saw (first to last byte), and prints it beside the line rate (8N1).
+fn guest_to_host_rate(
+    p1: &mut StreamReader,
+    pty1_in: &mut File,
+    baud: u32,
+    byte: u8,
+    n: usize,
+) -> f64 {
+    let byte = char::from(byte);
+    pty1_in
+        .write_all(
+            format!(
+                "stty {baud} raw -echo; echo G$((1+{baud})); sleep 1; head -c {n} /dev/zero | tr '\\0' {byte}; echo\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    // The payload starts a second after the marker.
+    let from = p1.seen.len();
+    p1.expect(from, &format!("G{}", 1 + baud), COMMAND_TIMEOUT);
+    let (first, last) = p1.timed_run(byte as u8, n, Duration::from_secs(60));
+    let measured = rate(n, first, last);
+    let line = f64::from(baud) / 10.0;
+    eprintln!(
+        "guest->host at {baud} baud: {measured:.1} chars/s, {:.1} % of the line rate ({line}/s)",
+        measured / line * 100.0
+    );
+    measured
+}
+
 #[test]
 fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
     require_kvm();
@@ -143,20 +174,8 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
     say(&format!(
         "stty -F /dev/ttyS3 115200 raw -echo; (sleep 2; head -c {COM4_BYTES} /dev/zero | tr '\\0' Z >/dev/ttyS3; echo com4-$((2+2))-done) &"
     ));
-    pty1_in
-        .write_all(b"stty 9600 raw -echo; echo G$((1+1))O; sleep 1; head -c 4096 /dev/zero | tr '\\0' U; echo\n")
-        .unwrap();
-    // The payload starts a second after "G2O".
-    let from = p1.seen.len();
-    p1.expect(from, "G2O", COMMAND_TIMEOUT);
-    let (first, last) = p1.timed_run(b'U', N, Duration::from_secs(60));
-    let measured = rate(N, first, last);
+    let measured = guest_to_host_rate(&mut p1, &mut pty1_in, 9600, b'U', N);
     let expected = 9600.0 / 10.0;
-    let error = (measured - expected).abs() / expected;
-    eprintln!(
-        "guest->host at 9600 baud: {measured:.1} chars/s, expected {expected}, error {:.2} %",
-        error * 100.0
-    );
     // Never faster than the line. How close to the line rate a Linux guest gets depends on
     // how fast it refills the FIFO after THRE: one character time (1 ms at 9600) is less than
     // this nested KVM's interrupt latency, so the line idles a little between 16-byte bursts
@@ -184,18 +203,8 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
 
     // Guest -> host at 115200 baud: 11520 characters per second on the line, never more.
     const FAST_N: usize = 16384;
-    pty1_in
-        .write_all(b"stty 115200 raw -echo; echo H$((1+1))I; sleep 1; head -c 16384 /dev/zero | tr '\\0' X; echo\n")
-        .unwrap();
-    let from = p1.seen.len();
-    p1.expect(from, "H2I", COMMAND_TIMEOUT);
-    let (first, last) = p1.timed_run(b'X', FAST_N, Duration::from_secs(60));
-    let measured = rate(FAST_N, first, last);
+    let measured = guest_to_host_rate(&mut p1, &mut pty1_in, 115200, b'X', FAST_N);
     let line = 115200.0 / 10.0;
-    eprintln!(
-        "guest->host at 115200 baud: {measured:.1} chars/s, {:.1} % of the line rate",
-        measured / line * 100.0
-    );
     assert!(
         measured <= line * 1.01,
         "line rate {measured:.1}/s is faster than the {line}/s the guest programmed"
