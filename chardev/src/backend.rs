@@ -99,7 +99,11 @@ pub trait Backend: Send {
     /// The event loop saw `readiness` on `fd`: accept clients, flush output, notice hangups.
     fn on_ready(&mut self, fd: RawFd, readiness: Readiness);
 
-    /// Read up to `buf.len()` bytes of input. Returns 0 when nothing is available now.
+    /// Read up to `buf.len()` bytes of input. Returns 0 when nothing is available now. A read
+    /// shorter than `buf` tells the frontend that input is drained (the UART relies on it and
+    /// waits for the next [`Event::Readable`]), so a backend that buffers input itself must
+    /// fill `buf` while it has bytes and announce `Readable` again once more arrive after a
+    /// short read; an fd backend gets that from level-triggered readiness.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
 
     /// Queue guest output. Returns how many bytes were accepted (0 when the bounded output

@@ -16,7 +16,8 @@
 //! The event loop is level-triggered. After registering `poll_fds()` it calls `on_ready` for
 //! each ready fd, then `take_events()`, then re-reads `poll_fds()`; it does the same after any
 //! frontend call (`read`, `write`, `set_input_wanted`). On `Readable` the frontend pulls with
-//! `read` until it returns 0 or the frontend is full (then `set_input_wanted(false)`). A peer
+//! `read` until it returns 0, returns short (drained: see [`Backend::read`]) or the frontend is
+//! full (then `set_input_wanted(false)`). A peer
 //! closing is seen when the frontend pulls the end of input, or when a write fails: a frontend
 //! that never reads notices a disconnect only through its writes (or, for a pty, the periodic
 //! hangup check). After a mux's Ctrl-A x, `take_exit_request()` returns true once.
