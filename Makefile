@@ -25,7 +25,7 @@ QEMU_QMP_VERSION := 0.0.6
 VP_TARGET := x86_64-unknown-linux-gnu
 VP      := target/$(VP_TARGET)/vp/minivmm-vp
 # The options the test kernel needs on this machine's nested KVM; see resources/README.md.
-GUEST_CMDLINE := console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt
+GUEST_CMDLINE := console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt rodata=off
 
 export MINIVMM_KERNEL := $(abspath $(KERNEL))
 export MINIVMM_INITRD := $(abspath $(INITRD))

@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 
+from benchguest import CMDLINE, MEMORY, qemu_microvm
+
 MARKER = b"MINIVMM-READY"
-CMDLINE = "console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt quiet"
 
 
 def boot_once(argv, timeout):
@@ -75,7 +76,7 @@ def main():
     ap.add_argument("--minivmm", required=True)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--memory", default="256")
+    ap.add_argument("--memory", default=MEMORY)
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--extra", default="",
                     help="options appended to the kernel command line (to measure a candidate)")
@@ -92,12 +93,9 @@ def main():
             print("bench: qemu-system-x86_64 not installed (make bench installs it)",
                   file=sys.stderr)
             return 1
-        vmms["qemu microvm"] = [
-            qemu, "-M", "microvm,acpi=on", "-accel", "kvm", "-cpu", "host,kvm-pv-ipi=off",
-            "-m", args.memory, "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
-            "-serial", "stdio", "-kernel", args.kernel, "-initrd", args.initrd,
-            "-append", cmdline, "-no-reboot",
-        ]
+        vmms["qemu microvm"] = qemu_microvm(qemu, args.kernel, args.initrd, cmdline,
+                                            args.memory) + [
+            "-nographic", "-serial", "stdio", "-no-reboot"]
 
     results = {name: [] for name in vmms}
     for run in range(args.runs):

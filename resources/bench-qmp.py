@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from benchguest import CMDLINE, qemu_microvm
+
 POLL = 0.0005  # seconds between connect attempts while waiting for the socket
 
 
@@ -93,7 +95,7 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="minivmm-bench-qmp-")
     sock = os.path.join(tmp, "qmp.sock")
-    cmdline = "console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt quiet"
+    cmdline = CMDLINE
     vmms = {
         "minivmm": [args.minivmm, "--kernel", args.kernel, "--initrd", args.initrd,
                     "--append", cmdline, "--serial", "null", "--monitor", sock,
@@ -105,12 +107,9 @@ def main():
             print("bench: qemu-system-x86_64 not installed (make bench installs it)",
                   file=sys.stderr)
             return 1
-        vmms["qemu microvm"] = [
-            qemu, "-M", "microvm,acpi=on", "-accel", "kvm", "-cpu", "host,kvm-pv-ipi=off",
-            "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
-            "-serial", "null", "-kernel", args.kernel, "-initrd", args.initrd,
-            "-append", cmdline, "-qmp", f"unix:{sock},server=on,wait=off",
-        ]
+        vmms["qemu microvm"] = qemu_microvm(qemu, args.kernel, args.initrd, cmdline) + [
+            "-display", "none", "-serial", "null",
+            "-qmp", f"unix:{sock},server=on,wait=off"]
 
     print(f"QMP: process start to greeting (median of {args.starts}), and query-status "
           f"round trips ({args.queries}, one connection, guest booting)\n")

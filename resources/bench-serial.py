@@ -216,7 +216,7 @@ def main():
         return argv + pacing_off
 
     def qemu_argv(elf, params):
-        return [qemu, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-m", MEMORY,
+        return [qemu, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host,-arch-capabilities", "-m", MEMORY,
                 "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
                 "-kernel", elf, "-append", params]
 

@@ -101,7 +101,7 @@ pub fn host_is_kvm_pvm() -> bool {
 
 /// The command line the tests boot the test kernel with (the recipe in resources/README.md).
 pub fn test_cmdline(extra: &str) -> String {
-    let base = "console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt quiet";
+    let base = "console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt rodata=off quiet";
     if extra.is_empty() {
         base.to_string()
     } else {

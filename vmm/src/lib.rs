@@ -11,6 +11,7 @@ pub mod irq;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod mptable;
 pub mod reset;
 pub mod serial;
 pub mod tools;

@@ -33,6 +33,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::acpi::{self, ComPort, VirtioMmioSlot};
 use crate::boot::{self, BootInfo};
 use crate::irq::IrqLines;
+use crate::mptable;
 use crate::vcpu::{ExitLatch, VcpuControl};
 
 /// Errors while loading the boot images and tables.
@@ -44,6 +45,9 @@ pub enum LoadError {
     /// Writing ACPI tables failed.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
 }
 
 /// Errors during a reset. Each ends the VM.
@@ -81,10 +85,11 @@ pub struct BootPlan {
 }
 
 impl BootPlan {
-    /// Write the ACPI tables, then the kernel, initrd, command line and boot structure.
+    /// Write the ACPI and MP tables, then the kernel, initrd, command line and boot structure.
     /// The files are read again each time, as at the first boot.
     pub fn load(&self, mem: &GuestMemoryMmap) -> Result<BootInfo, LoadError> {
         let rsdp = acpi::create_acpi_tables(mem, self.vcpus, &self.com_ports, &self.virtio_slots)?;
+        mptable::setup_mptable(mem, self.vcpus)?;
         Ok(boot::load(
             mem,
             &self.kernel,
