@@ -127,6 +127,17 @@ pub trait Backend: Send {
     /// line (a host serial tty). Others ignore it.
     fn set_line_params(&mut self, _params: LineParams) {}
 
+    /// Drive the modem control outputs (DTR, RTS) the guest set in its UART, for backends
+    /// that have real ones (a host serial tty). Others ignore it.
+    fn set_modem_control(&mut self, _dtr: bool, _rts: bool) {}
+
+    /// The modem status inputs of a real line (a host serial tty). `None` for backends
+    /// without such lines: the frontend then derives them from [`Backend::is_connected`].
+    /// No event announces a change: a frontend that shows them polls.
+    fn modem_status(&mut self) -> Option<ModemStatus> {
+        None
+    }
+
     /// The size of the terminal behind the backend as (columns, rows), for backends that
     /// have one (pty, stdio on a terminal). Changes are reported with [`Event::Resized`].
     fn window_size(&self) -> Option<(u16, u16)> {
@@ -212,6 +223,19 @@ pub fn poll_backends(backends: &mut [&mut dyn Backend], timeout_ms: i32) -> io::
         backends[i].on_ready(p.fd, r);
     }
     Ok(n > 0)
+}
+
+/// The modem status inputs of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModemStatus {
+    /// Data carrier detect.
+    pub dcd: bool,
+    /// Data set ready.
+    pub dsr: bool,
+    /// Clear to send.
+    pub cts: bool,
+    /// Ring indicator.
+    pub ri: bool,
 }
 
 /// Line parameters of a UART, as the guest programmed them.

@@ -47,7 +47,7 @@ pub mod vproxy;
 #[cfg(test)]
 mod testutil;
 
-pub use backend::{poll_backends, Backend, Event, Interest, LineParams, Readiness};
+pub use backend::{poll_backends, Backend, Event, Interest, LineParams, ModemStatus, Readiness};
 pub use error::{Error, Result, SpecError};
 pub use registry::{ChardevInfo, Handle, Registry};
 pub use spec::{parse_serial, BackendSpec, ChardevSpec, SerialArg};

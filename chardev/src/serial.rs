@@ -8,6 +8,11 @@
 //! break is `TIOCSBRK`, cleared by a timer after [`BREAK_DURATION`], because `tcsendbreak`
 //! would block. The original settings are restored on drop.
 //!
+//! Modem lines pass through where the tty has them (a pty has none): the guest's DTR and RTS
+//! are raised and lowered with `TIOCMBIS`/`TIOCMBIC` ([`Backend::set_modem_control`]), and
+//! [`Backend::modem_status`] reads DCD, DSR, CTS and RI with `TIOCMGET` for the frontend to
+//! poll (the kernel has no pollable event for them; QEMU polls too).
+//!
 //! This module must not block.
 
 use std::fs::OpenOptions;
@@ -18,7 +23,7 @@ use std::time::Duration;
 
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::backend::{Backend, Event, Interest, LineParams, Readiness};
+use crate::backend::{Backend, Event, Interest, LineParams, ModemStatus, Readiness};
 use crate::error::{Error, Result};
 use crate::fdchan::FdChannel;
 use crate::spec::SerialSpec;
@@ -114,6 +119,8 @@ pub struct SerialBackend {
     saved: libc::termios,
     timer: TimerFd,
     breaking: bool,
+    /// Whether the tty has modem lines (a pty, for one, has none: TIOCMGET fails).
+    has_modem_lines: bool,
     _tty: OwnedFd,
 }
 
@@ -162,6 +169,7 @@ impl SerialBackend {
             saved,
             timer,
             breaking: false,
+            has_modem_lines: sys::tiocmget(fd).is_ok(),
             _tty: tty,
         })
     }
@@ -257,6 +265,41 @@ impl Backend for SerialBackend {
             );
         }
     }
+    fn set_modem_control(&mut self, dtr: bool, rts: bool) {
+        if !self.has_modem_lines {
+            return;
+        }
+        for (bit, on) in [(libc::TIOCM_DTR, dtr), (libc::TIOCM_RTS, rts)] {
+            if let Err(e) = sys::tiocm_change(self.fd, bit, on) {
+                log::warn!(
+                    "chardev {}: cannot set modem lines: {e}",
+                    self.chan.filename()
+                );
+                return;
+            }
+        }
+    }
+    fn modem_status(&mut self) -> Option<ModemStatus> {
+        if !self.has_modem_lines {
+            return None;
+        }
+        match sys::tiocmget(self.fd) {
+            Ok(bits) => Some(ModemStatus {
+                dcd: bits & libc::TIOCM_CAR != 0,
+                dsr: bits & libc::TIOCM_DSR != 0,
+                cts: bits & libc::TIOCM_CTS != 0,
+                ri: bits & libc::TIOCM_RNG != 0,
+            }),
+            Err(e) => {
+                log::warn!(
+                    "chardev {}: cannot read modem lines: {e}",
+                    self.chan.filename()
+                );
+                self.has_modem_lines = false;
+                None
+            }
+        }
+    }
     fn dropped_bytes(&self) -> u64 {
         self.chan.dropped_bytes()
     }
@@ -303,6 +346,11 @@ mod tests {
         let start = std::time::Instant::now();
         b.send_break();
         assert!(start.elapsed() < BREAK_DURATION);
+        // A pty has no modem lines: no status (the frontend falls back to the connection
+        // state) and setting DTR/RTS is a quiet no-op.
+        assert_eq!(b.modem_status(), None);
+        b.set_modem_control(true, false);
+        assert_eq!(b.write(b"!").unwrap(), 1);
     }
 
     #[test]

@@ -162,6 +162,21 @@ pub(crate) fn tcsetattr(fd: RawFd, t: &libc::termios) -> io::Result<()> {
     check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, t) }).map(drop)
 }
 
+/// The tty's modem lines (`TIOCMGET`): a mask of `TIOCM_*` bits.
+pub(crate) fn tiocmget(fd: RawFd) -> io::Result<libc::c_int> {
+    let mut bits: libc::c_int = 0;
+    // SAFETY: TIOCMGET writes one int into bits, which we own.
+    check(unsafe { libc::ioctl(fd, libc::TIOCMGET, &mut bits) })?;
+    Ok(bits)
+}
+
+/// Raise (`TIOCMBIS`) or lower (`TIOCMBIC`) the tty's modem lines in `bits`.
+pub(crate) fn tiocm_change(fd: RawFd, bits: libc::c_int, on: bool) -> io::Result<()> {
+    let req = if on { libc::TIOCMBIS } else { libc::TIOCMBIC };
+    // SAFETY: TIOCMBIS/TIOCMBIC read one int from bits, which we borrow.
+    check(unsafe { libc::ioctl(fd, req, &bits) }).map(drop)
+}
+
 /// The window size of the terminal `fd` as (columns, rows); `None` if it is no terminal or
 /// its size was never set (0x0).
 pub(crate) fn window_size(fd: RawFd) -> Option<(u16, u16)> {

@@ -7,7 +7,7 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use chardev::{Backend, Event, Interest, LineParams, Readiness};
+use chardev::{Backend, Event, Interest, LineParams, ModemStatus, Readiness};
 
 /// What the fake backend saw and what it will do, shared with the test.
 #[derive(Default)]
@@ -34,6 +34,12 @@ pub(crate) struct FakeState {
     pub params: Vec<LineParams>,
     /// How many breaks were sent.
     pub breaks: usize,
+    /// Real modem lines (a host tty), or `None` for a backend without them.
+    pub modem_status: Option<ModemStatus>,
+    /// How often the frontend read the modem lines.
+    pub modem_reads: usize,
+    /// Every `set_modem_control` as (DTR, RTS).
+    pub modem_control: Vec<(bool, bool)>,
 }
 
 /// The backend half; the test keeps the `Arc<Mutex<FakeState>>`.
@@ -99,5 +105,13 @@ impl Backend for FakeBackend {
     }
     fn set_line_params(&mut self, params: LineParams) {
         self.state().params.push(params);
+    }
+    fn set_modem_control(&mut self, dtr: bool, rts: bool) {
+        self.state().modem_control.push((dtr, rts));
+    }
+    fn modem_status(&mut self) -> Option<ModemStatus> {
+        let mut s = self.state();
+        s.modem_reads += 1;
+        s.modem_status
     }
 }

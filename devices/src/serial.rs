@@ -645,6 +645,15 @@ impl Serial {
         self.lcr & LCR_BREAK != 0 && !self.loopback()
     }
 
+    /// The modem control outputs on the line as (DTR, RTS): MCR's bits, except in loopback,
+    /// where the chip holds its outputs inactive and loops MCR back to MSR instead.
+    pub fn modem_outputs(&self) -> (bool, bool) {
+        if self.loopback() {
+            return (false, false);
+        }
+        (self.mcr & MCR_DTR != 0, self.mcr & MCR_RTS != 0)
+    }
+
     /// The line time of one character with the current LCR and divisor (0 without pacing).
     pub fn char_time_ns(&self) -> u64 {
         if !self.config.pacing {

@@ -15,7 +15,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use chardev::{Backend, Event, Interest, LineParams, Readiness};
+use chardev::{Backend, Event, Interest, LineParams, ModemStatus, Readiness};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -29,6 +29,9 @@ pub const SERIAL_PORT_SPAN: u64 = REGISTER_SPAN as u64;
 const UNCLAIMED_BYTE: u8 = 0xff;
 /// Rounds of "do I/O, then handle the events it produced" in one [`SerialPort::service`].
 const SERVICE_ROUNDS: usize = 4;
+/// How often the modem status inputs of a backend with real lines (a host tty) are read:
+/// 100 times a second, as QEMU does. Nothing announces their changes.
+pub const MODEM_POLL_NS: u64 = 10_000_000;
 
 /// Errors from building a serial port.
 #[derive(Debug, Error)]
@@ -47,6 +50,13 @@ pub struct SerialPort {
     sent_params: Option<LineParams>,
     /// Break state the backend was last told about.
     sent_break: bool,
+    /// DTR and RTS the backend was last told about.
+    sent_modem_control: Option<(bool, bool)>,
+    /// The backend has real modem lines: MSR follows them, polled, not the connection state.
+    real_modem_lines: bool,
+    /// When the modem lines are read next (with `real_modem_lines`).
+    next_modem_poll: u64,
+    clock: Arc<dyn Clock>,
     /// What the backend was last told by `set_input_wanted`.
     input_wanted: Option<bool>,
     /// Input taken from the backend that the UART could not take yet (normally empty: reads
@@ -62,16 +72,21 @@ impl SerialPort {
         config: SerialConfig,
         irq: Arc<dyn IrqLine>,
         clock: Arc<dyn Clock>,
-        backend: Box<dyn Backend>,
+        mut backend: Box<dyn Backend>,
     ) -> Result<Self, SerialPortError> {
         let kick = EventFd::new(EFD_NONBLOCK).map_err(SerialPortError::Kick)?;
-        let serial = Serial::new(config, irq, clock).with_modem_inputs(modem_for(&*backend));
+        let (inputs, real_modem_lines) = modem_for(&mut *backend);
+        let serial = Serial::new(config, irq, Arc::clone(&clock)).with_modem_inputs(inputs);
         Ok(SerialPort {
             serial,
             backend,
             kick,
             sent_params: None,
             sent_break: false,
+            sent_modem_control: None,
+            real_modem_lines,
+            next_modem_poll: 0,
+            clock,
             input_wanted: None,
             carry: Vec::with_capacity(FIFO_SIZE),
             output_errors: 0,
@@ -101,6 +116,7 @@ impl SerialPort {
     pub fn service(&mut self) -> Option<u64> {
         self.consume_kick();
         self.serial.tick();
+        self.poll_modem_lines();
         self.handle_events();
         let mut settled = false;
         for _ in 0..SERVICE_ROUNDS {
@@ -113,7 +129,10 @@ impl SerialPort {
             }
         }
         self.update_input_wanted();
-        let deadline = self.serial.arm_deadline();
+        let mut deadline = self.serial.arm_deadline();
+        if self.real_modem_lines {
+            deadline = Some(deadline.map_or(self.next_modem_poll, |d| d.min(self.next_modem_poll)));
+        }
         if settled {
             deadline
         } else {
@@ -143,9 +162,13 @@ impl SerialPort {
     fn resync_backend(&mut self) {
         self.sent_params = None;
         self.sent_break = false;
+        self.sent_modem_control = None;
         self.input_wanted = None;
         self.serial.set_input_waiting(false);
-        self.serial.set_modem_inputs(modem_for(&*self.backend));
+        let (inputs, real) = modem_for(&mut *self.backend);
+        self.real_modem_lines = real;
+        self.next_modem_poll = 0;
+        self.serial.set_modem_inputs(inputs);
         self.write_kick();
     }
 
@@ -208,6 +231,8 @@ impl SerialPort {
         let events = self.backend.take_events();
         for event in &events {
             match event {
+                // A real line's inputs are its own, whoever holds the other end.
+                Event::Opened | Event::Closed if self.real_modem_lines => {}
                 Event::Opened => self.serial.set_modem_inputs(ModemInputs::CONNECTED),
                 Event::Closed => self.serial.set_modem_inputs(ModemInputs::DISCONNECTED),
                 Event::Break => self.serial.receive_break(),
@@ -255,6 +280,31 @@ impl SerialPort {
             self.backend.send_break();
         }
         self.sent_break = brk;
+        let outputs = self.serial.modem_outputs();
+        if self.sent_modem_control != Some(outputs) {
+            self.backend.set_modem_control(outputs.0, outputs.1);
+            self.sent_modem_control = Some(outputs);
+        }
+    }
+
+    /// Read a real line's modem inputs into MSR when the poll interval has passed.
+    fn poll_modem_lines(&mut self) {
+        if !self.real_modem_lines {
+            return;
+        }
+        let now = self.clock.now_ns();
+        if now < self.next_modem_poll {
+            return;
+        }
+        self.next_modem_poll = now + MODEM_POLL_NS;
+        match self.backend.modem_status() {
+            Some(status) => self.serial.set_modem_inputs(inputs_of(status)),
+            // The lines went away (the backend said why): back to the connection state.
+            None => {
+                self.real_modem_lines = false;
+                self.serial.set_modem_inputs(ModemInputs::CONNECTED);
+            }
+        }
     }
 
     fn pull_input(&mut self) {
@@ -306,12 +356,22 @@ impl SerialPort {
     }
 }
 
-/// Modem inputs for a backend's connection state.
-fn modem_for(backend: &dyn Backend) -> ModemInputs {
-    if backend.is_connected() {
-        ModemInputs::CONNECTED
-    } else {
-        ModemInputs::DISCONNECTED
+/// A backend's modem inputs, and whether they are a real line's: its lines where it has
+/// them, else up while it has a peer.
+fn modem_for(backend: &mut dyn Backend) -> (ModemInputs, bool) {
+    match backend.modem_status() {
+        Some(status) => (inputs_of(status), true),
+        None if backend.is_connected() => (ModemInputs::CONNECTED, false),
+        None => (ModemInputs::DISCONNECTED, false),
+    }
+}
+
+fn inputs_of(s: ModemStatus) -> ModemInputs {
+    ModemInputs {
+        dcd: s.dcd,
+        dsr: s.dsr,
+        cts: s.cts,
+        ri: s.ri,
     }
 }
 
@@ -363,9 +423,9 @@ mod tests {
     use crate::serial::{
         FCR_FIFO_ENABLE, FCR_RX_RESET, FCR_TX_RESET, IER_EDSSI, IER_ERBFI, IER_ETBEI, IIR_ID_MASK,
         IIR_MSI, IIR_THRI, LCR_BREAK, LCR_DLAB, LCR_WORD_LENGTH_MASK, LSR_BI, LSR_DR, LSR_OE,
-        LSR_TEMT, LSR_THRE, MCR_OUT2, MSR_CTS, MSR_DCD, MSR_DCTS, MSR_DDCD, MSR_DDSR, MSR_DSR,
-        REG_DLL, REG_DLM, REG_IER, REG_IIR_FCR, REG_LCR, REG_LSR, REG_MCR, REG_MSR, REG_RBR_THR,
-        REG_SCR, TX_COLLECT_BATCH,
+        LSR_TEMT, LSR_THRE, MCR_DTR, MCR_LOOP, MCR_OUT2, MCR_RTS, MSR_CTS, MSR_DCD, MSR_DCTS,
+        MSR_DDCD, MSR_DDSR, MSR_DSR, MSR_RI, REG_DLL, REG_DLM, REG_IER, REG_IIR_FCR, REG_LCR,
+        REG_LSR, REG_MCR, REG_MSR, REG_RBR_THR, REG_SCR, TX_COLLECT_BATCH,
     };
 
     /// 8 data bits, no parity, 1 stop bit.
@@ -568,6 +628,94 @@ mod tests {
         rig.state().events.push(Event::Closed);
         rig.port.service();
         assert_eq!(rig.inb(REG_MSR), MSR_DCTS | MSR_DDSR | MSR_DDCD);
+    }
+
+    #[test]
+    fn dtr_and_rts_reach_the_backend_except_in_loopback() {
+        let mut rig = Rig::new(true);
+        rig.program(1);
+        rig.port.service();
+        assert_eq!(
+            rig.state().modem_control,
+            vec![(false, false)],
+            "reset: both low"
+        );
+        rig.outb(REG_MCR, MCR_OUT2 | MCR_DTR);
+        rig.port.service();
+        rig.outb(REG_MCR, MCR_OUT2 | MCR_DTR | MCR_RTS);
+        rig.port.service();
+        rig.port.service();
+        // Loopback holds the outputs inactive on the line.
+        rig.outb(REG_MCR, MCR_LOOP | MCR_DTR | MCR_RTS);
+        rig.port.service();
+        rig.outb(REG_MCR, MCR_DTR | MCR_RTS);
+        rig.port.service();
+        assert_eq!(
+            rig.state().modem_control,
+            vec![
+                (false, false),
+                (true, false),
+                (true, true),
+                (false, false),
+                (true, true)
+            ],
+            "only changes are sent"
+        );
+    }
+
+    #[test]
+    fn real_modem_lines_are_polled_into_msr() {
+        let clock = Arc::new(FakeClock::default());
+        let irq = Arc::new(RecordingIrq::default());
+        let (backend, state) = FakeBackend::boxed(true);
+        crate::bus::lock(&state).modem_status = Some(ModemStatus {
+            dcd: false,
+            dsr: true,
+            cts: true,
+            ri: false,
+        });
+        let mut rig = Rig {
+            port: SerialPort::new(SerialConfig::default(), irq, clock.clone(), backend)
+                .expect("eventfd"),
+            clock,
+            state,
+        };
+        rig.program(1);
+        // The line's own inputs from the start, not "a peer is connected".
+        assert_eq!(rig.inb(REG_MSR), MSR_DSR | MSR_CTS);
+        rig.outb(REG_IER, IER_EDSSI);
+        // A connection event does not override a real line.
+        rig.state().events.push(Event::Opened);
+        let t0 = rig.clock.now_ns();
+        let deadline = rig.port.service();
+        assert_eq!(rig.inb(REG_MSR), MSR_DSR | MSR_CTS);
+        // The port asks to be serviced again within one poll interval.
+        assert!(
+            deadline.is_some_and(|d| d <= t0 + MODEM_POLL_NS),
+            "{deadline:?}"
+        );
+        // Carrier comes up, CTS drops: seen at the next poll, with deltas and MSI.
+        rig.state().modem_status = Some(ModemStatus {
+            dcd: true,
+            dsr: true,
+            cts: false,
+            ri: true,
+        });
+        let reads = rig.state().modem_reads;
+        rig.port.service();
+        assert_eq!(
+            rig.state().modem_reads,
+            reads,
+            "not polled before the interval"
+        );
+        rig.clock.set(t0 + MODEM_POLL_NS);
+        rig.port.service();
+        assert_eq!(rig.inb(REG_IIR_FCR) & IIR_ID_MASK, IIR_MSI);
+        assert_eq!(
+            rig.inb(REG_MSR),
+            MSR_DCD | MSR_DSR | MSR_RI | MSR_DDCD | MSR_DCTS
+        );
+        assert_eq!(rig.inb(REG_MSR), MSR_DCD | MSR_DSR | MSR_RI);
     }
 
     #[test]
