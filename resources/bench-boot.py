@@ -13,13 +13,12 @@ usage: bench-boot.py --kernel K --initrd I --minivmm BIN [--runs N] [--timeout S
 import argparse
 import os
 import selectors
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-from benchguest import CMDLINE, MEMORY, qemu_microvm
+from benchguest import CMDLINE, MEMORY, find_qemu, qemu_microvm
 
 MARKER = b"MINIVMM-READY"
 
@@ -87,11 +86,9 @@ def main():
         "minivmm": [args.minivmm, "--kernel", args.kernel, "--initrd", args.initrd,
                     "--append", cmdline, "--memory", args.memory + "M", "--serial", "stdio"],
     }
-    qemu = shutil.which("qemu-system-x86_64")
     if not args.no_qemu:
+        qemu = find_qemu()
         if qemu is None:
-            print("bench: qemu-system-x86_64 not installed (make bench installs it)",
-                  file=sys.stderr)
             return 1
         vmms["qemu microvm"] = qemu_microvm(qemu, args.kernel, args.initrd, cmdline,
                                             args.memory) + [

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from benchguest import CMDLINE, qemu_microvm
+from benchguest import CMDLINE, find_qemu, qemu_microvm
 
 POLL = 0.0005  # seconds between connect attempts while waiting for the socket
 
@@ -102,10 +102,8 @@ def main():
                     "--name", f"bench-qmp-{os.getpid()}"],
     }
     if not args.no_qemu:
-        qemu = shutil.which("qemu-system-x86_64")
+        qemu = find_qemu()
         if qemu is None:
-            print("bench: qemu-system-x86_64 not installed (make bench installs it)",
-                  file=sys.stderr)
             return 1
         vmms["qemu microvm"] = qemu_microvm(qemu, args.kernel, args.initrd, cmdline) + [
             "-display", "none", "-serial", "null",

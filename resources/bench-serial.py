@@ -24,12 +24,13 @@ usage: bench-serial.py --minivmm BIN --blast ELF --sink ELF [--runs N] [--no-qem
 import argparse
 import os
 import selectors
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchguest import find_qemu
 
 BAUD_BASE = 115200
 LCR = {"8N1": 0x03, "7E2": 0x1E}
@@ -204,9 +205,8 @@ def main():
                     "e.g. 'host->guest' or '7E2'")
     args = ap.parse_args()
 
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = None if args.no_qemu else find_qemu()
     if not args.no_qemu and qemu is None:
-        print("bench: qemu-system-x86_64 not installed (make bench installs it)", file=sys.stderr)
         return 1
 
     def minivmm(elf, params, pacing=True):

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from benchguest import CMDLINE, qemu_microvm
+from benchguest import CMDLINE, find_qemu, qemu_microvm
 
 PORT = "org.minivmm.bench"
 BOOT_TIMEOUT = 600
@@ -152,10 +152,8 @@ def main():
                 "--device", f"virtserialport,chardev=c0,name={PORT}"]
         results["minivmm"] = run_vmm("minivmm", argv, sock, args.runs, args.size)
         if not args.no_qemu:
-            qemu = shutil.which("qemu-system-x86_64")
+            qemu = find_qemu()
             if qemu is None:
-                print("bench: qemu-system-x86_64 not installed (make bench installs it)",
-                      file=sys.stderr)
                 return 1
             sock = os.path.join(tmp, "q.sock")
             argv = qemu_microvm(qemu, args.kernel, args.initrd, cmdline) + [

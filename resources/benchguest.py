@@ -1,5 +1,8 @@
-"""What the boot and QMP benchmarks share: the test kernel's command line and the QEMU
+"""What the benchmarks share: the test kernel's command line and the QEMU
 microvm command line that runs the same guest as minivmm does (resources/README.md)."""
+
+import shutil
+import sys
 
 # The test kernel's command line (tests/src/lib.rs has the same for the tests).
 CMDLINE = "console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt rodata=off quiet"
@@ -16,3 +19,11 @@ def qemu_microvm(qemu, kernel, initrd, cmdline, memory=MEMORY):
     return [qemu, "-M", "microvm,acpi=on", "-accel", "kvm", "-cpu", QEMU_CPU,
             "-m", memory, "-smp", "1", "-nodefaults", "-no-user-config",
             "-kernel", kernel, "-initrd", initrd, "-append", cmdline]
+
+
+def find_qemu():
+    """qemu-system-x86_64 from PATH, or None after saying it is missing."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        print("bench: qemu-system-x86_64 not installed (make bench installs it)", file=sys.stderr)
+    return qemu
