@@ -164,6 +164,10 @@ fn streams_both_ways_over_virtio_and_uart_with_forward_changes_and_a_reset() {
     let initrd = test_initrd_vp();
     let qmp_path = p("qmp.sock");
     let mut vm = Vmm::start(&[
+        // The guest's echo service forks a process per stream, 100 at once: more than the
+        // default 128 MiB holds.
+        "--memory",
+        "256M",
         "--kernel",
         kernel.to_str().unwrap(),
         "--initrd",
