@@ -238,6 +238,23 @@ pub struct ModemStatus {
     pub ri: bool,
 }
 
+impl ModemStatus {
+    /// What a line with a peer attached shows: carrier, data set ready and clear to send up.
+    pub const CONNECTED: ModemStatus = ModemStatus {
+        dcd: true,
+        dsr: true,
+        cts: true,
+        ri: false,
+    };
+    /// No peer: every line down.
+    pub const DISCONNECTED: ModemStatus = ModemStatus {
+        dcd: false,
+        dsr: false,
+        cts: false,
+        ri: false,
+    };
+}
+
 /// Line parameters of a UART, as the guest programmed them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LineParams {

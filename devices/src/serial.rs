@@ -43,7 +43,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use chardev::LineParams;
+use chardev::{LineParams, ModemStatus};
 
 use crate::{Clock, IrqLine};
 
@@ -243,52 +243,22 @@ impl Default for SerialConfig {
     }
 }
 
-/// The modem status inputs of the UART, as the far end drives them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ModemInputs {
-    /// Data carrier detect.
-    pub dcd: bool,
-    /// Data set ready.
-    pub dsr: bool,
-    /// Clear to send.
-    pub cts: bool,
-    /// Ring indicator.
-    pub ri: bool,
-}
-
-impl ModemInputs {
-    /// A peer is attached: carrier, data set ready and clear to send up.
-    pub const CONNECTED: ModemInputs = ModemInputs {
-        dcd: true,
-        dsr: true,
-        cts: true,
-        ri: false,
-    };
-    /// No peer: every line down.
-    pub const DISCONNECTED: ModemInputs = ModemInputs {
-        dcd: false,
-        dsr: false,
-        cts: false,
-        ri: false,
-    };
-
-    /// The inputs as the upper nibble of MSR.
-    fn msr_bits(self) -> u8 {
-        let mut bits = 0;
-        if self.dcd {
-            bits |= MSR_DCD;
-        }
-        if self.dsr {
-            bits |= MSR_DSR;
-        }
-        if self.cts {
-            bits |= MSR_CTS;
-        }
-        if self.ri {
-            bits |= MSR_RI;
-        }
-        bits
+/// The modem status inputs as the upper nibble of MSR.
+fn msr_bits(inputs: ModemStatus) -> u8 {
+    let mut bits = 0;
+    if inputs.dcd {
+        bits |= MSR_DCD;
     }
+    if inputs.dsr {
+        bits |= MSR_DSR;
+    }
+    if inputs.cts {
+        bits |= MSR_CTS;
+    }
+    if inputs.ri {
+        bits |= MSR_RI;
+    }
+    bits
 }
 
 /// Counters a frontend can report.
@@ -385,11 +355,11 @@ pub struct Serial {
 }
 
 impl Serial {
-    /// A UART in its reset state. The modem inputs start as [`ModemInputs::CONNECTED`] (see
+    /// A UART in its reset state. The modem inputs start as [`ModemStatus::CONNECTED`] (see
     /// [`Serial::with_modem_inputs`]).
     pub fn new(config: SerialConfig, irq: Arc<dyn IrqLine>, clock: Arc<dyn Clock>) -> Self {
         let now = clock.now_ns();
-        let external_lines = ModemInputs::CONNECTED.msr_bits();
+        let external_lines = msr_bits(ModemStatus::CONNECTED);
         Serial {
             config,
             irq,
@@ -427,8 +397,8 @@ impl Serial {
     }
 
     /// Set the power-on state of the modem inputs, without delta bits.
-    pub fn with_modem_inputs(mut self, inputs: ModemInputs) -> Self {
-        self.external_lines = inputs.msr_bits();
+    pub fn with_modem_inputs(mut self, inputs: ModemStatus) -> Self {
+        self.external_lines = msr_bits(inputs);
         self.msr_lines = self.effective_lines();
         self.msr_deltas = 0;
         self
@@ -590,9 +560,9 @@ impl Serial {
 
     /// The far end changed its modem lines. Changes set MSR delta bits (TERI only on RI
     /// falling) and may raise the modem-status interrupt. Outside loopback these become MSR.
-    pub fn set_modem_inputs(&mut self, inputs: ModemInputs) {
+    pub fn set_modem_inputs(&mut self, inputs: ModemStatus) {
         self.advance();
-        self.external_lines = inputs.msr_bits();
+        self.external_lines = msr_bits(inputs);
         self.update_modem_lines();
         self.settle();
     }
@@ -1330,7 +1300,7 @@ mod tests {
         let mut rig = Rig::programmed(12, LCR_8N1);
         rig.uart.write(REG_IER, IER_ERBFI | IER_ETBEI);
         rig.uart.write(REG_SCR, 0x5a);
-        rig.uart.set_modem_inputs(ModemInputs::DISCONNECTED);
+        rig.uart.set_modem_inputs(ModemStatus::DISCONNECTED);
         rig.feed(b'x');
         for &b in b"ab" {
             rig.uart.write(REG_RBR_THR, b);
@@ -1386,7 +1356,7 @@ mod tests {
         );
         assert!(rig.irq.changes().is_empty());
         let mut quiet = Serial::new(SerialConfig::default(), rig.irq.clone(), rig.clock.clone())
-            .with_modem_inputs(ModemInputs::DISCONNECTED);
+            .with_modem_inputs(ModemStatus::DISCONNECTED);
         assert_eq!(quiet.read(REG_MSR), 0);
     }
 
@@ -1557,7 +1527,7 @@ mod tests {
         assert_eq!(rig.iir() & IIR_ID_MASK, IIR_THRI);
         assert_eq!(rig.iir() & IIR_ID_MASK, IIR_NONE);
         // MSI alone; reading IIR does not clear it.
-        rig.uart.set_modem_inputs(ModemInputs::DISCONNECTED);
+        rig.uart.set_modem_inputs(ModemStatus::DISCONNECTED);
         assert_eq!(rig.iir() & IIR_ID_MASK, IIR_MSI);
         assert_eq!(rig.iir() & IIR_ID_MASK, IIR_MSI);
         // THRI > MSI ('x' goes straight to the shift register, THRE rises again).
@@ -1985,28 +1955,28 @@ mod tests {
         let mut rig = Rig::programmed(1, LCR_8N1);
         rig.uart.write(REG_IER, IER_EDSSI);
         assert!(!rig.irq.level());
-        rig.uart.set_modem_inputs(ModemInputs::DISCONNECTED);
+        rig.uart.set_modem_inputs(ModemStatus::DISCONNECTED);
         assert!(rig.irq.level());
         assert_eq!(rig.iir() & IIR_ID_MASK, IIR_MSI);
         assert_eq!(rig.uart.read(REG_MSR), MSR_DCTS | MSR_DDSR | MSR_DDCD);
         assert!(!rig.irq.level());
         assert_eq!(rig.uart.read(REG_MSR), 0);
-        rig.uart.set_modem_inputs(ModemInputs::CONNECTED);
+        rig.uart.set_modem_inputs(ModemStatus::CONNECTED);
         assert_eq!(
             rig.uart.read(REG_MSR),
             MSR_DCD | MSR_DSR | MSR_CTS | MSR_DCTS | MSR_DDSR | MSR_DDCD
         );
         // Same lines again: no delta.
-        rig.uart.set_modem_inputs(ModemInputs::CONNECTED);
+        rig.uart.set_modem_inputs(ModemStatus::CONNECTED);
         assert_eq!(rig.uart.read(REG_MSR), MSR_DCD | MSR_DSR | MSR_CTS);
         // Ring: TERI only on the trailing edge.
-        let ringing = ModemInputs {
+        let ringing = ModemStatus {
             ri: true,
-            ..ModemInputs::CONNECTED
+            ..ModemStatus::CONNECTED
         };
         rig.uart.set_modem_inputs(ringing);
         assert_eq!(rig.uart.read(REG_MSR) & MSR_DELTA_MASK, 0);
-        rig.uart.set_modem_inputs(ModemInputs::CONNECTED);
+        rig.uart.set_modem_inputs(ModemStatus::CONNECTED);
         assert_eq!(rig.uart.read(REG_MSR) & MSR_DELTA_MASK, MSR_TERI);
     }
 
@@ -2127,7 +2097,7 @@ mod tests {
         Break,
         Advance(u64),
         Drain(usize),
-        Modem(ModemInputs),
+        Modem(ModemStatus),
         Tick,
         Waiting(bool),
         Kick,
@@ -2148,7 +2118,7 @@ mod tests {
             4 => prop_oneof![0u64..100_000, 0u64..20_000_000].prop_map(Op::Advance),
             3 => (0usize..20).prop_map(Op::Drain),
             1 => (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
-                .prop_map(|(dcd, dsr, cts, ri)| Op::Modem(ModemInputs { dcd, dsr, cts, ri })),
+                .prop_map(|(dcd, dsr, cts, ri)| Op::Modem(ModemStatus { dcd, dsr, cts, ri })),
             1 => Just(Op::Tick),
             1 => any::<bool>().prop_map(Op::Waiting),
             1 => Just(Op::Kick),

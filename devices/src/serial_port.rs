@@ -20,7 +20,7 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::BusDevice;
-use crate::serial::{ModemInputs, Serial, SerialConfig, FIFO_SIZE, REGISTER_SPAN};
+use crate::serial::{Serial, SerialConfig, FIFO_SIZE, REGISTER_SPAN};
 use crate::{Clock, IrqLine};
 
 /// Bytes of port space a serial port occupies.
@@ -233,8 +233,8 @@ impl SerialPort {
             match event {
                 // A real line's inputs are its own, whoever holds the other end.
                 Event::Opened | Event::Closed if self.real_modem_lines => {}
-                Event::Opened => self.serial.set_modem_inputs(ModemInputs::CONNECTED),
-                Event::Closed => self.serial.set_modem_inputs(ModemInputs::DISCONNECTED),
+                Event::Opened => self.serial.set_modem_inputs(ModemStatus::CONNECTED),
+                Event::Closed => self.serial.set_modem_inputs(ModemStatus::DISCONNECTED),
                 Event::Break => self.serial.receive_break(),
                 Event::Readable => self.serial.set_input_waiting(true),
                 // The next flush retries; a UART has no notion of a terminal size.
@@ -297,14 +297,10 @@ impl SerialPort {
             return;
         }
         self.next_modem_poll = now + MODEM_POLL_NS;
-        match self.backend.modem_status() {
-            Some(status) => self.serial.set_modem_inputs(inputs_of(status)),
-            // The lines went away (the backend said why): back to the connection state.
-            None => {
-                self.real_modem_lines = false;
-                self.serial.set_modem_inputs(ModemInputs::CONNECTED);
-            }
-        }
+        // Lines that went away (the backend said why) fall back to the connection state.
+        let (inputs, real) = modem_for(&mut *self.backend);
+        self.real_modem_lines = real;
+        self.serial.set_modem_inputs(inputs);
     }
 
     fn pull_input(&mut self) {
@@ -358,20 +354,11 @@ impl SerialPort {
 
 /// A backend's modem inputs, and whether they are a real line's: its lines where it has
 /// them, else up while it has a peer.
-fn modem_for(backend: &mut dyn Backend) -> (ModemInputs, bool) {
+fn modem_for(backend: &mut dyn Backend) -> (ModemStatus, bool) {
     match backend.modem_status() {
-        Some(status) => (inputs_of(status), true),
-        None if backend.is_connected() => (ModemInputs::CONNECTED, false),
-        None => (ModemInputs::DISCONNECTED, false),
-    }
-}
-
-fn inputs_of(s: ModemStatus) -> ModemInputs {
-    ModemInputs {
-        dcd: s.dcd,
-        dsr: s.dsr,
-        cts: s.cts,
-        ri: s.ri,
+        Some(status) => (status, true),
+        None if backend.is_connected() => (ModemStatus::CONNECTED, false),
+        None => (ModemStatus::DISCONNECTED, false),
     }
 }
 

@@ -24,8 +24,8 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bytes sent each way and stored in the guest's tmpfs, then sent back.
 const BULK: usize = 2 << 20;
 /// Bytes streamed host -> guest and checksummed on the fly (the guest has 128 MiB of RAM). The
-/// guest's kernel is the bottleneck on kvm_pvm (about 0.3 MB/s there, the same under QEMU:
-/// `make bench`), so this takes minutes there and well under a second on hardware KVM.
+/// guest's kernel is the bottleneck on kvm_pvm: 156-216 s for the 64 MiB in the runs of
+/// 2026-12-03 (`make bench` shows QEMU's virtio-serial bound by the same guest).
 const STREAM: usize = 64 << 20;
 
 /// Wait for the QMP event `name` whose data matches `want` (events before it are skipped).

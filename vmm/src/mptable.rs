@@ -6,7 +6,7 @@
 //! Linux looks for an MP floating pointer on every boot before it reads ACPI: in the first KiB
 //! of RAM, in the last KiB of base memory (here), then in the whole BIOS area 0xF0000..0xFFFFF,
 //! remapping the memory for each 16-byte step. Without a table that last scan is 4096
-//! remap/unmap pairs, which costs about 3.6 s of emulated ring 0 on a `kvm_pvm` host (measured:
+//! remap/unmap pairs, which costs about 3.9 s of guest time on a `kvm_pvm` host (measured:
 //! `resources/README.md`). With the table the scan stops at its second place. It also lets a
 //! guest booted with `acpi=off` find its processors and IOAPIC, as Firecracker's table does.
 //!
