@@ -1,7 +1,7 @@
 //! Guest RAM: the regions around the 32-bit MMIO hole, and the memory map (e820 / PVH) that
 //! describes them to the guest.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::{EBDA_START, FOUR_GIB, HIMEM_START, MMIO_HOLE_START};
 
@@ -31,10 +31,34 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
-/// Allocate guest RAM (4 KiB pages: see `resources/README.md`, boot step 5, for why not
-/// `MADV_HUGEPAGE` yet).
+/// Allocate guest RAM, backed by transparent huge pages where the host allows them.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, vm_memory::mmap::FromRangesError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(size))
+    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(size))?;
+    advise_huge_pages(&mem);
+    Ok(mem)
+}
+
+/// Ask for transparent huge pages on guest RAM (`MADV_HUGEPAGE`), as QEMU and Cloud
+/// Hypervisor do: with the host's THP mode `madvise` (Debian's default) RAM is otherwise
+/// backed by 4 KiB pages, and KVM can then map the guest's 2 MiB kernel mappings only with
+/// 4 KiB entries: more faults and, with shadow paging, more work for every guest page-table
+/// change (measured on `kvm_pvm`: `resources/README.md`, boot step 5). Refused advice (THP
+/// off) changes nothing, so it is logged, not fatal.
+fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        let Ok(len) = usize::try_from(region.len()) else {
+            continue;
+        };
+        let addr = region.as_ptr().cast::<libc::c_void>();
+        // SAFETY: the range is one whole anonymous mapping owned by `mem`; MADV_HUGEPAGE only
+        // changes how the kernel backs it, never its contents or validity.
+        if unsafe { libc::madvise(addr, len, libc::MADV_HUGEPAGE) } != 0 {
+            log::debug!(
+                "guest RAM: MADV_HUGEPAGE refused: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 /// The memory map the guest sees: low RAM up to the EBDA, the BIOS area reserved (the ACPI
