@@ -1,0 +1,144 @@
+//! Fuzz target: a guest driving a multiport virtio-console through its virtio-mmio registers
+//! and its own memory.
+//!
+//! The device starts as a well-behaved driver leaves it (features negotiated, every queue
+//! placed in guest memory, DRIVER_OK), so the fuzzer spends its time on what a hostile guest
+//! controls afterwards: register writes and reads (including resets and queue reconfiguration)
+//! and arbitrary bytes written anywhere in guest memory (descriptor tables, rings, control
+//! messages, buffers), with the device serviced in between. Nothing may panic; a malformed
+//! chain may only mark the device as needing a reset.
+#![no_main]
+
+use std::sync::Arc;
+
+use chardev::ringbuf::RingbufBackend;
+use chardev::spec::RingbufSpec;
+use devices::bus::BusDevice;
+use devices::virtio::console::{PortConfig, VirtioConsole};
+use devices::virtio::mmio::*;
+use devices::virtio::{VirtioMmio, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
+use devices::IrqLine;
+use libfuzzer_sys::fuzz_target;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Guest memory size: small, so random addresses often land inside it.
+const MEM_SIZE: u64 = 0x10_0000;
+/// Where the driver puts queue `i`'s rings: table, avail and used 0x800 apart.
+const RING_BASE: u64 = 0x1_0000;
+const RING_STRIDE: u64 = 0x2000;
+/// Queue size the driver picks.
+const QUEUE_SIZE: u32 = 16;
+/// Ports on the device (queues: 2 per port plus the control pair).
+const PORTS: u32 = 2;
+/// Size of each port's ring buffer backend.
+const RING: usize = 4096;
+
+struct NoIrq;
+impl IrqLine for NoIrq {
+    fn set_level(&self, _high: bool) {}
+}
+
+fn w32(dev: &mut VirtioMmio<VirtioConsole>, off: u64, v: u32) {
+    dev.write(off, &v.to_le_bytes());
+}
+
+fn start(dev: &mut VirtioMmio<VirtioConsole>) {
+    w32(dev, REG_STATUS, 0);
+    w32(dev, REG_STATUS, STATUS_ACKNOWLEDGE);
+    w32(dev, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    for sel in 0..2u32 {
+        w32(dev, REG_DEVICE_FEATURES_SEL, sel);
+        let mut b = [0u8; 4];
+        dev.read(REG_DEVICE_FEATURES, &mut b);
+        w32(dev, REG_DRIVER_FEATURES_SEL, sel);
+        w32(dev, REG_DRIVER_FEATURES, u32::from_le_bytes(b));
+    }
+    let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+    w32(dev, REG_STATUS, ok);
+    for q in 0..(2 + 2 * PORTS) {
+        let base = RING_BASE + u64::from(q) * RING_STRIDE;
+        w32(dev, REG_QUEUE_SEL, q);
+        w32(dev, REG_QUEUE_NUM, QUEUE_SIZE);
+        for (lo, addr) in [
+            (REG_QUEUE_DESC_LOW, base),
+            (REG_QUEUE_DRIVER_LOW, base + 0x800),
+            (REG_QUEUE_DEVICE_LOW, base + 0x1000),
+        ] {
+            w32(dev, lo, addr as u32);
+            w32(dev, lo + 4, (addr >> 32) as u32);
+        }
+        w32(dev, REG_QUEUE_READY, 1);
+    }
+    w32(dev, REG_STATUS, ok | STATUS_DRIVER_OK);
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+        .expect("guest memory");
+    let mut console = VirtioConsole::new(PORTS + 1).expect("console");
+    for i in 0..PORTS {
+        let config = PortConfig {
+            id: format!("p{i}"),
+            name: Some(format!("org.fuzz.{i}")),
+            console: i == 0,
+            nr: None,
+            chardev: format!("c{i}"),
+        };
+        let backend = RingbufBackend::new(&RingbufSpec { size: RING });
+        console.add_port(config, Box::new(backend)).expect("port");
+    }
+    let mut dev = VirtioMmio::new(console, mem.clone(), Arc::new(NoIrq)).expect("transport");
+    start(&mut dev);
+
+    // Operations: an opcode byte, then its operands.
+    let mut rest = data;
+    while let Some((&op, tail)) = rest.split_first() {
+        rest = tail;
+        match op % 5 {
+            // Write guest memory: address (3 bytes), length (1 byte), bytes.
+            0 | 1 => {
+                if rest.len() < 4 {
+                    break;
+                }
+                let addr = u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], 0])) % MEM_SIZE;
+                let len = usize::from(rest[3]).min(rest.len() - 4);
+                let bytes = &rest[4..4 + len];
+                let room = (MEM_SIZE - addr) as usize;
+                let _ = mem.write_slice(&bytes[..len.min(room)], GuestAddress(addr));
+                rest = &rest[4 + len..];
+            }
+            // Register write: offset (2 bytes), value (4 bytes), access size from the opcode.
+            2 => {
+                if rest.len() < 6 {
+                    break;
+                }
+                let off = u64::from(u16::from_le_bytes([rest[0], rest[1]])) & 0x1ff;
+                let size = [1usize, 2, 4, 8][usize::from(op >> 3) % 4];
+                let mut v = [0u8; 8];
+                v[..4].copy_from_slice(&rest[2..6]);
+                dev.write(off, &v[..size]);
+                rest = &rest[6..];
+            }
+            // Register read: offset (2 bytes).
+            3 => {
+                if rest.len() < 2 {
+                    break;
+                }
+                let off = u64::from(u16::from_le_bytes([rest[0], rest[1]])) & 0x1ff;
+                let size = [1usize, 2, 4, 8][usize::from(op >> 3) % 4];
+                let mut b = [0u8; 8];
+                dev.read(off, &mut b[..size]);
+                rest = &rest[2..];
+            }
+            // Let the device work (as the event loop does after a notification).
+            _ => {
+                if op & 0x80 != 0 {
+                    start(&mut dev);
+                }
+                dev.kick();
+                dev.service();
+            }
+        }
+    }
+    dev.service();
+});
