@@ -140,6 +140,43 @@ fn linux_runs_a_command_from_the_command_line_and_powers_off() {
     assert_eq!(c.wait_exit(COMMAND_TIMEOUT).code(), Some(0));
 }
 
+/// Without ACPI (`--acpi off`, for kernels built without it, as QEMU's `-M microvm,acpi=off`):
+/// the guest finds no ACPI tables, COM1 at its legacy port, its processor and interrupt
+/// routes in the MP table, and the virtio-mmio device through the `virtio_mmio.device=` entry
+/// minivmm puts on its command line; a named port carries data to its backend; a `reboot=k`
+/// reset ends the run (`--no-reboot`).
+#[test]
+fn linux_without_acpi_finds_virtio_through_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("port.out");
+    let chardev = format!("file,id=f0,path={}", out.display());
+    let script = "tr ' ' '\\n' </proc/cmdline | grep virtio_mmio.device\n\
+        ls /dev/virtio-ports/\n\
+        [ -e /sys/firmware/acpi/tables/DSDT ] && echo acpi-tables || echo no-acpi-tables\n\
+        echo via-cmdline-virtio >/dev/virtio-ports/org.minivmm.noacpi\n\
+        kill -TERM 1\n";
+    let mut c = Console::boot(
+        &run64(script),
+        &[
+            "--acpi",
+            "off",
+            "--no-reboot",
+            "--chardev",
+            &chardev,
+            "--device",
+            "virtserialport,chardev=f0,name=org.minivmm.noacpi",
+        ],
+    );
+    let ready = c.expect(READY_MARKER, BOOT_TIMEOUT);
+    let at = c.expect_from(ready, "virtio_mmio.device=4K@0x", COMMAND_TIMEOUT);
+    let at = c.expect_from(at, "org.minivmm.noacpi", COMMAND_TIMEOUT);
+    let at = c.expect_from(at, "no-acpi-tables", COMMAND_TIMEOUT);
+    c.expect_from(at, &format!("{EXIT_MARKER} 0"), COMMAND_TIMEOUT);
+    assert_eq!(c.wait_exit(COMMAND_TIMEOUT).code(), Some(0));
+    let got = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(got, "via-cmdline-virtio\n");
+}
+
 /// A guest reboot restarts the VM in process, as QEMU does by default: the shell types
 /// `reboot -f` (the command line has `reboot=k`, so the i8042 resets the machine), the same
 /// console (stdio, the same pipes) and the same QMP client see the kernel boot to the ready

@@ -84,6 +84,23 @@ pub struct Cli {
     /// -no-reboot; `system_reset` exits too. Default: the VM reboots in process.
     #[arg(long)]
     pub no_reboot: bool,
+
+    /// ACPI tables for the guest (`on`, the default) or none (`off`, as QEMU's
+    /// `-M microvm,acpi=off`): for kernels built without ACPI. With `off` the virtio-mmio
+    /// devices are announced as `virtio_mmio.device=` entries on the kernel command line, the
+    /// processors and interrupt routes by the MP table, and there is no ACPI power button
+    /// (`system_powerdown` fails).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub acpi: bool,
+}
+
+/// `on` or `off` (QEMU's spelling of a switch).
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}': expected 'on' or 'off'")),
+    }
 }
 
 /// The validated machine configuration the VMM builds from.
@@ -115,6 +132,8 @@ pub struct VmConfig {
     pub uuid: Option<String>,
     /// `--no-reboot`: a reset ends the VM instead of rebooting it.
     pub no_reboot: bool,
+    /// `--acpi`: ACPI tables (else virtio-mmio devices on the kernel command line).
+    pub acpi: bool,
 }
 
 /// A `--mon chardev=ID,mode=...`.
@@ -500,6 +519,7 @@ impl Cli {
             name: self.name.clone(),
             uuid,
             no_reboot: self.no_reboot,
+            acpi: self.acpi,
         })
     }
 }
@@ -551,6 +571,8 @@ mod tests {
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert!(!c.no_reboot, "a guest reboot restarts the VM by default");
         assert!(cli(&["--no-reboot"]).validate().unwrap().no_reboot);
+        assert!(c.acpi, "ACPI is on by default");
+        assert!(!cli(&["--acpi", "off"]).validate().unwrap().acpi);
     }
 
     #[test]

@@ -11,12 +11,14 @@
 //! guest booted with `acpi=off` find its processors and IOAPIC, as Firecracker's table does.
 //!
 //! The routing matches the MADT: the IOAPIC has id 0 (what KVM's in-kernel IOAPIC reports in
-//! its ID register) and ISA IRQ n is IOAPIC pin n, no overrides.
+//! its ID register) and IRQ n is IOAPIC pin n, no overrides, for every pin: the ISA IRQs and
+//! above them the virtio-mmio devices' GSIs, which a guest without ACPI gets from its command
+//! line (`virtio_mmio.device=...:GSI`) and must find routed, as in Firecracker's table.
 
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{ACPI_START, EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::layout::{ACPI_START, EBDA_START, IOAPIC_ADDR, IOAPIC_NUM_PINS, LAPIC_ADDR};
 
 /// Where the floating pointer structure goes (16-byte aligned, scanned by the guest).
 pub const MPTABLE_START: u64 = EBDA_START;
@@ -69,8 +71,8 @@ const MP_NMI: u8 = 1;
 const MP_EXTINT: u8 = 3;
 /// Polarity and trigger "conform to the bus" (edge, active high on ISA).
 const MP_IRQ_DEFAULT: u16 = 0;
-/// Number of ISA IRQs routed to IOAPIC pins of the same number.
-const ISA_IRQS: u8 = 16;
+/// Number of IRQs routed to IOAPIC pins of the same number: all of them.
+const ROUTED_IRQS: u8 = IOAPIC_NUM_PINS as u8;
 /// Destination "every local APIC" for a local interrupt entry.
 const ALL_LOCAL_APICS: u8 = 0xff;
 /// Local APIC pins: LINT0 takes the 8259's ExtINT, LINT1 NMI.
@@ -115,7 +117,7 @@ fn config_table(vcpus: u8) -> Vec<u8> {
     entries.extend_from_slice(&[MP_IOAPIC, IOAPIC_ID, IOAPIC_VERSION, MPC_APIC_USABLE]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     count += 1;
-    for irq in 0..ISA_IRQS {
+    for irq in 0..ROUTED_IRQS {
         entries.push(MP_INTSRC);
         entries.push(MP_INT);
         entries.extend_from_slice(&MP_IRQ_DEFAULT.to_le_bytes());
@@ -224,12 +226,12 @@ mod tests {
             u32::from_le_bytes(table[36..40].try_into().unwrap()),
             LAPIC_ADDR
         );
-        // 2 processors, the bus, the IOAPIC, 16 ISA IRQs, 2 local interrupts.
+        // 2 processors, the bus, the IOAPIC, 24 IRQ routes, 2 local interrupts.
         let count = u16::from_le_bytes([table[34], table[35]]);
-        assert_eq!(count, 2 + 1 + 1 + 16 + 2);
+        assert_eq!(count, 2 + 1 + 1 + 24 + 2);
         assert_eq!(
             len,
-            MPC_HEADER_SIZE + 2 * MP_PROCESSOR_SIZE + 20 * MP_SMALL_ENTRY_SIZE
+            MPC_HEADER_SIZE + 2 * MP_PROCESSOR_SIZE + 28 * MP_SMALL_ENTRY_SIZE
         );
     }
 
@@ -260,7 +262,7 @@ mod tests {
         assert_eq!(at, table.len());
         assert_eq!(cpus, vec![(0, 3), (1, 1), (2, 1)], "cpu 0 is the BSP");
         assert_eq!(ioapic, Some((IOAPIC_ID, IOAPIC_ADDR)));
-        assert_eq!(routes.len(), 16);
+        assert_eq!(routes.len(), 24, "every IOAPIC pin is routed");
         for (irq, r) in routes.iter().enumerate() {
             assert_eq!(*r, (MP_INT, irq as u8, IOAPIC_ID, irq as u8));
         }

@@ -80,25 +80,54 @@ pub struct BootPlan {
     pub vcpus: u8,
     /// The COM ports the DSDT declares.
     pub com_ports: Vec<ComPort>,
-    /// The virtio-mmio slots the DSDT declares.
+    /// The virtio-mmio slots: declared in the DSDT, or on the command line without ACPI.
     pub virtio_slots: Vec<VirtioMmioSlot>,
+    /// Whether the guest gets ACPI tables.
+    pub acpi: bool,
 }
 
 impl BootPlan {
-    /// Write the ACPI and MP tables, then the kernel, initrd, command line and boot structure.
-    /// The files are read again each time, as at the first boot.
+    /// Write the ACPI (if on) and MP tables, then the kernel, initrd, command line and boot
+    /// structure. The files are read again each time, as at the first boot.
     pub fn load(&self, mem: &GuestMemoryMmap) -> Result<BootInfo, LoadError> {
-        let rsdp = acpi::create_acpi_tables(mem, self.vcpus, &self.com_ports, &self.virtio_slots)?;
+        let rsdp = if self.acpi {
+            acpi::create_acpi_tables(mem, self.vcpus, &self.com_ports, &self.virtio_slots)?
+        } else {
+            NO_RSDP
+        };
         mptable::setup_mptable(mem, self.vcpus)?;
         Ok(boot::load(
             mem,
             &self.kernel,
             self.initrd.as_deref(),
-            &self.cmdline,
+            &self.guest_cmdline(),
             rsdp,
         )?)
     }
+
+    /// The command line the guest gets: the user's, and without ACPI one
+    /// `virtio_mmio.device=SIZE@BASE:GSI` entry per virtio-mmio slot (Linux's
+    /// `VIRTIO_MMIO_CMDLINE_DEVICES`, as Firecracker and QEMU's microvm with `acpi=off` do).
+    /// With ACPI the DSDT declares the slots: a device is never announced both ways, which
+    /// would make Linux probe it twice.
+    pub fn guest_cmdline(&self) -> String {
+        let mut cmdline = self.cmdline.clone();
+        if !self.acpi {
+            for slot in &self.virtio_slots {
+                cmdline.push_str(&format!(
+                    " virtio_mmio.device={}K@{:#x}:{}",
+                    slot.size / 1024,
+                    slot.base,
+                    slot.gsi
+                ));
+            }
+        }
+        cmdline
+    }
 }
+
+/// The RSDP address given to the guest when it has no ACPI tables: none.
+const NO_RSDP: u64 = 0;
 
 /// The in-kernel interrupt controllers and timer as KVM created them.
 pub struct IrqchipSnapshot {
@@ -181,5 +210,64 @@ impl MachineReset {
         self.exit.clear_reset();
         self.control.release();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Whether an RSDP signature sits anywhere in the BIOS area, where Linux looks.
+    fn has_rsdp(mem: &GuestMemoryMmap) -> bool {
+        let mut sig = [0u8; 8];
+        (0xe_0000u64..0x10_0000).step_by(16).any(|addr| {
+            mem.read_slice(&mut sig, GuestAddress(addr)).unwrap();
+            &sig == b"RSD PTR "
+        })
+    }
+
+    fn plan(acpi: bool) -> BootPlan {
+        BootPlan {
+            kernel: PathBuf::from("/vmlinux"),
+            initrd: None,
+            cmdline: "console=ttyS0".to_string(),
+            vcpus: 1,
+            com_ports: Vec::new(),
+            virtio_slots: vec![
+                VirtioMmioSlot {
+                    base: 0xd000_0000,
+                    size: 0x1000,
+                    gsi: 5,
+                },
+                VirtioMmioSlot {
+                    base: 0xd000_1000,
+                    size: 0x1000,
+                    gsi: 16,
+                },
+            ],
+            acpi,
+        }
+    }
+
+    #[test]
+    fn virtio_slots_go_on_the_command_line_only_without_acpi() {
+        assert_eq!(plan(true).guest_cmdline(), "console=ttyS0");
+        assert_eq!(
+            plan(false).guest_cmdline(),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 \
+             virtio_mmio.device=4K@0xd0001000:16"
+        );
+    }
+
+    #[test]
+    fn without_acpi_no_tables_are_written() {
+        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
+        // The kernel file does not exist: loading fails after the tables were (or were not)
+        // written, which is what is looked at.
+        assert!(plan(false).load(&mem).is_err());
+        assert!(!has_rsdp(&mem), "an RSDP without ACPI");
+        assert!(plan(true).load(&mem).is_err());
+        assert!(has_rsdp(&mem), "no RSDP with ACPI");
     }
 }

@@ -358,6 +358,7 @@ impl Vm {
             vcpus: config.vcpus,
             com_ports,
             virtio_slots,
+            acpi: config.acpi,
         };
         let boot = plan.load(&mem)?;
 
@@ -381,8 +382,13 @@ impl Vm {
             monitor.events(),
             consoles,
         )
-        .with_power_button(ged)
         .with_uarts(uarts);
+        // The power button is an ACPI device: without ACPI the guest has no driver for it.
+        let machine = if config.acpi {
+            machine.with_power_button(ged)
+        } else {
+            machine
+        };
         let monitor = Arc::new(Mutex::new(MonitorHandler::new(monitor, machine)));
         event_manager.add_subscriber(monitor.clone());
         let pio = Arc::new(pio);
