@@ -21,6 +21,7 @@ fn bad_values_are_rejected_naming_the_option() {
     rejects(&["--kernel", kernel, "--memory", "1M"], "--memory");
     rejects(&["--kernel", kernel, "--smp", "0"], "--smp");
     rejects(&["--kernel", kernel, "--smp", "many"], "--smp");
+    rejects(&["--kernel", kernel, "--acpi", "maybe"], "--acpi");
     rejects(&["--kernel", kernel, "--serial", "bogus:thing"], "--serial");
     rejects(
         &["--kernel", kernel, "--initrd", "/nonexistent/initrd"],
@@ -51,7 +52,7 @@ fn help_explains_every_option() {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for opt in [
-        "--kernel", "--initrd", "--append", "--memory", "--smp", "--serial", "--name",
+        "--kernel", "--initrd", "--append", "--memory", "--smp", "--serial", "--name", "--acpi",
     ] {
         assert!(help.contains(opt), "--help lacks {opt}:\n{help}");
     }
