@@ -15,10 +15,8 @@ usage: bench-virtio.py --kernel K --initrd I --minivmm BIN [--runs N] [--size BY
 """
 
 import argparse
-import base64
 import hashlib
 import os
-import selectors
 import shutil
 import socket
 import statistics
@@ -27,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from benchguest import CMDLINE, find_qemu, qemu_microvm
+from benchguest import CMDLINE, Console, find_qemu, qemu_microvm, run64
 
 PORT = "org.minivmm.bench"
 BOOT_TIMEOUT = 600
@@ -47,36 +45,6 @@ while [ $i -lt {runs} ]; do
 done
 echo BENCH-END
 """
-
-
-class Console:
-    """The VMM's stdout (the guest's serial console), read line by line with a deadline."""
-
-    def __init__(self, proc):
-        self.proc = proc
-        self.fd = proc.stdout.fileno()
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(proc.stdout, selectors.EVENT_READ)
-        self.buf = b""
-
-    def expect(self, word, timeout):
-        deadline = time.monotonic() + timeout
-        while True:
-            idx = self.buf.find(word)
-            if idx >= 0:
-                end = self.buf.find(b"\n", idx)
-                if end >= 0:
-                    line = self.buf[idx:end]
-                    self.buf = self.buf[end + 1:]
-                    return line.decode(errors="replace")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no {word!r} on the console")
-            if self.sel.select(timeout=min(left, 1.0)):
-                chunk = os.read(self.fd, 65536)
-                if not chunk:
-                    raise EOFError(f"VMM exited before {word!r}")
-                self.buf += chunk
 
 
 def run_vmm(name, argv, sock_path, runs, size):
@@ -139,8 +107,7 @@ def main():
     ap.add_argument("--size", type=int, default=4 << 20)
     ap.add_argument("--no-qemu", action="store_true")
     args = ap.parse_args()
-    script = base64.b64encode(guest_script(args.runs, args.size).encode()).decode().rstrip("=")
-    cmdline = f"{CMDLINE} minivmm.run64={script}"
+    cmdline = f"{CMDLINE} {run64(guest_script(args.runs, args.size))}"
 
     tmp = tempfile.mkdtemp(prefix="bench-virtio-")
     results = {}

@@ -1,8 +1,12 @@
 """What the benchmarks share: the test kernel's command line and the QEMU
 microvm command line that runs the same guest as minivmm does (resources/README.md)."""
 
+import base64
+import os
+import selectors
 import shutil
 import sys
+import time
 
 # The test kernel's command line (tests/src/lib.rs has the same for the tests).
 CMDLINE = "console=ttyS0 reboot=k noxsave clearcpuid=smap,popcnt rodata=off quiet"
@@ -27,3 +31,38 @@ def find_qemu():
     if qemu is None:
         print("bench: qemu-system-x86_64 not installed (make bench installs it)", file=sys.stderr)
     return qemu
+
+
+def run64(script):
+    """A shell script as the test /init's `minivmm.run64=` command-line word."""
+    return "minivmm.run64=" + base64.b64encode(script.encode()).decode().rstrip("=")
+
+
+class Console:
+    """The VMM's stdout (the guest's serial console), read line by line with a deadline."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.fd = proc.stdout.fileno()
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(proc.stdout, selectors.EVENT_READ)
+        self.buf = b""
+
+    def expect(self, word, timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            idx = self.buf.find(word)
+            if idx >= 0:
+                end = self.buf.find(b"\n", idx)
+                if end >= 0:
+                    line = self.buf[idx:end]
+                    self.buf = self.buf[end + 1:]
+                    return line.decode(errors="replace")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {word!r} on the console")
+            if self.sel.select(timeout=min(left, 1.0)):
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    raise EOFError(f"VMM exited before {word!r}")
+                self.buf += chunk

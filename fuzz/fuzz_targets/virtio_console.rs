@@ -72,6 +72,14 @@ fn start(dev: &mut VirtioMmio<VirtioConsole>) {
     w32(dev, REG_STATUS, ok | STATUS_DRIVER_OK);
 }
 
+/// A register access: the offset in the slot (and a little past it) from the first two bytes
+/// of `rest`, the size (1, 2, 4 or 8 bytes) from bits 3-4 of the opcode.
+fn access(op: u8, rest: &[u8]) -> Option<(u64, usize)> {
+    let off = rest.get(..2)?;
+    let off = u64::from(u16::from_le_bytes([off[0], off[1]])) & 0x1ff;
+    Some((off, [1usize, 2, 4, 8][usize::from(op >> 3) % 4]))
+}
+
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
         .expect("guest memory");
@@ -107,25 +115,24 @@ fuzz_target!(|data: &[u8]| {
                 let _ = mem.write_slice(&bytes[..len.min(room)], GuestAddress(addr));
                 rest = &rest[4 + len..];
             }
-            // Register write: offset (2 bytes), value (4 bytes), access size from the opcode.
+            // Register write: access (2 bytes), value (4 bytes).
             2 => {
-                if rest.len() < 6 {
+                let Some((off, size)) = access(op, rest) else {
                     break;
-                }
-                let off = u64::from(u16::from_le_bytes([rest[0], rest[1]])) & 0x1ff;
-                let size = [1usize, 2, 4, 8][usize::from(op >> 3) % 4];
+                };
+                let Some(value) = rest.get(2..6) else {
+                    break;
+                };
                 let mut v = [0u8; 8];
-                v[..4].copy_from_slice(&rest[2..6]);
+                v[..4].copy_from_slice(value);
                 dev.write(off, &v[..size]);
                 rest = &rest[6..];
             }
-            // Register read: offset (2 bytes).
+            // Register read: access (2 bytes).
             3 => {
-                if rest.len() < 2 {
+                let Some((off, size)) = access(op, rest) else {
                     break;
-                }
-                let off = u64::from(u16::from_le_bytes([rest[0], rest[1]])) & 0x1ff;
-                let size = [1usize, 2, 4, 8][usize::from(op >> 3) % 4];
+                };
                 let mut b = [0u8; 8];
                 dev.read(off, &mut b[..size]);
                 rest = &rest[2..];

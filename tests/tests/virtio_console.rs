@@ -30,7 +30,7 @@ const BULK: usize = 2 << 20;
 const STREAM: usize = 64 << 20;
 /// How many times the guest sends its 2 MiB copy back: 64 MiB guest -> host. The guest sends
 /// with `cat` from tmpfs, which copies in the kernel: on kvm_pvm, guest user code that stores
-/// SSE registers (as `yes` and libc's `memcpy` do) now and then writes 16 zero bytes instead of
+/// SSE registers (as `yes` and libc's `memcpy` do) now and then writes zeros instead of
 /// its data, under QEMU exactly as under minivmm (`resources/README.md`, "Guest data
 /// corruption on kvm_pvm"), so the bytes sent must not pass through such code in the guest.
 const BACK_PASSES: usize = 32;
@@ -98,6 +98,26 @@ fn md5_hex(data: &[u8]) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// Write `data` to `port` from a thread while the guest reads it, and wait for the guest's
+/// `in-md5=` line, which must carry the data's digest. `port` is closed once all is written
+/// (for the 64 MiB stream that is the host leaving, which ends the guest's read).
+fn send_checksummed(vm: &mut Vmm, mut port: UnixStream, data: Vec<u8>, timeout: Duration) {
+    let expect = md5_hex(&data);
+    let len = data.len();
+    let started = Instant::now();
+    let sender = std::thread::spawn(move || port.write_all(&data));
+    let line = vm.wait_for("in-md5=", timeout);
+    sender.join().unwrap().unwrap();
+    assert!(
+        line.contains(&expect),
+        "guest saw {line}, host sent {expect}"
+    );
+    eprintln!(
+        "host->guest {len} bytes checksummed in {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -227,20 +247,11 @@ fn named_port_and_console_port_move_data_both_ways() {
     vm.wait_for("ABCDE", Duration::from_secs(120));
 
     // Bulk host -> guest, checksummed by the guest.
-    let data = payload(0, BULK);
-    let expect_in = md5_hex(&data);
-    let mut writer = port.try_clone().unwrap();
-    let started = Instant::now();
-    let sender = std::thread::spawn(move || writer.write_all(&data));
-    let line = vm.wait_for("in-md5=", Duration::from_secs(600));
-    sender.join().unwrap().unwrap();
-    assert!(
-        line.contains(&expect_in),
-        "guest saw {line}, host sent {expect_in}"
-    );
-    eprintln!(
-        "host->guest {BULK} bytes checksummed in {:?}",
-        started.elapsed()
+    send_checksummed(
+        &mut vm,
+        port.try_clone().unwrap(),
+        payload(0, BULK),
+        Duration::from_secs(600),
     );
 
     // Bulk guest -> host: the guest sends back what it received, 32 times; every byte
@@ -311,20 +322,7 @@ fn named_port_and_console_port_move_data_both_ways() {
     // leaving ends the guest's read (EOF after the last byte). The guest's next write waits
     // for the host to return.
     vm.wait_for("port-reopened", Duration::from_secs(120));
-    let data = payload(1, STREAM);
-    let expect_in = md5_hex(&data);
-    let started = Instant::now();
-    let sender = std::thread::spawn(move || port.write_all(&data));
-    let line = vm.wait_for("in-md5=", Duration::from_secs(1800));
-    sender.join().unwrap().unwrap();
-    assert!(
-        line.contains(&expect_in),
-        "guest saw {line}, host sent {expect_in}"
-    );
-    eprintln!(
-        "host->guest {STREAM} bytes streamed and checksummed in {:?}",
-        started.elapsed()
-    );
+    send_checksummed(&mut vm, port, payload(1, STREAM), Duration::from_secs(1800));
     vm.wait_for("host-gone", Duration::from_secs(120));
     let mut port = UnixStream::connect(&sock).unwrap();
     port.set_read_timeout(Some(Duration::from_secs(120)))

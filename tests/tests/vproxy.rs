@@ -152,7 +152,7 @@ fn echo_many(path: &Path, streams: usize, bytes: usize) -> Vec<(usize, Failure)>
 /// [`echo_many`], where a stream may end early only because vproxy found one of its frames
 /// damaged and reset it ("data lost", in minivmm's log), and then must go through when sent
 /// again. That happens here: on kvm_pvm, guest user code storing SSE registers (libc's
-/// `memcpy` in `minivmm-vp`) now and then writes 16 zero bytes instead of its data, under QEMU
+/// `memcpy` in `minivmm-vp`) now and then writes zeros instead of its data, under QEMU
 /// as under minivmm (`resources/README.md`, "Guest data corruption on kvm_pvm"); the frame
 /// CRCs catch it and the stream is cut, never delivered wrong. Anything else fails the test
 /// with what both vproxies and the guest reported.
