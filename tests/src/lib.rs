@@ -7,7 +7,7 @@
 pub mod qmp;
 pub mod stream;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver};
@@ -329,6 +329,25 @@ pub fn payload(seed: u32, n: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// The hex MD5 digest of `data`, from the host's `md5sum` (what the guests print too).
+pub fn md5_hex(data: &[u8]) -> String {
+    let mut child = std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[cfg(test)]

@@ -1,21 +1,39 @@
 //! A Linux guest talking through chardev backends and paced UARTs on all four COM ports, the
 //! way users attach to a VM: the console (ttyS0, COM1) on a unix socket server, a shell on
 //! ttyS1 (COM2) reached through a host pty, an unpaced ttyS2 (COM3) on a pty and ttyS3 (COM4)
-//! on a file. The line rates the guest programs on ttyS1 (9600 and 115200 baud) are measured
-//! on the host side while COM4 transfers on the IRQ it shares with COM2, and COM3 on the one it
-//! shares with COM1: nothing may be lost on any of them.
+//! on a pair of fifos (`pipe`). The line rates the guest programs on ttyS1 (9600 and 115200
+//! baud) are measured on the host side while COM4 transfers on the IRQ it shares with COM2,
+//! and COM3 on the one it shares with COM1: nothing may be lost on any of them. Host -> guest
+//! rates are measured on COM4: the host fills the fifo and watches it drain (`FIONREAD`), which
+//! is exactly how fast minivmm takes bytes off to the guest's line.
+//!
+//! No rate may exceed the line's. On hardware KVM every rate must also be within 2 % of the
+//! line's. On the nested kvm_pvm (guest ring 0 emulated) a Linux guest cannot keep a line
+//! full, and the floors only catch gross errors; measured with KVM's tracepoints
+//! (resources/README.md, "Linux on a paced UART"): a THRE interrupt reaches the 8250 driver
+//! about 1.25 ms after minivmm raises it (40 us of which until the vCPU runs; the rest is
+//! ~920 emulated guest instructions, 600 of them the tickless kernel catching up on jiffies),
+//! longer than a character at 9600 baud (1.04 ms); receiving, the guest's vCPU is 100 % busy
+//! (scheduler and tty work per interrupt) below the line rate. `make bench` measures the
+//! UART's own timing with register-polling guests: within 0.2 % of the line.
 //!
 //! One boot carries every check: boots cost minutes on a nested KVM.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tests::stream::StreamReader;
-use tests::{require_kvm, test_cmdline, test_initrd, test_kernel, Vmm, READY_MARKER};
+use tests::{
+    host_is_kvm_pvm, md5_hex, payload, require_kvm, test_cmdline, test_initrd, test_kernel, Vmm,
+    READY_MARKER,
+};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -73,8 +91,144 @@ fn rate(bytes: usize, first: Instant, last: Instant) -> f64 {
     (bytes - 1) as f64 / last.duration_since(first).as_secs_f64()
 }
 
+/// How much below the line rate a measured rate may be: 2 % on hardware KVM; on kvm_pvm,
+/// where a Linux guest cannot keep a line full (module documentation), `pvm_floor` of it.
+fn rate_floor(pvm_floor: f64) -> f64 {
+    if host_is_kvm_pvm() {
+        pvm_floor
+    } else {
+        0.98
+    }
+}
+
+/// Check a measured rate against the line rate of `baud` (8N1): never above it (1 % for the
+/// clock readings), and not below [`rate_floor`].
+fn check_rate(what: &str, measured: f64, baud: u32, pvm_floor: f64) {
+    let line = f64::from(baud) / 10.0;
+    let floor = rate_floor(pvm_floor);
+    eprintln!(
+        "{what} at {baud} baud: {measured:.1} chars/s, {:.2} % of the line rate ({line}/s; floor {:.0} %)",
+        measured / line * 100.0,
+        floor * 100.0
+    );
+    assert!(
+        measured <= line * 1.01,
+        "{what}: {measured:.1}/s is faster than the {line}/s the guest programmed"
+    );
+    assert!(
+        measured >= line * floor,
+        "{what}: {measured:.1}/s is below {:.0} % of the {line}/s the guest programmed",
+        floor * 100.0
+    );
+}
+
+/// Make a fifo (mkfifo(3)).
+fn mkfifo(path: &Path) {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only reads it.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(
+        rc,
+        0,
+        "mkfifo {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Clear O_NONBLOCK on `f`.
+fn set_blocking(f: &File) {
+    // SAFETY: F_GETFL/F_SETFL on a valid fd owned by `f`; no pointers involved.
+    let ok = unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    assert!(ok, "fcntl: {}", std::io::Error::last_os_error());
+}
+
+/// Bytes waiting in a pipe (FIONREAD), from either end.
+fn fifo_unread(f: &File) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid for this call.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    usize::try_from(n).unwrap()
+}
+
+/// Put `data` (at most a pipe's capacity) into the fifo minivmm reads COM4's input from, and
+/// watch it drain: minivmm takes a byte off only when the guest's line has carried it. Returns
+/// the rate at which the middle 80 % was taken (a least-squares line through samples taken
+/// every 2 ms), in bytes per second.
+fn feed_and_time(to_vm: &mut File, data: &[u8], timeout: Duration) -> f64 {
+    let n = data.len();
+    to_vm.write_all(data).unwrap();
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    loop {
+        let unread = fifo_unread(to_vm);
+        let now = Instant::now();
+        let taken = n - unread;
+        if taken * 10 >= n && taken * 10 <= n * 9 {
+            samples.push((now.duration_since(start).as_secs_f64(), taken as f64));
+        }
+        if unread == 0 {
+            break;
+        }
+        assert!(
+            now.duration_since(start) < timeout,
+            "minivmm took {taken} of {n} bytes off the fifo in {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        samples.len() >= 10,
+        "too few samples of the drain: {samples:?}"
+    );
+    let k = samples.len() as f64;
+    let (mt, mc) = samples
+        .iter()
+        .fold((0.0, 0.0), |(a, b), (t, c)| (a + t / k, b + c / k));
+    let (num, den) = samples.iter().fold((0.0, 0.0), |(num, den), (t, c)| {
+        (num + (t - mt) * (c - mc), den + (t - mt) * (t - mt))
+    });
+    num / den
+}
+
+/// COM4 host -> guest at `baud`: the guest's `dd` (started before the host sends: opening a
+/// 16550 clears its FIFOs) reads `n` bytes and prints their digest on the console, which must
+/// be the host's (nothing lost, nothing changed); returns the rate measured at the fifo.
+fn host_to_guest_on_com4(
+    say: &mut dyn FnMut(&str),
+    con: &mut StreamReader,
+    to_com4: &mut File,
+    baud: u32,
+    n: usize,
+) -> f64 {
+    let from = con.seen.len();
+    say(&format!(
+        "(exec </dev/ttyS3; stty {baud} raw -echo; echo rx4-ready-$((1+{baud})); echo rx4-$((4+4))-md5=$(dd bs={n} count=1 iflag=fullblock 2>/dev/null | md5sum)) &"
+    ));
+    let at = con.expect(from, &format!("rx4-ready-{}", 1 + baud), COMMAND_TIMEOUT);
+    let data = payload(baud, n);
+    let line = f64::from(baud) / 10.0;
+    let measured = feed_and_time(
+        to_com4,
+        &data,
+        Duration::from_secs_f64(n as f64 / line * 10.0 + 60.0),
+    );
+    let got = con.expect(at, "rx4-8-md5=", COMMAND_TIMEOUT);
+    let end = con.expect(got, "\n", COMMAND_TIMEOUT);
+    let digest = String::from_utf8_lossy(&con.seen[got..end]).to_string();
+    let want = md5_hex(&data);
+    assert!(
+        digest.contains(&want),
+        "COM4 host->guest at {baud}: the guest's dd saw {digest:?}, the host sent {want}"
+    );
+    measured
+}
+
 /// Have the ttyS1 shell set `baud` and write `n` copies of `byte`; returns the characters per
-/// second the host side saw (first to last byte), and prints it beside the line rate (8N1).
+/// second the host side saw (first to last byte).
 fn guest_to_host_rate(
     p1: &mut StreamReader,
     pty1_in: &mut File,
@@ -95,13 +249,7 @@ fn guest_to_host_rate(
     let from = p1.seen.len();
     p1.expect(from, &format!("G{}", 1 + baud), COMMAND_TIMEOUT);
     let (first, last) = p1.timed_run(byte as u8, n, Duration::from_secs(60));
-    let measured = rate(n, first, last);
-    let line = f64::from(baud) / 10.0;
-    eprintln!(
-        "guest->host at {baud} baud: {measured:.1} chars/s, {:.1} % of the line rate ({line}/s)",
-        measured / line * 100.0
-    );
-    measured
+    rate(n, first, last)
 }
 
 #[test]
@@ -112,8 +260,12 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("console.sock");
     let console = format!("unix:{},server=on,wait=on", sock.display());
-    let com4_file = dir.path().join("com4.out");
-    let com4_spec = format!("file,id=com4,path={}", com4_file.display());
+    // COM4 on a pair of fifos: minivmm reads com4.in and writes com4.out.
+    let com4 = dir.path().join("com4");
+    let (com4_in, com4_out) = (dir.path().join("com4.in"), dir.path().join("com4.out"));
+    mkfifo(&com4_in);
+    mkfifo(&com4_out);
+    let com4_spec = format!("pipe,id=com4,path={}", com4.display());
     let mut vm = Vmm::start(&[
         "--kernel",
         kernel.to_str().unwrap(),
@@ -145,6 +297,16 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
     let mut console_in = stream.try_clone().unwrap();
     let mut con = StreamReader::spawn(stream);
     let ready = con.expect(0, READY_MARKER, BOOT_TIMEOUT);
+    // minivmm holds both fifos open read-write, so these opens do not wait for a peer; a
+    // non-blocking open would fail loudly (ENXIO) if it did not.
+    let mut to_com4 = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&com4_in)
+        .unwrap();
+    set_blocking(&to_com4);
+    let from_com4 = File::open(&com4_out).unwrap();
+    let mut p4 = StreamReader::spawn(from_com4);
 
     let mut say = |line: &str| {
         console_in.write_all(line.as_bytes()).unwrap();
@@ -175,64 +337,32 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
         "stty -F /dev/ttyS3 115200 raw -echo; (sleep 2; head -c {COM4_BYTES} /dev/zero | tr '\\0' Z >/dev/ttyS3; echo com4-$((2+2))-done) &"
     ));
     let measured = guest_to_host_rate(&mut p1, &mut pty1_in, 9600, b'U', N);
+    // kvm_pvm: 81-96 % measured (the guest idles the line while its THRE interrupt is late).
+    check_rate("guest->host on COM2", measured, 9600, 0.6);
     let expected = 9600.0 / 10.0;
-    // Never faster than the line. How close to the line rate a Linux guest gets depends on
-    // how fast it refills the FIFO after THRE: one character time (1 ms at 9600) is less than
-    // this nested KVM's interrupt latency, so the line idles a little between 16-byte bursts
-    // (measured: 81-92 % of the line rate). The UART's own timing is measured exactly by
-    // `make bench` (resources/bench-serial.py), where a polling guest keeps the line full.
-    assert!(
-        measured <= expected * 1.01,
-        "line rate {measured:.1}/s is faster than the {expected}/s the guest programmed"
-    );
-    // The floor only catches a grossly wrong rate (half the baud, say): a loaded host delays
-    // the guest's refills further (81 % measured with two guests on the two cores).
-    assert!(
-        measured >= expected * 0.6,
-        "line rate {measured:.1}/s is far below the {expected}/s the guest programmed"
-    );
 
     con.expect(at, "com4-4-done", COMMAND_TIMEOUT);
-    let com4 = std::fs::read(&com4_file).unwrap();
+    // Every byte, and nothing else (timed_run fails on any other byte inside the run).
+    p4.timed_run(b'Z', COM4_BYTES, COMMAND_TIMEOUT);
+    std::thread::sleep(Duration::from_millis(500));
+    p4.drain();
+    let zs = p4.seen.iter().filter(|&&b| b == b'Z').count();
     assert_eq!(
-        com4.len(),
-        COM4_BYTES,
-        "COM4 lost bytes beside COM2's transfer"
+        zs, COM4_BYTES,
+        "COM4 beside COM2's transfer: {zs} of {COM4_BYTES} bytes"
     );
-    assert!(com4.iter().all(|&b| b == b'Z'));
 
     // Guest -> host at 115200 baud: 11520 characters per second on the line, never more.
     const FAST_N: usize = 16384;
     let measured = guest_to_host_rate(&mut p1, &mut pty1_in, 115200, b'X', FAST_N);
-    let line = 115200.0 / 10.0;
-    assert!(
-        measured <= line * 1.01,
-        "line rate {measured:.1}/s is faster than the {line}/s the guest programmed"
-    );
-    pty1_in.write_all(b"stty 9600 raw -echo\n").unwrap();
+    // kvm_pvm: 46 % measured (a 1.3 ms interrupt latency against 16 characters of 87 us).
+    check_rate("guest->host on COM2", measured, 115200, 0.25);
 
-    // Host -> guest at 9600 baud: the ttyS1 shell's dd reads 2048 bytes from the line; they
-    // cannot arrive faster than the line allows, and none is lost (dd would wait forever).
-    let from = p1.seen.len();
-    pty1_in
-        .write_all(b"read a _ </proc/uptime; dd bs=1 count=2048 of=/dev/null 2>/dev/null; read b _ </proc/uptime; echo rx-$((100+1)) $a $b\n")
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
-    pty1_in.write_all(&[b'V'; 2048]).unwrap();
-    let end = p1.expect(from, "rx-101 ", Duration::from_secs(90));
-    let line_end = p1.expect(end, "\n", Duration::from_secs(10));
-    let text = String::from_utf8_lossy(&p1.seen[end..line_end]).to_string();
-    let nums: Vec<f64> = text
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    assert_eq!(nums.len(), 2, "{text}");
-    let guest_secs = nums[1] - nums[0];
-    // 2048 characters at 960/s take 2.13 s at least (the dd started 3 s before the data).
-    assert!(
-        guest_secs >= 2048.0 / 960.0,
-        "host->guest too fast: {guest_secs} s"
-    );
+    // Host -> guest on COM4, at 9600 and 115200 (kvm_pvm: 95 % and 51 % measured).
+    let measured = host_to_guest_on_com4(&mut say, &mut con, &mut to_com4, 9600, 3840);
+    check_rate("host->guest on COM4", measured, 9600, 0.6);
+    let measured = host_to_guest_on_com4(&mut say, &mut con, &mut to_com4, 115200, 23040);
+    check_rate("host->guest on COM4", measured, 115200, 0.25);
 
     // The unpaced port moves the same amount far faster than 9600 baud would.
     let pty2 = open_pty(&ttys2);

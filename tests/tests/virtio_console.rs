@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use monitor::client::QmpClient;
 use serde_json::{json, Value};
 use tests::{
-    payload, require_kvm, run64, test_cmdline, test_initrd, test_kernel, Vmm, EXIT_MARKER,
+    md5_hex, payload, require_kvm, run64, test_cmdline, test_initrd, test_kernel, Vmm, EXIT_MARKER,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -80,24 +80,6 @@ fn set_winsize(path: &std::path::Path, cols: u16, rows: u16) -> std::fs::File {
         0
     );
     f
-}
-
-fn md5_hex(data: &[u8]) -> String {
-    let mut child = std::process::Command::new("md5sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("md5sum");
-    let mut stdin = child.stdin.take().unwrap();
-    let data = data.to_vec();
-    let writer = std::thread::spawn(move || stdin.write_all(&data));
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Write `data` to `port` from a thread while the guest reads it, and wait for the guest's
