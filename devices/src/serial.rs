@@ -15,7 +15,11 @@
 //! register/FIFO has moved into the shift register and TEMT when the shift register is empty
 //! too. The hand-over from the holding register to an idle shift register is modelled as
 //! instantaneous (the real part takes under one bit time), so a single byte written to an idle
-//! transmitter leaves THRE set and TEMT clear for one character time.
+//! transmitter leaves THRE set and TEMT clear for one character time. In FIFO mode the THRE
+//! interrupt is delayed as the data sheet says: when the FIFO has not held two bytes at once
+//! since it was last empty, the interrupt comes one character time less the last stop bit
+//! after THRE (the first after FIFO mode is switched), so a driver's burst written to an idle
+//! transmitter does not interrupt itself after its first byte.
 //!
 //! Received characters complete in line slots one character time apart, and never before
 //! their slot. Input is pulled, so characters enter the RX FIFO only when the event loop
@@ -342,6 +346,13 @@ pub struct Serial {
     tx_stalled: bool,
     /// The THRE interrupt source (set on a THRE rising edge, cleared by THR write or IIR read).
     thr_ipending: bool,
+    /// The TX FIFO has held two bytes at once since it was last empty.
+    tx_pair_seen: bool,
+    /// The FIFO enable bit changed since the TX FIFO was last found empty: the next THRE
+    /// interrupt is immediate.
+    tx_fifo_toggled: bool,
+    /// A THRE interrupt the 16550A delays (see [`Serial::thre_emptied`]) rises at this instant.
+    thri_due: Option<u64>,
 
     irq_level: bool,
     /// Line parameters, break or loopback changed: the event loop has something to tell the
@@ -388,6 +399,9 @@ impl Serial {
             tx_out: VecDeque::with_capacity(TX_HOLD_LIMIT),
             tx_stalled: false,
             thr_ipending: false,
+            tx_pair_seen: false,
+            tx_fifo_toggled: false,
+            thri_due: None,
             irq_level: false,
             notify: false,
             armed: None,
@@ -494,6 +508,7 @@ impl Serial {
                     self.tx_stalled = true;
                     // THRE falls: its interrupt source goes with it.
                     self.thr_ipending = false;
+                    self.thri_due = None;
                 }
                 break;
             }
@@ -745,13 +760,18 @@ impl Serial {
     }
 
     fn write_thr(&mut self, value: u8) {
-        // Writing THR clears the THRE interrupt, whether or not the byte fits.
+        // Writing THR clears the THRE interrupt, whether or not the byte fits, and one still
+        // being delayed.
         self.thr_ipending = false;
+        self.thri_due = None;
         if self.tx_fifo.len() >= self.fifo_capacity() {
             // The guest ignored THRE; the chip loses the byte.
             self.stats.tx_overruns += 1;
         } else {
             self.tx_fifo.push_back(value);
+            if self.tx_fifo.len() >= 2 {
+                self.tx_pair_seen = true;
+            }
         }
         self.try_start_tx(self.now);
     }
@@ -762,11 +782,15 @@ impl Serial {
         if (old ^ self.ier) & IER_ETBEI != 0 {
             // Enabling the THRE interrupt with THRE set raises it at once.
             self.thr_ipending = self.ier & IER_ETBEI != 0 && self.thre();
+            self.thri_due = None;
         }
     }
 
     fn write_fcr(&mut self, value: u8) {
         let was_enabled = self.fifo_enabled();
+        if was_enabled != (value & FCR_FIFO_ENABLE != 0) {
+            self.tx_fifo_toggled = true;
+        }
         if value & FCR_FIFO_ENABLE == 0 {
             if was_enabled {
                 self.reset_rx_fifo();
@@ -825,6 +849,7 @@ impl Serial {
     fn reset_tx_fifo(&mut self) {
         self.stats.tx_discarded += self.tx_fifo.len() as u64;
         self.tx_fifo.clear();
+        self.thri_due = None;
         if self.thre() {
             self.thr_ipending = true;
         }
@@ -1048,6 +1073,13 @@ impl Serial {
     /// When finished output must be collected (a batch of [`TX_COLLECT_BATCH`] or the
     /// transmitter idle) or THRE must raise its interrupt.
     fn tx_deadline(&self) -> Option<u64> {
+        let thre_irq = self.ier & IER_ETBEI != 0 && self.mcr & MCR_OUT2 != 0;
+        let delayed_thri = self.thri_due.filter(|_| thre_irq);
+        earliest(self.tx_queue_deadline(), delayed_thri)
+    }
+
+    /// [`Serial::tx_deadline`] for the characters in the transmitter.
+    fn tx_queue_deadline(&self) -> Option<u64> {
         if self.tx_stalled {
             return None;
         }
@@ -1092,7 +1124,26 @@ impl Serial {
             done_ns: at_ns.saturating_add(self.char_time_ns()),
         });
         if self.tx_fifo.is_empty() {
-            // THRE rises: the last queued character went to the shift register.
+            self.thre_emptied(at_ns);
+        }
+    }
+
+    /// THRE rises at `at_ns`: the last queued character went to the shift register. Its
+    /// interrupt rises with it, except where the 16550A delays it: in FIFO mode, when the FIFO
+    /// has not held two bytes at once since it was last empty, the "transmitter FIFO empty
+    /// indication" comes one character time less the last stop bit later (PC16550D data
+    /// sheet, FIFO interrupt mode; not for the first one after FCR bit 0 changed). So a
+    /// driver that writes a burst to an idle transmitter gets no interrupt between its first
+    /// and second byte. LSR.THRE itself rises at once.
+    fn thre_emptied(&mut self, at_ns: u64) {
+        let delayed = self.fifo_enabled() && !self.tx_pair_seen && !self.tx_fifo_toggled;
+        self.tx_pair_seen = false;
+        self.tx_fifo_toggled = false;
+        if delayed {
+            let char_ns = self.char_time_ns();
+            let stop_bit_ns = char_ns / self.frame_bits();
+            self.thri_due = Some(at_ns.saturating_add(char_ns - stop_bit_ns));
+        } else {
             self.thr_ipending = true;
         }
     }
@@ -1123,6 +1174,15 @@ impl Serial {
         loop {
             let tx_at = self.tsr.map(|s| s.done_ns).filter(|&t| t <= until_ns);
             let cti_at = self.cti_due().filter(|&t| t <= until_ns);
+            let thri_at = self.thri_due.filter(|&t| t <= until_ns);
+            if let Some(at) = thri_at {
+                if tx_at.is_none_or(|tx| at <= tx) && cti_at.is_none_or(|cti| at <= cti) {
+                    // A delayed THRE interrupt rises, if THRE is still set.
+                    self.thri_due = None;
+                    self.thr_ipending = self.thre();
+                    continue;
+                }
+            }
             match (tx_at, cti_at) {
                 (Some(tx), Some(cti)) if cti < tx => self.rx_timeout = true,
                 (Some(tx), _) => self.complete_tx(tx),
@@ -1569,22 +1629,86 @@ mod tests {
         rig.uart.write(REG_IER, IER_ETBEI);
         assert!(rig.irq.level());
         rig.uart.write(REG_RBR_THR, b'a');
-        // 'a' moved to the shift register at once: THRE rose again, and so did THRI.
+        // 'a' moved to the shift register at once: THRE rose again, and so did THRI (the
+        // first THRE interrupt after FIFO mode was switched on is never delayed).
+        assert_eq!(rig.lsr() & (LSR_THRE | LSR_TEMT), LSR_THRE);
         assert!(rig.irq.level());
         rig.uart.write(REG_RBR_THR, b'b');
         assert!(!rig.irq.level());
         assert_eq!(rig.iir() & IIR_ID_MASK, IIR_NONE);
-        // 'b' enters the shift register at one character time: THRI again, raised by a
-        // timer the event loop arms from the deadline.
+        // 'b' enters the shift register at one character time; with only 'b' in the FIFO,
+        // THRI follows one character time less the stop bit later, raised by a timer the
+        // event loop arms from the deadline.
         assert_eq!(rig.uart.next_deadline_ns(), Some(C9600));
         rig.at(C9600);
+        rig.uart.tick();
+        assert!(!rig.irq.level());
+        assert_eq!(rig.lsr() & LSR_THRE, LSR_THRE);
+        let due = C9600 + (C9600 - C9600 / 10);
+        assert_eq!(rig.uart.next_deadline_ns(), Some(due));
+        rig.at(due - 1);
+        rig.uart.tick();
+        assert!(!rig.irq.level());
+        rig.at(due);
         rig.uart.tick();
         assert!(rig.irq.level());
         assert_eq!(rig.iir() & IIR_ID_MASK, IIR_THRI);
         assert!(!rig.irq.level());
+        // A burst into the FIFO (two or more bytes at once) gets THRI as soon as the last
+        // byte moves to the shift register, and no interrupt between the first two writes.
+        let t = rig.clock.now_ns() + 2 * C9600;
+        rig.at(t);
+        assert_eq!(rig.lsr() & LSR_TEMT, LSR_TEMT);
+        let before = rig.irq.changes().len();
+        for &b in b"0123" {
+            rig.uart.write(REG_RBR_THR, b);
+        }
+        assert_eq!(
+            rig.irq.changes().len(),
+            before,
+            "no interrupt inside the burst"
+        );
+        assert_eq!(rig.uart.next_deadline_ns(), Some(t + 3 * C9600));
+        rig.at(t + 3 * C9600);
+        rig.uart.tick();
+        assert!(rig.irq.level());
+        assert_eq!(rig.iir() & IIR_ID_MASK, IIR_THRI);
         // Disabling ETBEI drops the pending source.
         rig.uart.write(REG_IER, 0);
         assert!(!rig.uart.thr_ipending);
+    }
+
+    #[test]
+    fn thre_interrupt_is_delayed_only_in_fifo_mode() {
+        // 16450 mode: a byte to an idle transmitter raises THRI again at once.
+        let mut rig = Rig::new(true);
+        rig.set_line(12, LCR_8N1);
+        rig.uart.write(REG_MCR, MCR_OUT2);
+        rig.uart.write(REG_IER, IER_ETBEI);
+        assert_eq!(rig.iir() & IIR_ID_MASK, IIR_THRI);
+        rig.uart.write(REG_RBR_THR, b'a');
+        assert_eq!(rig.iir() & IIR_ID_MASK, IIR_THRI);
+        rig.at(2 * C9600);
+        // FIFO mode: the first THRI after the switch is immediate, the next single byte's is
+        // not; a THRI still being delayed is cancelled by the next THR write.
+        rig.uart.write(REG_IIR_FCR, FCR_FIFO_ENABLE);
+        rig.uart.write(REG_RBR_THR, b'b');
+        assert_eq!(rig.iir() & IIR_ID_MASK, IIR_THRI);
+        rig.at(4 * C9600);
+        rig.uart.write(REG_RBR_THR, b'c');
+        assert_eq!(rig.iir() & IIR_ID_MASK, IIR_NONE);
+        assert_eq!(
+            rig.uart.next_deadline_ns(),
+            Some(4 * C9600 + C9600 - C9600 / 10)
+        );
+        rig.at(4 * C9600 + C9600 / 2);
+        rig.uart.write(REG_IER, 0);
+        rig.uart.write(REG_IER, IER_ETBEI);
+        // Re-enabling ETBEI with THRE set raises THRI at once; the delayed one is gone.
+        assert_eq!(rig.iir() & IIR_ID_MASK, IIR_THRI);
+        assert_eq!(rig.uart.next_deadline_ns(), Some(5 * C9600));
+        rig.at(5 * C9600 + C9600);
+        assert_eq!(rig.iir() & IIR_ID_MASK, IIR_NONE);
     }
 
     #[test]
@@ -2007,10 +2131,18 @@ mod tests {
             1
         });
         assert_eq!(rig.lsr() & LSR_THRE, 0);
-        // Then everything: 'c' starts now, THRE rises and raises its interrupt.
+        // Then everything: 'c' starts now and THRE rises; the FIFO never held two bytes, so
+        // its interrupt follows one character time less a stop bit later.
         assert_eq!(rig.drain(), b"b");
         let t = rig.clock.now_ns();
         assert_eq!(rig.lsr() & (LSR_THRE | LSR_TEMT), LSR_THRE);
+        assert!(!rig.irq.level());
+        assert_eq!(
+            rig.uart.next_deadline_ns(),
+            Some(t + (C115200 - C115200 / 10))
+        );
+        rig.at(t + (C115200 - C115200 / 10));
+        rig.uart.tick();
         assert!(rig.irq.level());
         rig.at(t + C115200);
         assert_eq!(rig.drain(), b"c");
