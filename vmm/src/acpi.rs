@@ -172,7 +172,8 @@ fn power_button(body: &mut Vec<u8>) {
     let gdat = aml::Path::new("GDAT");
     let store = aml::Store::new(&aml::Local(0), &gdat);
     let bit = GED_EVENT_POWER_BUTTON;
-    let masked = aml::And::new(&aml::Local(1), &aml::Local(0), &bit);
+    // No target (ZeroOp, the null name): only the value is used.
+    let masked = aml::And::new(&aml::ZERO, &aml::Local(0), &bit);
     let pressed = aml::Equal::new(&masked, &bit);
     let button = aml::Path::new("\\_SB_.PWRB");
     let notify_value = NOTIFY_STATUS_CHANGE;
@@ -370,5 +371,113 @@ mod tests {
             sleep_port,
             u64::from(ACPI_PM_BASE + PM_SLEEP_CONTROL_OFFSET)
         );
+    }
+
+    /// The DSDT and FADT as the ACPI reference tools read them: `iasl -d` disassembles them
+    /// without errors, the DSDT recompiles, and the disassembly names what the guest must
+    /// find (four PNP0501 ports with their I/O ranges and IRQs, the virtio-mmio slots, the
+    /// power button and its GED). Needs `iasl` (Debian `acpica-tools`, installed by
+    /// `resources/deps.sh`); fails loudly without it.
+    #[test]
+    fn iasl_disassembles_and_recompiles_the_tables() {
+        let ports: Vec<ComPort> = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)]
+            .iter()
+            .zip(1u8..)
+            .map(|(&(base, irq), index)| ComPort { index, base, irq })
+            .collect();
+        let slots = [
+            VirtioMmioSlot {
+                base: 0xd000_0000,
+                size: 0x1000,
+                gsi: 5,
+            },
+            VirtioMmioSlot {
+                base: 0xd000_1000,
+                size: 0x1000,
+                gsi: 6,
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let iasl = |args: &[&str]| {
+            let out = std::process::Command::new("iasl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("iasl (Debian acpica-tools, see resources/deps.sh) did not run: {e}")
+                });
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "iasl {args:?} failed:\n{text}");
+            text
+        };
+        std::fs::write(dir.path().join("dsdt.dat"), dsdt(&ports, &slots)).unwrap();
+        std::fs::write(dir.path().join("fadt.dat"), fadt(0x1000)).unwrap();
+        std::fs::write(dir.path().join("madt.dat"), madt(2)).unwrap();
+        for table in ["dsdt", "fadt", "madt"] {
+            iasl(&["-d", &format!("{table}.dat")]);
+            let dsl = std::fs::read_to_string(dir.path().join(format!("{table}.dsl"))).unwrap();
+            assert!(!dsl.contains("**** Unknown"), "{table}: {dsl}");
+        }
+        // The disassembly with comments dropped and white space collapsed.
+        let raw = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
+        let mut dsl = String::new();
+        for line in raw.lines() {
+            let mut line = line.split("//").next().unwrap_or("").to_string();
+            while let (Some(a), Some(b)) = (line.find("/*"), line.find("*/")) {
+                if b < a {
+                    break;
+                }
+                line.replace_range(a..b + 2, "");
+            }
+            dsl.push_str(&line);
+            dsl.push(' ');
+        }
+        let dsl = dsl.split_whitespace().collect::<Vec<_>>().join(" ");
+        let device = |name: &str| {
+            let at = dsl
+                .find(&format!("Device ({name})"))
+                .unwrap_or_else(|| panic!("no {name} in {raw}"));
+            let rest = &dsl[at + 1..];
+            rest[..rest.find("Device (").unwrap_or(rest.len())].to_string()
+        };
+        for port in &ports {
+            let d = device(&format!("_SB.COM{}", port.index));
+            for want in [
+                "Name (_HID, EisaId (\"PNP0501\") )".to_string(),
+                format!("IO (Decode16, 0x{0:04X}, 0x{0:04X}, 0x01, 0x08, )", port.base),
+                format!(
+                    "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) {{ 0x{:08X}, }}",
+                    port.irq
+                ),
+            ] {
+                assert!(d.contains(&want), "COM{}: no {want:?} in {d}", port.index);
+            }
+        }
+        for (i, slot) in slots.iter().enumerate() {
+            let d = device(&format!("_SB.V{i:03X}"));
+            for want in [
+                "Name (_HID, \"LNRO0005\")".to_string(),
+                format!(
+                    "Memory32Fixed (ReadWrite, 0x{:08X}, 0x{:08X}, )",
+                    slot.base, slot.size
+                ),
+                format!(
+                    "Interrupt (ResourceConsumer, Level, ActiveHigh, Exclusive, ,, ) {{ 0x{:08X}, }}",
+                    slot.gsi
+                ),
+            ] {
+                assert!(d.contains(&want), "V{i:03X}: no {want:?} in {d}");
+            }
+        }
+        assert!(device("_SB.PWRB").contains("EisaId (\"PNP0C0C\")"), "{raw}");
+        let ged = device("_SB.GED");
+        assert!(
+            ged.contains("\"ACPI0013\"") && ged.contains("Method (_EVT, 1, Serialized)"),
+            "{ged}"
+        );
+        // The disassembly compiles back to AML without errors.
+        let compiled = iasl(&["dsdt.dsl"]);
+        assert!(compiled.contains("0 Errors, 0 Warnings"), "{compiled}");
     }
 }
