@@ -6,6 +6,7 @@
 	.include "common.inc"
 
 	.set LOOP_BYTE, 0xa5
+	.set SLOW_DIVISOR, 384		# 115200 / 384 = 300 baud
 
 	program_start
 	# Reset values, read before anything is written to the UART.
@@ -188,6 +189,46 @@
 	mov msr_delta_after, %al
 	check msr-delta-read-clears, 0x20
 
+	# THRE interrupt in FIFO mode (data sheet): a byte written to an idle transmitter goes
+	# straight to the shift register, so LSR.THRE is set again at once, but the FIFO never held
+	# two bytes, so the THRE interrupt comes one character time less a stop bit later. Done in
+	# loopback at 300 baud (33 ms a character, far longer than the few exits between these
+	# accesses); OUT2 is off, so the IRQ line stays down.
+	call wait_tx_empty
+	outb COM1 + UART_MCR, MCR_LOOP
+	call drain_rx
+	outb COM1 + UART_LCR, LCR_DLAB | LCR_8N1
+	outb COM1 + UART_DLL, SLOW_DIVISOR & 0xff
+	outb COM1 + UART_DLM, SLOW_DIVISOR >> 8
+	outb COM1 + UART_LCR, LCR_8N1
+	outb COM1 + UART_IER, 0x02
+	inb COM1 + UART_IIR		# THRE set: THRI at once; the read clears it
+	mov %al, thri_enable
+	outb COM1 + UART_THR, LOOP_BYTE
+	inb COM1 + UART_LSR
+	and $0x60, %al
+	mov %al, thri_lsr
+	inb COM1 + UART_IIR
+	mov %al, thri_held
+	call wait_tx_empty		# one character time
+	inb COM1 + UART_IIR
+	mov %al, thri_late
+	outb COM1 + UART_IER, 0
+	call drain_rx
+	outb COM1 + UART_LCR, LCR_DLAB | LCR_8N1
+	outb COM1 + UART_DLL, 1
+	outb COM1 + UART_DLM, 0
+	outb COM1 + UART_LCR, LCR_8N1
+	outb COM1 + UART_MCR, MCR_DTR_RTS
+	mov thri_enable, %al
+	check thri-on-enable, 0xc2
+	mov thri_lsr, %al
+	check thri-byte-lsr-thre, 0x20
+	mov thri_held, %al
+	check thri-byte-delayed, 0xc1
+	mov thri_late, %al
+	check thri-after-char-time, 0xc2
+
 	mov $msg_done, %esi
 	call puts
 	call wait_tx_empty
@@ -233,3 +274,7 @@ msr_out2:	.byte 0
 msr_none:	.byte 0
 msr_delta:	.byte 0
 msr_delta_after: .byte 0
+thri_enable:	.byte 0
+thri_lsr:	.byte 0
+thri_held:	.byte 0
+thri_late:	.byte 0
