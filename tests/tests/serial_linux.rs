@@ -195,8 +195,12 @@ fn feed_and_time(to_vm: &mut File, data: &[u8], timeout: Duration) -> f64 {
 }
 
 /// COM4 host -> guest at `baud`: the guest's `dd` (started before the host sends: opening a
-/// 16550 clears its FIFOs) reads `n` bytes and prints their digest on the console, which must
-/// be the host's (nothing lost, nothing changed); returns the rate measured at the fifo.
+/// 16550 clears its FIFOs) stores `n` bytes in its tmpfs (kernel copies only), then digests
+/// the file three times. One digest must be the host's (nothing lost, nothing changed): this
+/// KVM now and then corrupts what guest user code writes (resources/README.md, "Guest data
+/// corruption on kvm_pvm"), which can garble a digest or the line printing it, never the
+/// stored bytes, so lost or changed data shows as three wrong digests. Returns the rate
+/// measured at the fifo.
 fn host_to_guest_on_com4(
     say: &mut dyn FnMut(&str),
     con: &mut StreamReader,
@@ -206,7 +210,7 @@ fn host_to_guest_on_com4(
 ) -> f64 {
     let from = con.seen.len();
     say(&format!(
-        "(exec </dev/ttyS3; stty {baud} raw -echo; echo rx4-ready-$((1+{baud})); echo rx4-$((4+4))-md5=$(dd bs={n} count=1 iflag=fullblock 2>/dev/null | md5sum)) &"
+        "(exec </dev/ttyS3; stty {baud} raw -echo; echo rx4-ready-$((1+{baud})); dd bs={n} count=1 iflag=fullblock of=/tmp/rx4 2>/dev/null; for i in 1 2 3; do echo rx4-md5-$i=$(md5sum </tmp/rx4); done; echo rx4-$((5+5))-done) &"
     ));
     let at = con.expect(from, &format!("rx4-ready-{}", 1 + baud), COMMAND_TIMEOUT);
     let data = payload(baud, n);
@@ -216,14 +220,18 @@ fn host_to_guest_on_com4(
         &data,
         Duration::from_secs_f64(n as f64 / line * 10.0 + 60.0),
     );
-    let got = con.expect(at, "rx4-8-md5=", COMMAND_TIMEOUT);
-    let end = con.expect(got, "\n", COMMAND_TIMEOUT);
-    let digest = String::from_utf8_lossy(&con.seen[got..end]).to_string();
+    let end = con.expect(at, "rx4-10-done", COMMAND_TIMEOUT);
     let want = md5_hex(&data);
+    let text = String::from_utf8_lossy(&con.seen[at..end]).to_string();
+    let digests: Vec<&str> = text.lines().filter(|l| l.contains("rx4-md5-")).collect();
+    let right = digests.iter().filter(|l| l.contains(&want)).count();
     assert!(
-        digest.contains(&want),
-        "COM4 host->guest at {baud}: the guest's dd saw {digest:?}, the host sent {want}"
+        right > 0,
+        "COM4 host->guest at {baud}: the guest's digests {digests:?}, the host sent {want}"
     );
+    if right < digests.len() {
+        eprintln!("COM4 host->guest at {baud}: {right} of {digests:?} right (guest corruption)");
+    }
     measured
 }
 
@@ -372,6 +380,58 @@ fn console_on_unix_socket_shell_on_pty_and_paced_line_rates() {
     let fast = rate(N, first, last);
     eprintln!("guest->host with pacing=off (9600 programmed): {fast:.0} chars/s");
     assert!(fast > 5.0 * expected, "pacing=off port ran at {fast:.0}/s");
+
+    // What the guest's 8250 driver made of the four ports: each probed as a 16550A at its
+    // port, COM1/COM3 and COM2/COM4 each on one shared IRQ, the open ports' interrupts on the
+    // IOAPIC pins the DSDT gives (4 and 3; Linux numbers them from 24 on, as this ACPI is
+    // hardware-reduced, without legacy PIC IRQs), and after everything above no framing,
+    // parity or overrun error and no break on any of them (input is only offered as far as
+    // the FIFO has room).
+    let from = con.seen.len();
+    say("cat /proc/tty/driver/serial /proc/interrupts; echo serial-$((5+5))-end");
+    let end = con.expect(from, "serial-10-end", COMMAND_TIMEOUT);
+    let text = String::from_utf8_lossy(&con.seen[from..end]).to_string();
+    let line_of = |n: usize| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{n}: uart:")))
+            .unwrap_or_else(|| panic!("no ttyS{n} in /proc/tty/driver/serial: {text}"))
+    };
+    let irq_of = |l: &str| -> String {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("irq:"))
+            .unwrap_or_else(|| panic!("no irq in {l}"))
+            .to_string()
+    };
+    for (n, port) in [(0, "3F8"), (1, "2F8"), (2, "3E8"), (3, "2E8")] {
+        let l = line_of(n);
+        assert!(
+            l.contains(&format!("uart:16550A port:00000{port} ")),
+            "ttyS{n}: {l}"
+        );
+        for bad in ["fe:", "pe:", "brk:", "oe:"] {
+            assert!(!l.contains(bad), "ttyS{n} counted errors: {l}");
+        }
+    }
+    let irqs: Vec<String> = (0..4).map(|n| irq_of(line_of(n))).collect();
+    assert!(
+        irqs[0] == irqs[2] && irqs[1] == irqs[3] && irqs[0] != irqs[1],
+        "COM1/COM3 and COM2/COM4 should each share an IRQ: {text}"
+    );
+    for (tty, pin) in [("ttyS0", "4-edge"), ("ttyS1", "3-edge")] {
+        assert!(
+            text.lines().any(|l| l.contains(pin) && l.contains(tty)),
+            "{tty} not on IOAPIC pin {pin} in /proc/interrupts: {text}"
+        );
+    }
+    let count = |l: &str, key: &str| -> u64 {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {l}"))
+    };
+    let com4 = line_of(3);
+    assert!(count(com4, "tx:") >= COM4_BYTES as u64, "{com4}");
+    assert!(count(com4, "rx:") >= 3840 + 23040, "{com4}");
 
     say("poweroff");
     assert_eq!(vm.wait_exit(COMMAND_TIMEOUT).code(), Some(0));
