@@ -127,6 +127,13 @@ pub trait Backend: Send {
     /// line (a host serial tty). Others ignore it.
     fn set_line_params(&mut self, _params: LineParams) {}
 
+    /// Whether this frontend has the input now. Only a mux frontend can be without it (another
+    /// frontend on the mux has the focus); its output still goes out, but a monitor holds its
+    /// own until it has the focus, as QEMU's does. A mux wakes a frontend that gains the focus.
+    fn has_focus(&self) -> bool {
+        true
+    }
+
     /// Drive the modem control outputs (DTR, RTS) the guest set in its UART, for backends
     /// that have real ones (a host serial tty). Others ignore it.
     fn set_modem_control(&mut self, _dtr: bool, _rts: bool) {}

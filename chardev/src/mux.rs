@@ -1,8 +1,11 @@
 //! The `mux` chardev: several frontends (say COM1 and the monitor) on one backend, with QEMU's
 //! Ctrl-A escapes on input.
 //!
-//! All frontends' output goes to the base; input goes only to the focused frontend. After
-//! Ctrl-A: `c` moves the focus to the next frontend, `x` asks minivmm to quit
+//! All frontends' output goes to the base; input goes only to the focused frontend, which is
+//! the one attached last (as in QEMU, where the serial device attached after the monitor of
+//! `-serial mon:stdio` gets the console first). After Ctrl-A: `c` moves the focus to the next
+//! frontend (which is woken, so a monitor can show what it held back, see
+//! [`Backend::has_focus`]), `x` asks minivmm to quit
 //! ([`Backend::take_exit_request`]), `b` sends a break to the focused frontend, `t` toggles
 //! `[hh:mm:ss.mmm] ` timestamps at the start of output lines, `h` or `?` prints help, and a
 //! second Ctrl-A is a literal Ctrl-A. Other bytes after Ctrl-A are swallowed, as in QEMU.
@@ -128,7 +131,14 @@ impl Core {
             .map(|k| (self.focus + k) % n)
             .find(|&i| self.fronts[i].is_some())
         {
-            self.focus = next;
+            let previous = std::mem::replace(&mut self.focus, next);
+            // Both learn of the change: the newly focused frontend may have output it held
+            // back (a monitor), the previous one stops showing its own.
+            for i in [previous, next] {
+                if i != caller {
+                    self.kick(i);
+                }
+            }
         }
         let wanted = self.focus_input_wanted();
         self.base.set_input_wanted(wanted);
@@ -307,8 +317,19 @@ impl Mux {
         }
     }
 
-    /// Attach one more frontend (at most [`MAX_MUX`]). The first one has the focus.
+    /// Attach one more frontend (at most [`MAX_MUX`]). It takes the focus.
     pub fn add_frontend(&mut self) -> Result<MuxFrontend> {
+        self.attach(true)
+    }
+
+    /// Attach a frontend that takes the focus only when it is the only one, for a monitor: the
+    /// console stays in front, as with QEMU's `-serial mon:stdio`, where the serial device is
+    /// attached after the monitor.
+    pub fn add_background_frontend(&mut self) -> Result<MuxFrontend> {
+        self.attach(false)
+    }
+
+    fn attach(&mut self, take_focus: bool) -> Result<MuxFrontend> {
         let mut c = lock(&self.core);
         let idx = match c.fronts.iter().position(Option::is_none) {
             Some(i) => i,
@@ -324,7 +345,6 @@ impl Mux {
         if c.base.is_connected() {
             events.push(Event::Opened);
         }
-        let was_alone = c.driver().is_none();
         c.fronts[idx] = Some(Front {
             events,
             input: VecDeque::new(),
@@ -332,7 +352,9 @@ impl Mux {
             kick,
             exit: false,
         });
-        if was_alone {
+        let alone = c.live().count() == 1;
+        if take_focus || alone {
+            // It has the focus now, and wants input.
             c.focus = idx;
             c.base.set_input_wanted(true);
         }
@@ -466,6 +488,10 @@ impl Backend for MuxFrontend {
         })
     }
 
+    fn has_focus(&self) -> bool {
+        lock(&self.core).focus == self.idx
+    }
+
     fn is_connected(&self) -> bool {
         lock(&self.core).base.is_connected()
     }
@@ -579,37 +605,53 @@ mod tests {
             [vec![Event::Opened], vec![Event::Opened]],
             "one Opened each"
         );
-        peer.write_all(b"to a").unwrap();
-        run(&mut a, &mut b, &mut got, &mut evs, |g, _| g[0] == b"to a");
-        // Ctrl-A c switches focus mid-read: the rest goes to b.
-        peer.write_all(b"\x01cto b\x01\x01").unwrap();
+        // b, attached last, has the focus, and a is told it has not.
+        assert!(b.has_focus() && !a.has_focus());
+        peer.write_all(b"to b").unwrap();
+        run(&mut a, &mut b, &mut got, &mut evs, |g, _| g[1] == b"to b");
+        // Ctrl-A c switches focus mid-read: the rest goes to a.
+        peer.write_all(b"\x01cto a\x01\x01").unwrap();
         run(&mut a, &mut b, &mut got, &mut evs, |g, _| {
-            g[1] == b"to b\x01"
+            g[0] == b"to a\x01"
         });
-        assert_eq!(got[0], b"to a");
-        assert_eq!(m.focus(), 1);
-        peer.write_all(b"more b").unwrap();
+        assert_eq!(got[1], b"to b");
+        assert_eq!(m.focus(), 0);
+        assert!(a.has_focus() && !b.has_focus());
+        peer.write_all(b"more a").unwrap();
         run(&mut a, &mut b, &mut got, &mut evs, |g, _| {
-            g[1] == b"to b\x01more b"
+            g[0] == b"to a\x01more a"
         });
         // Ctrl-A b: a break for the focused frontend only.
         peer.write_all(b"\x01b").unwrap();
         run(&mut a, &mut b, &mut got, &mut evs, |_, e| {
-            e[1].contains(&Event::Break)
+            e[0].contains(&Event::Break)
         });
-        assert!(!evs[0].contains(&Event::Break));
-        // Output from either frontend reaches the peer.
+        assert!(!evs[1].contains(&Event::Break));
+        // Output from either frontend reaches the peer, focused or not.
         a.write(b"A").unwrap();
         b.write(b"B").unwrap();
         let mut out = [0u8; 2];
         peer.read_exact(&mut out).unwrap();
         assert_eq!(&out, b"AB");
-        // Back to a.
-        peer.write_all(b"\x01cagain a").unwrap();
+        // Back to b.
+        peer.write_all(b"\x01cagain b").unwrap();
         run(&mut a, &mut b, &mut got, &mut evs, |g, _| {
-            g[0] == b"to aagain a"
+            g[1] == b"to bagain b"
         });
-        assert_eq!(m.focus(), 0);
+        assert_eq!(m.focus(), 1);
+        // A frontend that gains the focus is woken (a monitor shows what it held back).
+        let kick_a = a.poll_fds()[0].0;
+        while pump_many(&mut [&mut a, &mut b], 0) {}
+        assert_eq!(
+            sys::poll_one(kick_a, libc::POLLIN, 0).unwrap() & libc::POLLIN,
+            0
+        );
+        lock(&m.core).switch_focus(b.index());
+        assert_ne!(
+            sys::poll_one(kick_a, libc::POLLIN, 0).unwrap() & libc::POLLIN,
+            0
+        );
+        assert!(a.has_focus());
     }
 
     #[test]

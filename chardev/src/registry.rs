@@ -215,6 +215,17 @@ impl Registry {
         }
     }
 
+    /// [`Registry::take`] for a monitor: on a mux, the monitor's frontend does not take the
+    /// focus from a device's (see [`Mux::add_background_frontend`]).
+    pub fn take_for_monitor(&mut self, id: &str) -> Result<Box<dyn Backend>> {
+        match self.entries.get_mut(id) {
+            Some(Entry::Mux(m)) => m
+                .add_background_frontend()
+                .map(|f| Box::new(f) as Box<dyn Backend>),
+            _ => self.take(id),
+        }
+    }
+
     /// Run `f` on chardev `id`, whether or not a frontend uses it (query, `ringbuf-read`,
     /// `chardev-send-break`, waiting for a client). For a mux, `f` gets the base.
     pub fn with<R>(&mut self, id: &str, f: impl FnOnce(&mut dyn Backend) -> R) -> Result<R> {

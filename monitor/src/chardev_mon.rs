@@ -51,6 +51,8 @@ pub struct ChardevMonitor {
     events: EventQueue,
     limits: Limits,
     dropped_output: u64,
+    /// The backend had the input when last looked at (see [`Backend::has_focus`]).
+    focused: bool,
 }
 
 impl std::fmt::Debug for ChardevMonitor {
@@ -84,7 +86,9 @@ impl ChardevMonitor {
             events,
             limits,
             dropped_output: 0,
+            focused: true,
         };
+        m.focused = m.backend.has_focus();
         m.backend.set_input_wanted(true);
         if m.backend.is_connected() {
             m.open_session();
@@ -142,8 +146,11 @@ impl ChardevMonitor {
         self.out.clear();
     }
 
+    /// Write pending output, unless the backend is a mux frontend without the focus: a monitor
+    /// sharing a mux with a console holds its output (up to the output limit) until the user
+    /// switches to it, as QEMU's does.
     fn flush(&mut self) {
-        while self.open && !self.out.is_empty() {
+        while self.open && self.focused && !self.out.is_empty() {
             match self.backend.write(self.out.pending()) {
                 Ok(0) => break,
                 Ok(n) => self.out.consume(n),
@@ -169,7 +176,20 @@ impl ChardevMonitor {
         emitted
     }
 
+    /// The focus came or went (a mux's Ctrl-A c). Coming back to a human monitor whose output
+    /// was all shown starts a fresh line with the prompt, as QEMU's readline restarts.
+    fn track_focus(&mut self) {
+        let focused = self.backend.has_focus();
+        let regained = focused && !self.focused && self.open;
+        if regained && self.mode == MonitorMode::Readline && self.out.is_empty() {
+            self.editor.reset();
+            self.write(format!("\r\n{}", hmp::PROMPT).as_bytes());
+        }
+        self.focused = focused;
+    }
+
     fn service(&mut self, machine: &mut dyn Machine, emitted: &mut Vec<QmpEvent>) {
+        self.track_focus();
         for ev in self.backend.take_events() {
             match ev {
                 Event::Opened if !self.open => self.open_session(),
@@ -207,6 +227,8 @@ impl ChardevMonitor {
         }
         let wanted = self.out.len() <= self.limits.output_high_water;
         self.backend.set_input_wanted(wanted);
+        // The input read may have moved a mux's focus away (Ctrl-A c).
+        self.track_focus();
         self.flush();
     }
 
@@ -366,5 +388,73 @@ mod tests {
         // HMP peers get no QMP events.
         assert!(!out.contains("STOP"));
         assert_eq!(running.machine.lock().unwrap().calls, ["stop"]);
+    }
+
+    /// `--serial mon:FORM`: a device and the human monitor on one mux. The device has the
+    /// focus; the monitor holds its banner until Ctrl-A c, answers while it has the focus, and
+    /// shows a fresh prompt each time it gets the focus back.
+    #[test]
+    fn human_monitor_behind_a_console_on_a_mux() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+
+        let (mine, mut peer) = UnixStream::pair().unwrap();
+        peer.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut reg = Registry::new();
+        let spec = format!("socket,id=mon,fd={},mux=on", mine.into_raw_fd());
+        reg.add(&ChardevSpec::parse(&spec).unwrap()).unwrap();
+        let mut device = reg.take("mon").unwrap();
+        let mut mon = Monitor::new().unwrap();
+        mon.attach(reg.take_for_monitor("mon").unwrap(), MonitorMode::Readline);
+        let _running = Running::start(mon, FakeMachine::new());
+        assert!(device.has_focus());
+        device.write(b"console output").unwrap();
+        // The device runs as a UART does: its event loop (it drives the mux's base fd) reads
+        // its input while it has the focus.
+        let focused = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, st) = (focused.clone(), stop.clone());
+        let driver = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                chardev::poll_backends(&mut [&mut *device], 10).unwrap();
+                while device.read(&mut [0u8; 16]).unwrap_or(0) > 0 {}
+                f.store(device.has_focus(), Ordering::Relaxed);
+            }
+        });
+        let wait_focus = |device_has_it: bool| {
+            let deadline = Instant::now() + TIMEOUT;
+            while focused.load(Ordering::Relaxed) != device_has_it {
+                assert!(Instant::now() < deadline, "the focus did not move");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let early = read_until(&mut peer, "console output");
+        std::thread::sleep(Duration::from_millis(300));
+        let mut buf = [0u8; 256];
+        let held = match peer.read(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).to_string(),
+            Err(_) => String::new(),
+        };
+        assert!(
+            !early.contains("monitor") && held.is_empty(),
+            "the monitor spoke without the focus: {early:?} {held:?}"
+        );
+        peer.write_all(b"\x01c").unwrap();
+        wait_focus(false);
+        let banner = read_until(&mut peer, crate::hmp::PROMPT);
+        assert!(banner.contains("monitor - type 'help'"), "{banner:?}");
+        peer.write_all(b"info status\r").unwrap();
+        let out = read_until(&mut peer, "running\r\n(minivmm) ");
+        assert!(out.contains("VM status: running"), "{out:?}");
+        // Back to the console, and to the monitor again: a fresh prompt.
+        peer.write_all(b"\x01c").unwrap();
+        wait_focus(true);
+        peer.write_all(b"\x01c").unwrap();
+        wait_focus(false);
+        let again = read_until(&mut peer, crate::hmp::PROMPT);
+        assert_eq!(again, format!("\r\n{}", crate::hmp::PROMPT));
+        stop.store(true, Ordering::Relaxed);
+        driver.join().unwrap();
     }
 }

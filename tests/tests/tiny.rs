@@ -313,3 +313,63 @@ fn connect_when_listening(path: &std::path::Path) -> std::os::unix::net::UnixStr
         }
     }
 }
+
+/// `--serial mon:stdio`, as QEMU's: COM1 and the human monitor share stdio. The console has
+/// the input first; Ctrl-A c switches to the monitor (its banner waits until then), which
+/// answers commands; Ctrl-A c switches back, and Ctrl-A x quits with status 0.
+#[test]
+fn mon_stdio_switches_between_console_and_monitor() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    use tests::stream::StreamReader;
+
+    require_kvm();
+    let mut child = Command::new(tests::minivmm_bin())
+        .args([
+            "--kernel",
+            env!("TINY_GUEST_SPIN"),
+            "--memory",
+            "64M",
+            "--serial",
+            "mon:stdio",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn minivmm");
+    let mut input = child.stdin.take().unwrap();
+    let mut out = StreamReader::spawn(child.stdout.take().unwrap());
+    let at = out.expect(0, SPINNING, TIMEOUT);
+    std::thread::sleep(STOPPED_QUIET);
+    out.drain();
+    let shown = String::from_utf8_lossy(&out.seen).to_string();
+    assert!(
+        !shown.contains("monitor"),
+        "the monitor spoke before Ctrl-A c: {shown:?}"
+    );
+    input.write_all(b"\x01c").unwrap();
+    let at = out.expect(at, "(minivmm) ", TIMEOUT);
+    let banner = String::from_utf8_lossy(&out.seen).to_string();
+    assert!(banner.contains("monitor - type 'help'"), "{banner:?}");
+    input.write_all(b"info status\n").unwrap();
+    let at = out.expect(at, "VM status: running", TIMEOUT);
+    input.write_all(b"stop\ninfo status\n").unwrap();
+    let at = out.expect(at, "VM status: paused", TIMEOUT);
+    input.write_all(b"cont\n\x01c\x01c").unwrap();
+    // Back at the monitor after a round trip through the console: a fresh prompt.
+    out.expect(at, "\r\n(minivmm) ", TIMEOUT);
+    input.write_all(b"\x01x").unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Ctrl-A x did not quit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}

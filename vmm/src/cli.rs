@@ -367,6 +367,8 @@ impl Cli {
             chardevs.push(spec);
         }
         let mut serial_ids = Vec::new();
+        // `--serial mon:FORM` also puts the human monitor on that chardev, as QEMU does.
+        let mut mons = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
             match chardev::parse_serial(spec, &format!("serial{i}")).map_err(CliError::Serial)? {
                 chardev::SerialArg::None => serial_ids.push(None),
@@ -381,6 +383,12 @@ impl Cli {
                         return Err(CliError::DuplicateChardev(spec.id));
                     }
                     serial_ids.push(Some(spec.id.clone()));
+                    if specs[i].starts_with("mon:") {
+                        mons.push(MonSpec {
+                            chardev: spec.id.clone(),
+                            mode: MonitorMode::Readline,
+                        });
+                    }
                     chardevs.push(spec);
                 }
             }
@@ -469,7 +477,6 @@ impl Cli {
                     .flat_map(|v| v.ports.iter().map(|p| p.chardev.as_str())),
             )
             .collect();
-        let mut mons = Vec::new();
         for m in &self.mon {
             let m = MonSpec::parse(m).map_err(CliError::Mon)?;
             if !chardevs.iter().any(|c| c.id == m.chardev) {
@@ -731,6 +738,19 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(e.to_string().contains("mux=on"), "{e}");
+        // `--serial mon:FORM`: the COM port and the human monitor share a mux, as in QEMU.
+        let c = cli(&["--serial", "mon:stdio", "--serial", "pty"])
+            .validate()
+            .unwrap();
+        let com1 = c.chardevs.iter().find(|s| s.id == "serial0").unwrap();
+        assert!(com1.mux);
+        assert_eq!(
+            c.mons,
+            vec![MonSpec {
+                chardev: "serial0".into(),
+                mode: MonitorMode::Readline,
+            }]
+        );
         let e = cli(&["--name", "a/b"]).validate().unwrap_err();
         assert!(
             e.to_string().starts_with("--name: bad instance name"),

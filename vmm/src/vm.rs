@@ -247,11 +247,6 @@ impl Vm {
             }
         }
 
-        for mon in &config.mons {
-            let backend = take_chardev(&mut registry, &mon.chardev)?;
-            monitor.attach(backend, mon.mode);
-        }
-
         let mut pio = Bus::new();
         let mut com_ports = Vec::new();
         let mut uarts = Vec::new();
@@ -329,6 +324,19 @@ impl Vm {
                 size: VIRTIO_MMIO_SLOT_SIZE,
                 gsi,
             });
+        }
+
+        // Monitors on chardevs come after the devices: on a mux (`--serial mon:stdio`) the
+        // device keeps the focus and the monitor waits for Ctrl-A c, as in QEMU.
+        for mon in &config.mons {
+            let backend =
+                registry
+                    .take_for_monitor(&mon.chardev)
+                    .map_err(|source| VmError::Chardev {
+                        id: mon.chardev.clone(),
+                        source,
+                    })?;
+            monitor.attach(backend, mon.mode);
         }
 
         let power: Arc<dyn devices::power::PowerControl> = exit.clone();
