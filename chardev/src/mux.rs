@@ -725,4 +725,89 @@ mod tests {
             "chardev 'm': too many mux frontends"
         );
     }
+
+    /// What the escapes do to a byte stream, for two frontends with the second focused:
+    /// the bytes each frontend gets, the breaks each sees, and whether Ctrl-A x was typed.
+    fn model(input: &[u8]) -> ([Vec<u8>; 2], [usize; 2], bool) {
+        let (mut got, mut breaks, mut exit) = ([Vec::new(), Vec::new()], [0, 0], false);
+        let (mut focus, mut escape) = (1, false);
+        for &b in input {
+            match (escape, b) {
+                (false, MUX_ESCAPE) => escape = true,
+                (false, _) | (true, MUX_ESCAPE) => {
+                    got[focus].push(b);
+                    escape = false;
+                }
+                (true, b'c') => {
+                    focus = 1 - focus;
+                    escape = false;
+                }
+                (true, b'b') => {
+                    breaks[focus] += 1;
+                    escape = false;
+                }
+                (true, b'x') => {
+                    exit = true;
+                    escape = false;
+                }
+                (true, _) => escape = false,
+            }
+        }
+        (got, breaks, exit)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever a peer types, in whatever pieces, each frontend gets exactly what the
+        /// escape rules give it, reading in whatever sizes it likes.
+        #[test]
+        fn escapes_and_focus_follow_the_model(
+            input in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::Just(MUX_ESCAPE),
+                    proptest::prelude::Just(b'c'),
+                    proptest::prelude::Just(b'b'),
+                    proptest::prelude::Just(b'x'),
+                    proptest::prelude::Just(b'h'),
+                    proptest::prelude::Just(b't'),
+                    proptest::prelude::any::<u8>(),
+                ],
+                0..160,
+            ),
+            pieces in proptest::collection::vec(1usize..32, 1..8),
+            reads in proptest::collection::vec(1usize..24, 1..8),
+        ) {
+            let (_m, mut a, mut b, mut peer) = setup();
+            peer.set_nonblocking(true).unwrap();
+            let (want, want_breaks, want_exit) = model(&input);
+            let mut got = [Vec::new(), Vec::new()];
+            let mut breaks = [0usize, 0];
+            let mut sent = 0;
+            let mut k = 0;
+            let end = std::time::Instant::now() + DEADLINE;
+            while got != want || breaks != want_breaks || sent < input.len() {
+                proptest::prop_assert!(
+                    std::time::Instant::now() < end,
+                    "stuck: got {:?} want {:?}, breaks {:?}", got, want, breaks
+                );
+                if sent < input.len() {
+                    let n = pieces[k % pieces.len()].min(input.len() - sent);
+                    peer.write_all(&input[sent..sent + n]).unwrap();
+                    sent += n;
+                }
+                // What the mux writes back (help, the quit message) is drained.
+                let mut sink = [0u8; 4096];
+                while peer.read(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+                pump_many(&mut [&mut a, &mut b], 1);
+                for (i, f) in [&mut a, &mut b].into_iter().enumerate() {
+                    breaks[i] += f.take_events().iter().filter(|e| **e == Event::Break).count();
+                    let mut buf = vec![0u8; reads[(k + i) % reads.len()]];
+                    let n = f.read(&mut buf).unwrap();
+                    got[i].extend_from_slice(&buf[..n]);
+                }
+                k += 1;
+            }
+            proptest::prop_assert_eq!(a.take_exit_request(), want_exit);
+        }
+    }
 }
