@@ -1327,6 +1327,18 @@ mod tests {
             self.clock.set(ns);
         }
 
+        /// The event loop's deadline is `due`, and the interrupt line rises exactly then: not
+        /// 1 ns before (the timer firing early finds nothing), and at `due`.
+        fn irq_rises_at(&mut self, due: u64) {
+            assert_eq!(self.uart.next_deadline_ns(), Some(due));
+            self.at(due - 1);
+            self.uart.tick();
+            assert!(!self.irq.level());
+            self.at(due);
+            self.uart.tick();
+            assert!(self.irq.level());
+        }
+
         fn lsr(&mut self) -> u8 {
             self.uart.read(REG_LSR)
         }
@@ -1644,14 +1656,7 @@ mod tests {
         rig.uart.tick();
         assert!(!rig.irq.level());
         assert_eq!(rig.lsr() & LSR_THRE, LSR_THRE);
-        let due = C9600 + (C9600 - C9600 / 10);
-        assert_eq!(rig.uart.next_deadline_ns(), Some(due));
-        rig.at(due - 1);
-        rig.uart.tick();
-        assert!(!rig.irq.level());
-        rig.at(due);
-        rig.uart.tick();
-        assert!(rig.irq.level());
+        rig.irq_rises_at(C9600 + (C9600 - C9600 / 10));
         assert_eq!(rig.iir() & IIR_ID_MASK, IIR_THRI);
         assert!(!rig.irq.level());
         // A burst into the FIFO (two or more bytes at once) gets THRI as soon as the last
@@ -1883,13 +1888,7 @@ mod tests {
         // when the event loop handed it over.
         rig.uart.set_input_waiting(false);
         let due = t0 + 3 * C9600 + CTI_CHAR_TIMES * C9600;
-        assert_eq!(rig.uart.next_deadline_ns(), Some(due));
-        rig.at(due - 1);
-        rig.uart.tick();
-        assert!(!rig.irq.level());
-        rig.at(due);
-        rig.uart.tick();
-        assert!(rig.irq.level());
+        rig.irq_rises_at(due);
         assert_eq!(rig.iir() & IIR_ID_MASK, IIR_CTI);
         // An RBR read after a backdated arrival restarts the timeout from the read.
         assert_eq!(rig.uart.read(REG_RBR_THR), b'a');

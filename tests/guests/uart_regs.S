@@ -8,6 +8,15 @@
 	.set LOOP_BYTE, 0xa5
 	.set SLOW_DIVISOR, 384		# 115200 / 384 = 300 baud
 
+# set_divisor N: program COM1's divisor latch with N, leaving the line at 8N1 with DLAB clear.
+# Clobbers al, dx.
+.macro set_divisor n
+	outb COM1 + UART_LCR, LCR_DLAB | LCR_8N1
+	outb COM1 + UART_DLL, (\n) & 0xff
+	outb COM1 + UART_DLM, (\n) >> 8
+	outb COM1 + UART_LCR, LCR_8N1
+.endm
+
 	program_start
 	# Reset values, read before anything is written to the UART.
 	inb COM1 + UART_IIR
@@ -56,10 +65,7 @@
 	outb COM1 + UART_LCR, LCR_8N1
 	inb COM1 + UART_IER
 	mov %al, %ch
-	outb COM1 + UART_LCR, LCR_DLAB | LCR_8N1
-	outb COM1 + UART_DLL, 1
-	outb COM1 + UART_DLM, 0
-	outb COM1 + UART_LCR, LCR_8N1
+	set_divisor 1
 	mov %bl, %al
 	check dll-latch, 0x34
 	mov %bh, %al
@@ -197,10 +203,7 @@
 	call wait_tx_empty
 	outb COM1 + UART_MCR, MCR_LOOP
 	call drain_rx
-	outb COM1 + UART_LCR, LCR_DLAB | LCR_8N1
-	outb COM1 + UART_DLL, SLOW_DIVISOR & 0xff
-	outb COM1 + UART_DLM, SLOW_DIVISOR >> 8
-	outb COM1 + UART_LCR, LCR_8N1
+	set_divisor SLOW_DIVISOR
 	outb COM1 + UART_IER, 0x02
 	inb COM1 + UART_IIR		# THRE set: THRI at once; the read clears it
 	mov %al, thri_enable
@@ -215,10 +218,7 @@
 	mov %al, thri_late
 	outb COM1 + UART_IER, 0
 	call drain_rx
-	outb COM1 + UART_LCR, LCR_DLAB | LCR_8N1
-	outb COM1 + UART_DLL, 1
-	outb COM1 + UART_DLM, 0
-	outb COM1 + UART_LCR, LCR_8N1
+	set_divisor 1
 	outb COM1 + UART_MCR, MCR_DTR_RTS
 	mov thri_enable, %al
 	check thri-on-enable, 0xc2
