@@ -1,9 +1,13 @@
 //! The contract between a frontend (a UART, a virtio-console port, the monitor) and a chardev
 //! backend (socket, pty, file, stdio, ...).
 //!
-//! A backend is sans-event-loop: it owns its file descriptors, says which of them it wants
-//! polled and for what ([`Backend::poll_fds`]), and does its I/O when the event loop reports
-//! readiness ([`Backend::on_ready`]). The frontend never blocks on it:
+//! A backend is sans-event-loop: it owns its file descriptors and registers them itself, with
+//! the interest its state calls for, through the [`Registrar`] its frontend attaches it to
+//! ([`Backend::attach`]); it changes an fd's interest when its state changes and removes the fd
+//! before closing it (see [`crate::poller`]). It does its I/O when the event loop hands it the
+//! readiness of one of its registrations ([`Backend::on_ready`], by token). No call ever looks
+//! at all of a backend's fds, so an event costs the same with ten fds open or ten thousand.
+//! The frontend never blocks on it:
 //!
 //! - **host → guest is pulled**: the frontend calls [`Backend::read`] only for as many bytes as it
 //!   can accept right now, and tells the backend with [`Backend::set_input_wanted`] whether it
@@ -17,9 +21,9 @@
 //! This module must not depend on any device, on KVM, or on a particular event loop.
 
 use std::io;
-use std::os::unix::io::RawFd;
 use std::time::Duration;
 
+use crate::poller::{Poller, Registrar, Token};
 use crate::vproxy::driver::VproxyControl;
 
 /// What a backend wants the event loop to watch an fd for.
@@ -91,13 +95,16 @@ pub trait Backend: Send {
     /// `pty:/dev/pts/3`, `file`, `stdio`).
     fn filename(&self) -> String;
 
-    /// The fds the event loop must watch now, and for what. Called again after every call that
-    /// may change it (`on_ready`, `read`, `write`, `set_input_wanted`); the event loop
-    /// re-registers what changed.
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)>;
+    /// Register the backend's fds with `reg` from now on (leaving any registrar it had), and
+    /// keep them registered with the interest its state calls for until [`Backend::detach`].
+    fn attach(&mut self, reg: Registrar);
 
-    /// The event loop saw `readiness` on `fd`: accept clients, flush output, notice hangups.
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness);
+    /// Unregister every fd (the backend stays usable and registers again on `attach`).
+    fn detach(&mut self);
+
+    /// The event loop saw `readiness` on the fd registered with `token`: accept clients, flush
+    /// output, notice hangups. A token that is not the backend's (any more) is ignored.
+    fn on_ready(&mut self, token: Token, readiness: Readiness);
 
     /// Read up to `buf.len()` bytes of input. Returns 0 when nothing is available now. A read
     /// shorter than `buf` tells the frontend that input is drained (the UART relies on it and
@@ -186,50 +193,23 @@ pub trait Backend: Send {
     }
 }
 
-/// Poll the fds of `backends` once, waiting at most `timeout_ms` (-1: forever), and hand what
-/// was ready to their `on_ready`. Returns whether anything was. A small level-triggered loop
-/// for tools and tests; the VMM has its own epoll loop.
+/// Wait once for the fds of `backends`, at most `timeout_ms` (-1: forever), and hand what was
+/// ready to their `on_ready`. Returns whether anything was. A small loop for tools and tests,
+/// which registers every backend afresh on each call (the VMM keeps its registrations).
 pub fn poll_backends(backends: &mut [&mut dyn Backend], timeout_ms: i32) -> io::Result<bool> {
-    let mut pfds = Vec::new();
-    let mut owner = Vec::new();
-    for (i, b) in backends.iter().enumerate() {
-        for (fd, interest) in b.poll_fds() {
-            let mut events = 0;
-            if interest.read {
-                events |= libc::POLLIN;
-            }
-            if interest.write {
-                events |= libc::POLLOUT;
-            }
-            pfds.push(libc::pollfd {
-                fd,
-                events,
-                revents: 0,
-            });
-            owner.push(i);
-        }
+    let poller = Poller::new()?;
+    for (i, b) in backends.iter_mut().enumerate() {
+        b.attach(poller.registrar(i as u32));
     }
-    // SAFETY: poll reads and writes pfds.len() pollfds, which we own.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::Interrupted => Ok(false),
-            _ => Err(e),
-        };
+    let mut events = Vec::new();
+    let res = poller.wait(&mut events, 256, timeout_ms);
+    for ev in &events {
+        backends[ev.owner as usize].on_ready(ev.token, ev.readiness);
     }
-    for (p, &i) in pfds.iter().zip(&owner) {
-        if p.revents == 0 {
-            continue;
-        }
-        let r = Readiness {
-            readable: p.revents & libc::POLLIN != 0,
-            writable: p.revents & libc::POLLOUT != 0,
-            hangup: p.revents & (libc::POLLHUP | libc::POLLERR) != 0,
-        };
-        backends[i].on_ready(p.fd, r);
+    for b in backends.iter_mut() {
+        b.detach();
     }
-    Ok(n > 0)
+    Ok(res? > 0)
 }
 
 /// The modem status inputs of a serial line.

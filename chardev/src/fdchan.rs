@@ -16,15 +16,18 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
-use crate::backend::{Backend, Event, Interest, Readiness};
+use crate::backend::{Backend, Event, Readiness};
 use crate::buffer::{EventQueue, DEFAULT_OUTBUF_SIZE};
 use crate::error::{Error, Result};
+use crate::poller::{FdSet, Registrar, Token};
 use crate::spec::{FileSpec, PipeSpec};
 use crate::stream::{Input, Stream};
 
 /// An always-connected stream between a frontend and one or two fds.
 #[derive(Debug)]
 pub struct FdChannel {
+    /// Declared first: unregisters before the owned fds close.
+    fds: FdSet,
     kind: &'static str,
     filename: String,
     stream: Stream,
@@ -47,6 +50,7 @@ impl FdChannel {
         let mut events = EventQueue::default();
         stream.announce_input(&mut events);
         Ok(FdChannel {
+            fds: FdSet::new(),
             kind,
             filename,
             stream,
@@ -55,6 +59,12 @@ impl FdChannel {
             dropped: 0,
             _owned: owned,
         })
+    }
+
+    /// Register what the stream wants polled now (at most two fds).
+    fn update_fds(&mut self) {
+        let wanted = self.stream.poll_fds();
+        self.fds.sync(&wanted);
     }
 
     fn flush(&mut self) {
@@ -79,19 +89,30 @@ impl Backend for FdChannel {
         self.filename.clone()
     }
 
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        self.stream.poll_fds()
+    fn attach(&mut self, reg: Registrar) {
+        self.fds.attach(reg);
+        self.update_fds();
     }
 
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
+    fn detach(&mut self) {
+        self.fds.detach();
+    }
+
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
+        let Some(fd) = self.fds.fd_of(token) else {
+            return;
+        };
         if let Err(e) = self.stream.on_ready(fd, readiness, &mut self.events) {
             log::debug!("chardev {}: {e}", self.filename);
             self.flush();
         }
+        self.update_fds();
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.stream.read(buf)? {
+        let r = self.stream.read(buf);
+        self.update_fds();
+        match r? {
             Input::Data(n) => Ok(n),
             Input::Empty | Input::Eof => Ok(0),
         }
@@ -104,11 +125,13 @@ impl Backend for FdChannel {
         }
         let n = self.stream.write(data);
         self.flush();
+        self.update_fds();
         Ok(n)
     }
 
     fn set_input_wanted(&mut self, wanted: bool) {
         self.stream.set_input_wanted(wanted, &mut self.events);
+        self.update_fds();
     }
 
     fn is_connected(&self) -> bool {
@@ -210,10 +233,9 @@ impl Backend for NullBackend {
     fn filename(&self) -> String {
         "null".to_string()
     }
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        Vec::new()
-    }
-    fn on_ready(&mut self, _fd: RawFd, _readiness: Readiness) {}
+    fn attach(&mut self, _reg: Registrar) {}
+    fn detach(&mut self) {}
+    fn on_ready(&mut self, _token: Token, _readiness: Readiness) {}
     fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
         Ok(0)
     }
@@ -232,7 +254,7 @@ impl Backend for NullBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{mkfifo, read_n};
+    use crate::testutil::{mkfifo, read_n, watched};
     use std::io::{Read, Write};
 
     #[test]
@@ -240,7 +262,7 @@ mod tests {
         let mut b = NullBackend;
         assert_eq!(b.write(b"abc").unwrap(), 3);
         assert_eq!(b.read(&mut [0; 4]).unwrap(), 0);
-        assert!(b.poll_fds().is_empty() && b.is_connected());
+        assert!(watched(&mut b).is_empty() && b.is_connected());
     }
 
     #[test]
@@ -257,7 +279,7 @@ mod tests {
         };
         let mut b = open_file("f", &spec).unwrap();
         // Regular files are never polled, and input is announced without polling.
-        assert!(b.poll_fds().is_empty());
+        assert!(watched(&mut b).is_empty());
         assert_eq!(b.take_events(), vec![Event::Readable]);
         assert_eq!(b.write(b"hello ").unwrap(), 6);
         assert_eq!(b.write(b"world").unwrap(), 5);

@@ -13,11 +13,12 @@
 //!
 //! # Driving a backend
 //!
-//! The event loop is level-triggered. After registering `poll_fds()` it calls `on_ready` for
-//! each ready fd, then `take_events()`, then re-reads `poll_fds()`; it does the same after any
-//! frontend call (`read`, `write`, `set_input_wanted`). On `Readable` the frontend pulls with
-//! `read` until it returns 0, returns short (drained: see [`Backend::read`]) or the frontend is
-//! full (then `set_input_wanted(false)`). A peer
+//! The event loop is level-triggered and keyed by token ([`poller`]). A frontend attaches its
+//! backend to a [`Registrar`] once; from then on the backend registers, re-registers and removes
+//! its own fds as its state changes. For each event the loop calls `on_ready(token, ..)`, then
+//! `take_events()`. On `Readable` the frontend pulls with `read` until it returns 0, returns
+//! short (drained: see [`Backend::read`]) or the frontend is full (then
+//! `set_input_wanted(false)`). A peer
 //! closing is seen when the frontend pulls the end of input, or when a write fails: a frontend
 //! that never reads notices a disconnect only through its writes (or, for a pty, the periodic
 //! hangup check). After a mux's Ctrl-A x, `take_exit_request()` returns true once.
@@ -32,6 +33,7 @@ pub mod error;
 pub mod fdchan;
 pub mod logfile;
 pub mod mux;
+pub mod poller;
 pub mod pty;
 pub mod registry;
 pub mod ringbuf;
@@ -49,6 +51,7 @@ mod testutil;
 
 pub use backend::{poll_backends, Backend, Event, Interest, LineParams, ModemStatus, Readiness};
 pub use error::{Error, Result, SpecError};
+pub use poller::{split_owner, FdSet, OwnerGroup, PolledEvent, Poller, Registrar, Token};
 pub use registry::{ChardevInfo, Handle, Registry};
 pub use spec::{parse_serial, BackendSpec, ChardevSpec, SerialArg};
 pub use stdio::restore_terminal;

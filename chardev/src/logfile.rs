@@ -8,12 +8,13 @@
 //! This module must not change what the wrapped backend does.
 
 use std::io;
-use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
-use crate::backend::{Backend, Event, Interest, LineParams, Readiness};
+use crate::backend::{Backend, Event, LineParams, Readiness};
 use crate::error::{Error, Result};
 use crate::fdchan::open_nonblocking;
+use crate::poller::{Registrar, Token};
 use crate::spec::LogSpec;
 use crate::sys;
 
@@ -62,11 +63,14 @@ impl Backend for Logged {
     fn filename(&self) -> String {
         self.inner.filename()
     }
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        self.inner.poll_fds()
+    fn attach(&mut self, reg: Registrar) {
+        self.inner.attach(reg)
     }
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
-        self.inner.on_ready(fd, readiness)
+    fn detach(&mut self) {
+        self.inner.detach()
+    }
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
+        self.inner.on_ready(token, readiness)
     }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.inner.read(buf)

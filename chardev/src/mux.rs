@@ -12,11 +12,12 @@
 //!
 //! **How one backend is shared.** [`Mux::add_frontend`] hands out one [`MuxFrontend`] per
 //! frontend, each an ordinary [`Backend`], all sharing a core behind a mutex. The event loop
-//! must see each base fd once, so only one frontend, the *driver* (the oldest alive), reports
-//! the base's fds; every frontend also reports an eventfd of its own. Whenever something
-//! happens that another frontend must notice (events for it, the base wanting different fds,
-//! a new driver), that frontend's eventfd is signalled, the event loop calls its `on_ready`,
-//! and then re-reads its `poll_fds` and `take_events` as the [`Backend`] contract says.
+//! must see each base fd once, so the base is attached to the registrar of one frontend only,
+//! the *driver* (the oldest alive; when it goes, the next one takes the base over); every
+//! frontend also registers an eventfd of its own. Whenever something happens that another
+//! frontend must notice (events for it, a new driver), that frontend's eventfd is signalled,
+//! the event loop calls its `on_ready`, and then its `take_events` as the [`Backend`] contract
+//! says.
 //!
 //! Input stays pulled: the base is read only when the focused frontend pulls, for at most what
 //! it asked; bytes that arrive for a newly focused frontend in the same read wait in its small
@@ -24,7 +25,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::backend::{Backend, Event, Interest, LineParams, Readiness};
 use crate::buffer::EventQueue;
 use crate::error::{Error, Result};
+use crate::poller::{FdSet, Registrar, Token};
 
 /// Most frontends on one mux (QEMU's `MAX_MUX`).
 pub const MAX_MUX: usize = 4;
@@ -47,6 +49,10 @@ C-a c    switch between console and monitor\r\n\
 C-a C-a  send C-a\r\n";
 
 struct Front {
+    /// The kick eventfd's registration; declared first, it unregisters before `kick` closes.
+    fds: FdSet,
+    /// What the frontend was attached to; the base goes to the driver's.
+    reg: Option<Registrar>,
     events: EventQueue,
     input: VecDeque<u8>,
     input_wanted: bool,
@@ -64,7 +70,6 @@ struct Core {
     at_line_start: bool,
     inject: VecDeque<u8>,
     start: Instant,
-    driver_fds: Vec<(RawFd, Interest)>,
 }
 
 impl Core {
@@ -103,8 +108,19 @@ impl Core {
         }
     }
 
-    /// After any call by frontend `caller`: route the base's events, and wake the driver if
-    /// the base now wants other fds than the driver last reported.
+    /// Attach the base to the driver's registrar (detached when no frontend has one).
+    fn attach_base(&mut self) {
+        let reg = self
+            .driver()
+            .and_then(|d| self.fronts[d].as_ref())
+            .and_then(|f| f.reg.clone());
+        match reg {
+            Some(reg) => self.base.attach(reg),
+            None => self.base.detach(),
+        }
+    }
+
+    /// After any call by frontend `caller`: route the base's events.
     fn settle(&mut self, caller: usize) {
         for ev in self.base.take_events() {
             match ev {
@@ -112,11 +128,6 @@ impl Core {
                     self.notify_all(ev, caller)
                 }
                 Event::Readable | Event::Break => self.notify(self.focus, ev, caller),
-            }
-        }
-        if let Some(d) = self.driver() {
-            if d != caller && self.base.poll_fds() != self.driver_fds {
-                self.kick(d);
             }
         }
     }
@@ -312,7 +323,6 @@ impl Mux {
                 at_line_start: true,
                 inject: VecDeque::new(),
                 start: Instant::now(),
-                driver_fds: Vec::new(),
             })),
         }
     }
@@ -345,7 +355,11 @@ impl Mux {
         if c.base.is_connected() {
             events.push(Event::Opened);
         }
+        let mut fds = FdSet::new();
+        fds.set(kick.as_raw_fd(), Interest::READ);
         c.fronts[idx] = Some(Front {
+            fds,
+            reg: None,
             events,
             input: VecDeque::new(),
             input_wanted: true,
@@ -418,8 +432,8 @@ impl Drop for MuxFrontend {
             c.switch_focus(self.idx);
         }
         if was_driver {
+            c.attach_base();
             if let Some(d) = c.driver() {
-                c.driver_fds.clear();
                 c.kick(d);
             }
         }
@@ -438,30 +452,38 @@ impl Backend for MuxFrontend {
         lock(&self.core).base.filename()
     }
 
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
+    fn attach(&mut self, reg: Registrar) {
         let mut c = lock(&self.core);
-        let Some(Some(me)) = c.fronts.get(self.idx) else {
-            return Vec::new();
-        };
-        let mut v = vec![(me.kick.as_raw_fd(), Interest::READ)];
-        if c.driver() == Some(self.idx) {
-            let base = c.base.poll_fds();
-            v.extend(base.iter().copied());
-            c.driver_fds = base;
+        if let Some(Some(me)) = c.fronts.get_mut(self.idx) {
+            me.fds.attach(reg.clone());
+            me.reg = Some(reg);
         }
-        v
+        if c.driver() == Some(self.idx) {
+            c.attach_base();
+        }
     }
 
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
+    fn detach(&mut self) {
+        let mut c = lock(&self.core);
+        if let Some(Some(me)) = c.fronts.get_mut(self.idx) {
+            me.fds.detach();
+            me.reg = None;
+        }
+        if c.driver() == Some(self.idx) {
+            c.base.detach();
+        }
+    }
+
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
         self.with(|c, me| {
             if let Some(Some(f)) = c.fronts.get(me) {
-                if f.kick.as_raw_fd() == fd {
+                if f.fds.fd_of(token).is_some() {
                     let _ = f.kick.read();
                     return;
                 }
             }
             if c.driver() == Some(me) {
-                c.base.on_ready(fd, readiness);
+                c.base.on_ready(token, readiness);
             }
         })
     }
@@ -537,7 +559,7 @@ mod tests {
     use crate::socket::SocketBackend;
     use crate::spec::{SocketAddrSpec, SocketSpec};
     use crate::sys;
-    use crate::testutil::{pump_many, DEADLINE};
+    use crate::testutil::{pump_many, watched, DEADLINE};
     use std::io::{Read, Write};
     use std::os::unix::io::IntoRawFd;
     use std::os::unix::net::UnixStream;
@@ -640,7 +662,7 @@ mod tests {
         });
         assert_eq!(m.focus(), 1);
         // A frontend that gains the focus is woken (a monitor shows what it held back).
-        let kick_a = a.poll_fds()[0].0;
+        let kick_a = lock(&m.core).fronts[0].as_ref().unwrap().kick.as_raw_fd();
         while pump_many(&mut [&mut a, &mut b], 0) {}
         assert_eq!(
             sys::poll_one(kick_a, libc::POLLIN, 0).unwrap() & libc::POLLIN,
@@ -702,10 +724,11 @@ mod tests {
     #[test]
     fn one_driver_reports_base_fds_and_hands_over() {
         let (mut m, a, b, _peer) = setup();
-        let base_fds = m.with_base(|bk| bk.poll_fds());
+        let base_fds = m.with_base(|bk| watched(bk));
         assert!(!base_fds.is_empty());
-        let fa = a.poll_fds();
-        let fb = b.poll_fds();
+        let (mut a, mut b) = (a, b);
+        let fa = watched(&mut a);
+        let fb = watched(&mut b);
         assert_eq!(fa.len(), 1 + base_fds.len(), "driver reports base fds");
         assert_eq!(fb.len(), 1, "others only their eventfd");
         let kick_b = fb[0].0;
@@ -715,7 +738,7 @@ mod tests {
             sys::poll_one(kick_b, libc::POLLIN, 0).unwrap() & libc::POLLIN,
             0
         );
-        assert_eq!(b.poll_fds().len(), 1 + base_fds.len());
+        assert_eq!(watched(&mut b).len(), 1 + base_fds.len());
         assert_eq!(m.focus(), 1);
         let _c = m.add_frontend().unwrap();
         let _d = m.add_frontend().unwrap();

@@ -28,6 +28,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::backend::{Backend, Event, Interest, Readiness};
 use crate::buffer::DEFAULT_OUTBUF_SIZE;
 use crate::error::{Error, Result};
+use crate::poller::{FdSet, Registrar, Token};
 use crate::spec::PtySpec;
 use crate::stream::Link;
 use crate::sys;
@@ -93,6 +94,8 @@ fn slave_closed(master: RawFd) -> bool {
 /// The `pty` backend.
 #[derive(Debug)]
 pub struct PtyBackend {
+    /// Declared first: unregisters before `master` and `timer` close.
+    fds: FdSet,
     master: OwnedFd,
     pts: PathBuf,
     symlink: Option<PathBuf>,
@@ -142,6 +145,7 @@ impl PtyBackend {
         };
         log::info!("chardev '{id}': pty at {pts_name}");
         let mut b = PtyBackend {
+            fds: FdSet::new(),
             master,
             pts,
             symlink,
@@ -157,6 +161,19 @@ impl PtyBackend {
     /// The allocated slave, `/dev/pts/N`.
     pub fn pts_path(&self) -> &Path {
         &self.pts
+    }
+
+    /// Register what the link wants on the master, and the peer timer (always).
+    fn update_fds(&mut self) {
+        let master = self.master.as_raw_fd();
+        let interest = self
+            .link
+            .poll_fds()
+            .iter()
+            .find(|(fd, _)| *fd == master)
+            .map_or(Interest::NONE, |(_, i)| *i);
+        self.fds.set(master, interest);
+        self.fds.set(self.timer.as_raw_fd(), Interest::READ);
     }
 
     /// Attach or detach according to the master's HUP state.
@@ -205,38 +222,48 @@ impl Backend for PtyBackend {
         format!("pty:{}", self.pts.display())
     }
 
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        let mut v = self.link.poll_fds();
-        v.push((self.timer.as_raw_fd(), Interest::READ));
-        v
+    fn attach(&mut self, reg: Registrar) {
+        self.fds.attach(reg);
+        self.update_fds();
     }
 
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
+    fn detach(&mut self) {
+        self.fds.detach();
+    }
+
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
+        let Some(fd) = self.fds.fd_of(token) else {
+            return;
+        };
         if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
             self.check_peer();
-            return;
+        } else {
+            self.link.on_ready(fd, readiness);
+            if self.link.take_lost() {
+                log::debug!("chardev pty {}: peer closed", self.pts.display());
+            }
         }
-        self.link.on_ready(fd, readiness);
-        if self.link.take_lost() {
-            log::debug!("chardev pty {}: peer closed", self.pts.display());
-        }
+        self.update_fds();
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.link.read(buf);
         self.link.take_lost();
+        self.update_fds();
         Ok(n)
     }
 
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = self.link.write(data);
         self.link.take_lost();
+        self.update_fds();
         Ok(n)
     }
 
     fn set_input_wanted(&mut self, wanted: bool) {
         self.link.set_input_wanted(wanted);
+        self.update_fds();
     }
 
     fn is_connected(&self) -> bool {

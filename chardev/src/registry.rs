@@ -12,20 +12,23 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::unix::io::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::backend::{Backend, Event, Interest, LineParams, Readiness};
+use crate::backend::{Backend, Event, LineParams, Readiness};
 use crate::error::{Error, Result};
 use crate::mux::Mux;
+use crate::poller::{Registrar, Token};
 use crate::spec::{BackendSpec, ChardevSpec};
 
 /// One chardev's shared state.
 struct Slot {
     backend: Box<dyn Backend>,
-    /// Events to deliver after a `change` (the frontend must also re-read `poll_fds`).
+    /// Events to deliver after a `change`.
     pending: Vec<Event>,
+    /// The registrar the frontend attached the chardev to; a `change` attaches the new
+    /// backend to it after detaching the old one.
+    reg: Option<Registrar>,
 }
 
 type SharedSlot = Arc<Mutex<Slot>>;
@@ -46,6 +49,13 @@ impl Handle {
     }
 }
 
+impl Drop for Handle {
+    /// The frontend is gone: nobody polls the chardev until the next one attaches it.
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
 impl Backend for Handle {
     fn kind(&self) -> &'static str {
         self.with(|s| s.backend.kind())
@@ -53,11 +63,20 @@ impl Backend for Handle {
     fn filename(&self) -> String {
         self.with(|s| s.backend.filename())
     }
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        self.with(|s| s.backend.poll_fds())
+    fn attach(&mut self, reg: Registrar) {
+        self.with(|s| {
+            s.reg = Some(reg.clone());
+            s.backend.attach(reg);
+        })
     }
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
-        self.with(|s| s.backend.on_ready(fd, readiness))
+    fn detach(&mut self) {
+        self.with(|s| {
+            s.reg = None;
+            s.backend.detach();
+        })
+    }
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
+        self.with(|s| s.backend.on_ready(token, readiness))
     }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.with(|s| s.backend.read(buf))
@@ -181,6 +200,7 @@ impl Registry {
         let slot = Arc::new(Mutex::new(Slot {
             backend,
             pending: Vec::new(),
+            reg: None,
         }));
         self.entries.insert(id.to_string(), Entry::Plain(slot));
         Ok(())
@@ -273,6 +293,10 @@ impl Registry {
                 let mut old = std::mem::replace(&mut s.backend, backend);
                 // Events the old backend had not delivered no longer mean anything.
                 old.take_events();
+                old.detach();
+                if let Some(reg) = s.reg.clone() {
+                    s.backend.attach(reg);
+                }
                 if was {
                     s.pending.push(Event::Closed);
                 }

@@ -6,10 +6,10 @@
 //! the frontend never gets input. This module has no fds.
 
 use std::io;
-use std::os::unix::io::RawFd;
 
-use crate::backend::{Backend, Event, Interest, Readiness};
+use crate::backend::{Backend, Event, Readiness};
 use crate::buffer::ByteRing;
+use crate::poller::{Registrar, Token};
 use crate::spec::RingbufSpec;
 
 /// The `ringbuf` backend.
@@ -34,10 +34,9 @@ impl Backend for RingbufBackend {
     fn filename(&self) -> String {
         "ringbuf".to_string()
     }
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        Vec::new()
-    }
-    fn on_ready(&mut self, _fd: RawFd, _readiness: Readiness) {}
+    fn attach(&mut self, _reg: Registrar) {}
+    fn detach(&mut self) {}
+    fn on_ready(&mut self, _token: Token, _readiness: Readiness) {}
     fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
         Ok(0)
     }

@@ -26,6 +26,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::backend::{Backend, Event, Interest, LineParams, ModemStatus, Readiness};
 use crate::error::{Error, Result};
 use crate::fdchan::FdChannel;
+use crate::poller::{FdSet, Registrar, Token};
 use crate::spec::SerialSpec;
 use crate::sys;
 
@@ -114,6 +115,8 @@ pub(crate) fn apply_params(t: &mut libc::termios, p: LineParams) -> io::Result<(
 /// The `serial` backend.
 #[derive(Debug)]
 pub struct SerialBackend {
+    /// The break timer's registration; declared first, it unregisters before `timer` closes.
+    fds: FdSet,
     chan: FdChannel,
     fd: RawFd,
     saved: libc::termios,
@@ -164,6 +167,7 @@ impl SerialBackend {
         )
         .map_err(|e| err("use", e))?;
         Ok(SerialBackend {
+            fds: FdSet::new(),
             chan,
             fd,
             saved,
@@ -205,23 +209,24 @@ impl Backend for SerialBackend {
     fn filename(&self) -> String {
         self.chan.filename()
     }
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        let mut v = self.chan.poll_fds();
-        if self.breaking {
-            v.push((self.timer.as_raw_fd(), Interest::READ));
-        }
-        v
+    fn attach(&mut self, reg: Registrar) {
+        self.fds.attach(reg.clone());
+        self.chan.attach(reg);
     }
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
-        if fd == self.timer.as_raw_fd() {
-            let _ = self.timer.wait();
-            if let Err(e) = self.set_break(false) {
-                log::warn!("chardev {}: cannot end break: {e}", self.chan.filename());
-            }
-            self.breaking = false;
-            return;
+    fn detach(&mut self) {
+        self.fds.detach();
+        self.chan.detach();
+    }
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
+        if self.fds.fd_of(token).is_none() {
+            return self.chan.on_ready(token, readiness);
         }
-        self.chan.on_ready(fd, readiness)
+        let _ = self.timer.wait();
+        if let Err(e) = self.set_break(false) {
+            log::warn!("chardev {}: cannot end break: {e}", self.chan.filename());
+        }
+        self.breaking = false;
+        self.fds.set(self.timer.as_raw_fd(), Interest::NONE);
     }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.chan.read(buf)
@@ -244,7 +249,10 @@ impl Backend for SerialBackend {
         }
         match self.set_break(true) {
             Ok(()) => match self.timer.reset(BREAK_DURATION, None) {
-                Ok(()) => self.breaking = true,
+                Ok(()) => {
+                    self.breaking = true;
+                    self.fds.set(self.timer.as_raw_fd(), Interest::READ);
+                }
                 Err(e) => {
                     log::warn!("chardev {}: cannot time break: {e}", self.chan.filename());
                     let _ = self.set_break(false);

@@ -22,6 +22,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use vmm_sys_util::timerfd::TimerFd;
@@ -29,6 +30,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::backend::{Backend, Event, Interest, Readiness};
 use crate::buffer::DEFAULT_OUTBUF_SIZE;
 use crate::error::{Error, Result};
+use crate::poller::{FdSet, Registrar, Token};
 use crate::spec::{SocketAddrSpec, SocketSpec};
 use crate::stream::Link;
 use crate::sys::{self, FdKind};
@@ -206,9 +208,75 @@ pub(crate) fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
         match e.raw_os_error() {
             Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
             _ if sys::would_block(&e) => return Ok(None),
+            _ if is_out_of_fds(&e) => {
+                refuse_one(listener);
+                return Err(e);
+            }
             _ => return Err(e),
         }
     }
+}
+
+/// Make the next close of socket `fd` send a TCP reset (SO_LINGER on with a zero timeout).
+/// Unix sockets have no such thing: their peer sees an abort as an ordinary end of stream.
+pub(crate) fn abort_on_close(fd: RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads one linger struct, which lives on this frame, on an fd we own.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::addr_of!(linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+/// Whether `e` says the process or the system has no fd left (`EMFILE`, `ENFILE`).
+pub fn is_out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// A spare fd, given up for a moment to refuse a client when no fd is left: without it the
+/// pending connection would keep the (level-triggered) listener readable and the event loop
+/// would spin on it.
+static SPARE_FD: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
+/// Keep one fd in reserve for [`accept`] to refuse clients with when the process runs out of
+/// fds. Called when a listener is opened (while fds are still to be had); idempotent.
+pub fn reserve_spare_fd() {
+    let mut spare = SPARE_FD.lock().unwrap_or_else(|p| p.into_inner());
+    if spare.is_none() {
+        *spare = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
+    }
+}
+
+/// Out of fds with a connection pending on `listener`: free the spare, accept the connection
+/// and close it at once with a reset, take the spare back.
+fn refuse_one(listener: RawFd) {
+    let mut spare = SPARE_FD.lock().unwrap_or_else(|p| p.into_inner());
+    if spare.take().is_none() {
+        return;
+    }
+    // SAFETY: as in `accept`; the fd is closed right away by the OwnedFd.
+    let fd = unsafe {
+        libc::accept4(
+            listener,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: fd is a fresh fd nothing else owns.
+        let client = unsafe { OwnedFd::from_raw_fd(fd) };
+        abort_on_close(client.as_raw_fd());
+    }
+    *spare = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
 }
 
 pub(crate) fn sockname(fd: RawFd, peer: bool) -> io::Result<SockAddr> {
@@ -300,6 +368,7 @@ pub(crate) fn open_listener(
     unix_file: Option<&Path>,
     backlog: libc::c_int,
 ) -> std::result::Result<(OwnedFd, Option<SocketFile>), SetupError> {
+    reserve_spare_fd();
     let fd = new_socket(addr.family()).map_err(|e| ("create socket for", e))?;
     let raw = fd.as_raw_fd();
     let file = match unix_file {
@@ -365,6 +434,8 @@ impl std::fmt::Debug for SockAddr {
 /// The `socket` backend.
 #[derive(Debug)]
 pub struct SocketBackend {
+    /// Declared first: unregisters before the listener, timer and connection close.
+    fds: FdSet,
     id: String,
     role: Role,
     conn: Option<OwnedFd>,
@@ -379,6 +450,7 @@ impl SocketBackend {
     /// Set up the socket `spec` describes (bind and listen, or start connecting).
     pub fn open(id: &str, spec: &SocketSpec) -> Result<Self> {
         let mut b = SocketBackend {
+            fds: FdSet::new(),
             id: id.to_string(),
             role: Role::Fixed,
             conn: None,
@@ -508,7 +580,7 @@ impl SocketBackend {
         } else {
             self.role = Role::Fixed;
             self.desc = format!("fd:{n}");
-            self.attach(fd);
+            self.connected(fd);
         }
         Ok(())
     }
@@ -522,7 +594,7 @@ impl SocketBackend {
         sockname(fd, false).ok()?.to_inet()
     }
 
-    fn attach(&mut self, fd: OwnedFd) {
+    fn connected(&mut self, fd: OwnedFd) {
         if self.tcp && self.nodelay {
             let _ = sys::setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         }
@@ -548,7 +620,9 @@ impl SocketBackend {
         if !self.link.take_lost() {
             return;
         }
-        self.conn = None;
+        if let Some(conn) = self.conn.take() {
+            self.fds.close(conn.as_raw_fd());
+        }
         log::debug!("chardev '{}': peer disconnected", self.id);
         if let Role::Client(c) = &mut self.role {
             if let Some(delay) = c.reconnect {
@@ -564,7 +638,7 @@ impl SocketBackend {
         };
         let fd = new_socket(c.addr.family())?;
         if connect(fd.as_raw_fd(), &c.addr)? {
-            self.attach(fd);
+            self.connected(fd);
         } else {
             c.connecting = Some(fd);
         }
@@ -575,7 +649,9 @@ impl SocketBackend {
         let Role::Client(c) = &mut self.role else {
             return;
         };
-        c.connecting = None;
+        if let Some(fd) = c.connecting.take() {
+            self.fds.close(fd.as_raw_fd());
+        }
         c.failures += 1;
         if c.failures == 1 {
             log::warn!(
@@ -604,11 +680,14 @@ impl SocketBackend {
         let Some(fd) = c.connecting.take() else {
             return;
         };
-        match sys::getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR) {
-            Ok(0) => self.attach(fd),
-            Ok(errno) => self.connect_failed(io::Error::from_raw_os_error(errno)),
-            Err(e) => self.connect_failed(e),
-        }
+        let error = match sys::getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR) {
+            Ok(0) => return self.connected(fd),
+            Ok(errno) => io::Error::from_raw_os_error(errno),
+            Err(e) => e,
+        };
+        self.fds.close(fd.as_raw_fd());
+        drop(fd);
+        self.connect_failed(error);
     }
 
     fn accept_client(&mut self) {
@@ -616,9 +695,66 @@ impl SocketBackend {
             return;
         };
         match accept(listener.as_raw_fd()) {
-            Ok(Some(fd)) => self.attach(fd),
+            Ok(Some(fd)) => self.connected(fd),
             Ok(None) => {}
             Err(e) => log::warn!("chardev '{}': accept failed: {e}", self.id),
+        }
+    }
+}
+
+impl SocketBackend {
+    fn wanted_fds(&self) -> Vec<(RawFd, Interest)> {
+        if self.conn.is_some() {
+            return self.link.poll_fds();
+        }
+        match &self.role {
+            Role::Server { listener, .. } => vec![(listener.as_raw_fd(), Interest::READ)],
+            Role::Client(c) => {
+                let mut v = Vec::new();
+                if let Some(fd) = &c.connecting {
+                    v.push((fd.as_raw_fd(), Interest::WRITE));
+                }
+                if c.timer_armed {
+                    v.push((c.timer.as_raw_fd(), Interest::READ));
+                }
+                v
+            }
+            Role::Fixed => Vec::new(),
+        }
+    }
+
+    /// Register what the socket wants now (a listener, a connecting socket, a timer or the
+    /// connection: at most two fds).
+    fn update_fds(&mut self) {
+        let wanted = self.wanted_fds();
+        self.fds.sync(&wanted);
+    }
+
+    fn handle_ready(&mut self, fd: RawFd, readiness: Readiness) {
+        if let Some(conn) = &self.conn {
+            if conn.as_raw_fd() == fd {
+                self.link.on_ready(fd, readiness);
+                self.after_io();
+                return;
+            }
+        }
+        match &mut self.role {
+            Role::Server { listener, .. } if listener.as_raw_fd() == fd && self.conn.is_none() => {
+                self.accept_client();
+            }
+            Role::Client(c) if c.connecting.as_ref().map(AsRawFd::as_raw_fd) == Some(fd) => {
+                self.finish_connect();
+            }
+            Role::Client(c) if c.timer.as_raw_fd() == fd => {
+                let _ = c.timer.wait();
+                c.timer_armed = false;
+                if self.conn.is_none() && c.connecting.is_none() {
+                    if let Err(e) = self.start_connect() {
+                        self.connect_failed(e);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -651,68 +787,39 @@ impl Backend for SocketBackend {
         }
     }
 
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        if self.conn.is_some() {
-            return self.link.poll_fds();
-        }
-        match &self.role {
-            Role::Server { listener, .. } => vec![(listener.as_raw_fd(), Interest::READ)],
-            Role::Client(c) => {
-                let mut v = Vec::new();
-                if let Some(fd) = &c.connecting {
-                    v.push((fd.as_raw_fd(), Interest::WRITE));
-                }
-                if c.timer_armed {
-                    v.push((c.timer.as_raw_fd(), Interest::READ));
-                }
-                v
-            }
-            Role::Fixed => Vec::new(),
-        }
+    fn attach(&mut self, reg: Registrar) {
+        self.fds.attach(reg);
+        self.update_fds();
     }
 
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
-        if let Some(conn) = &self.conn {
-            if conn.as_raw_fd() == fd {
-                self.link.on_ready(fd, readiness);
-                self.after_io();
-                return;
-            }
-        }
-        match &mut self.role {
-            Role::Server { listener, .. } if listener.as_raw_fd() == fd && self.conn.is_none() => {
-                self.accept_client();
-            }
-            Role::Client(c) if c.connecting.as_ref().map(AsRawFd::as_raw_fd) == Some(fd) => {
-                self.finish_connect();
-            }
-            Role::Client(c) if c.timer.as_raw_fd() == fd => {
-                let _ = c.timer.wait();
-                c.timer_armed = false;
-                if self.conn.is_none() && c.connecting.is_none() {
-                    if let Err(e) = self.start_connect() {
-                        self.connect_failed(e);
-                    }
-                }
-            }
-            _ => {}
+    fn detach(&mut self) {
+        self.fds.detach();
+    }
+
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
+        if let Some(fd) = self.fds.fd_of(token) {
+            self.handle_ready(fd, readiness);
+            self.update_fds();
         }
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.link.read(buf);
         self.after_io();
+        self.update_fds();
         Ok(n)
     }
 
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = self.link.write(data);
         self.after_io();
+        self.update_fds();
         Ok(n)
     }
 
     fn set_input_wanted(&mut self, wanted: bool) {
         self.link.set_input_wanted(wanted);
+        self.update_fds();
     }
 
     fn is_connected(&self) -> bool {
@@ -743,6 +850,7 @@ impl Backend for SocketBackend {
         let revents = sys::poll_one(listener.as_raw_fd(), libc::POLLIN, ms)?;
         if revents & libc::POLLIN != 0 {
             self.accept_client();
+            self.update_fds();
         }
         Ok(self.conn.is_some())
     }
@@ -1071,6 +1179,13 @@ mod tests {
         let mut blocked = false;
         let mut stalls = 0;
         let mut buf = vec![0u8; SLOW_READ];
+        let poller = crate::Poller::new().unwrap();
+        b.attach(poller.registrar(0));
+        poller
+            .registrar(1)
+            .add(c.as_raw_fd(), Interest::READ)
+            .unwrap();
+        let mut ready = Vec::new();
         let end = Instant::now() + Duration::from_secs(60);
         while got.len() < TOTAL {
             assert!(Instant::now() < end, "stuck at {} of {TOTAL}", got.len());
@@ -1083,35 +1198,11 @@ mod tests {
                     stalls += 1;
                 }
             }
-            // The event loop, with the slow reader's fd alongside.
-            let mut fds: Vec<libc::pollfd> = b
-                .poll_fds()
-                .into_iter()
-                .map(|(fd, i)| libc::pollfd {
-                    fd,
-                    events: if i.read { libc::POLLIN } else { 0 }
-                        | if i.write { libc::POLLOUT } else { 0 },
-                    revents: 0,
-                })
-                .collect();
-            fds.push(libc::pollfd {
-                fd: c.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            // SAFETY: poll reads and writes fds.len() pollfds, which we own.
-            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-            for p in &fds[..fds.len() - 1] {
-                if p.revents != 0 {
-                    b.on_ready(
-                        p.fd,
-                        Readiness {
-                            readable: p.revents & libc::POLLIN != 0,
-                            writable: p.revents & libc::POLLOUT != 0,
-                            hangup: p.revents & libc::POLLHUP != 0,
-                        },
-                    );
-                }
+            // The event loop, with the slow reader's fd alongside (owner 1).
+            ready.clear();
+            poller.wait(&mut ready, 16, 100).unwrap();
+            for ev in ready.iter().filter(|ev| ev.owner == 0) {
+                b.on_ready(ev.token, ev.readiness);
             }
             for ev in b.take_events() {
                 assert_ne!(ev, Event::Closed);
@@ -1119,7 +1210,7 @@ mod tests {
                     blocked = false;
                 }
             }
-            if fds.last().unwrap().revents & libc::POLLIN != 0 {
+            if ready.iter().any(|ev| ev.owner == 1) {
                 match c.read(&mut buf) {
                     Ok(n) => {
                         let at = got.len();

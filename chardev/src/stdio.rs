@@ -31,6 +31,7 @@ use std::sync::{Once, OnceLock};
 use crate::backend::{Backend, Event, Interest, Readiness};
 use crate::error::{Error, Result};
 use crate::fdchan::FdChannel;
+use crate::poller::{FdSet, Registrar, Token};
 use crate::spec::StdioSpec;
 use crate::sys::{self, FdKind};
 
@@ -156,9 +157,12 @@ fn drain_signalfd(fd: RawFd) {
 /// The `stdio` backend.
 #[derive(Debug)]
 pub struct StdioBackend {
+    /// The `SIGWINCH` signalfd's registration; declared first, it unregisters before `winch`
+    /// closes.
+    fds: FdSet,
     chan: FdChannel,
     /// `SIGWINCH` notifications, when stdout is a terminal.
-    winch: Option<OwnedFd>,
+    _winch: Option<OwnedFd>,
     /// The terminal size last reported.
     size: Option<(u16, u16)>,
     /// A resize not yet taken by the frontend.
@@ -198,9 +202,14 @@ impl StdioBackend {
         } else {
             None
         };
+        let mut fds = FdSet::new();
+        if let Some(w) = &winch {
+            fds.set(w.as_raw_fd(), Interest::READ);
+        }
         Ok(StdioBackend {
+            fds,
             chan,
-            winch,
+            _winch: winch,
             size: sys::window_size(STDOUT),
             resized: None,
         })
@@ -221,24 +230,24 @@ impl Backend for StdioBackend {
     fn filename(&self) -> String {
         "stdio".to_string()
     }
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        let mut v = self.chan.poll_fds();
-        if let Some(w) = &self.winch {
-            v.push((w.as_raw_fd(), Interest::READ));
-        }
-        v
+    fn attach(&mut self, reg: Registrar) {
+        self.fds.attach(reg.clone());
+        self.chan.attach(reg);
     }
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
-        if self.winch.as_ref().map(|w| w.as_raw_fd()) == Some(fd) {
-            drain_signalfd(fd);
-            let size = sys::window_size(STDOUT);
-            if size != self.size {
-                self.size = size;
-                self.resized = size;
-            }
-            return;
+    fn detach(&mut self) {
+        self.fds.detach();
+        self.chan.detach();
+    }
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
+        let Some(fd) = self.fds.fd_of(token) else {
+            return self.chan.on_ready(token, readiness);
+        };
+        drain_signalfd(fd);
+        let size = sys::window_size(STDOUT);
+        if size != self.size {
+            self.size = size;
+            self.resized = size;
         }
-        self.chan.on_ready(fd, readiness)
     }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.chan.read(buf)

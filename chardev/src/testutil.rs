@@ -12,7 +12,7 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// Poll the fds of `backends` once for up to `timeout_ms` and dispatch what was ready.
 /// Returns whether anything was.
 pub fn pump_many(backends: &mut [&mut dyn Backend], timeout_ms: i32) -> bool {
-    if backends.iter().all(|b| b.poll_fds().is_empty()) {
+    if backends.iter_mut().all(|b| watched(&mut **b).is_empty()) {
         std::thread::sleep(Duration::from_millis(timeout_ms.clamp(0, 5) as u64));
         return false;
     }
@@ -20,6 +20,15 @@ pub fn pump_many(backends: &mut [&mut dyn Backend], timeout_ms: i32) -> bool {
 }
 
 /// Poll one backend once.
+/// The fds `b` registers now, and what for (attached to a scratch poller for the look).
+pub fn watched(b: &mut dyn Backend) -> Vec<(std::os::unix::io::RawFd, crate::Interest)> {
+    let poller = crate::Poller::new().expect("epoll");
+    b.attach(poller.registrar(0));
+    let fds = poller.watched().expect("fdinfo");
+    b.detach();
+    fds
+}
+
 pub fn pump(b: &mut dyn Backend, timeout_ms: i32) -> bool {
     pump_many(&mut [b], timeout_ms)
 }

@@ -11,11 +11,12 @@
 
 use std::io;
 use std::net::UdpSocket;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::AsRawFd;
 
 use crate::backend::{Backend, Event, Interest, Readiness};
 use crate::buffer::{EventQueue, OutBuf, DEFAULT_OUTBUF_SIZE};
 use crate::error::{Error, Result};
+use crate::poller::{FdSet, Registrar, Token};
 use crate::socket::resolve;
 use crate::spec::UdpSpec;
 use crate::sys;
@@ -26,6 +27,8 @@ pub const MAX_DATAGRAM: usize = 65_507;
 /// The `udp` backend.
 #[derive(Debug)]
 pub struct UdpBackend {
+    /// Declared first: unregisters before `sock` closes.
+    fds: FdSet,
     sock: UdpSocket,
     desc: String,
     inbuf: Vec<u8>,
@@ -52,6 +55,7 @@ impl UdpBackend {
         sock.set_nonblocking(true)
             .map_err(|e| Error::io(id, "use", local, e))?;
         Ok(UdpBackend {
+            fds: FdSet::new(),
             sock,
             desc: format!("udp:{ra}"),
             inbuf: Vec::new(),
@@ -99,31 +103,15 @@ impl UdpBackend {
     }
 }
 
-impl Backend for UdpBackend {
-    fn kind(&self) -> &'static str {
-        "udp"
-    }
-    fn filename(&self) -> String {
-        self.desc.clone()
-    }
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
+impl UdpBackend {
+    fn update_fds(&mut self) {
         let read = self.input_wanted && !self.pending_input();
         let write = !self.out.is_empty();
-        if read || write {
-            vec![(self.sock.as_raw_fd(), Interest { read, write })]
-        } else {
-            Vec::new()
-        }
+        self.fds
+            .set(self.sock.as_raw_fd(), Interest { read, write });
     }
-    fn on_ready(&mut self, _fd: RawFd, readiness: Readiness) {
-        if readiness.writable && !self.out.is_empty() {
-            self.flush();
-        }
-        if readiness.readable && self.input_wanted {
-            self.events.push(Event::Readable);
-        }
-    }
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+
+    fn read_datagram(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if !self.pending_input() {
             self.inbuf.resize(MAX_DATAGRAM, 0);
             self.inpos = 0;
@@ -143,12 +131,46 @@ impl Backend for UdpBackend {
         self.inpos += n;
         Ok(n)
     }
+}
+
+impl Backend for UdpBackend {
+    fn kind(&self) -> &'static str {
+        "udp"
+    }
+    fn filename(&self) -> String {
+        self.desc.clone()
+    }
+    fn attach(&mut self, reg: Registrar) {
+        self.fds.attach(reg);
+        self.update_fds();
+    }
+    fn detach(&mut self) {
+        self.fds.detach();
+    }
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
+        if self.fds.fd_of(token).is_none() {
+            return;
+        }
+        if readiness.writable && !self.out.is_empty() {
+            self.flush();
+        }
+        if readiness.readable && self.input_wanted {
+            self.events.push(Event::Readable);
+        }
+        self.update_fds();
+    }
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = self.read_datagram(buf);
+        self.update_fds();
+        r
+    }
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = self.out.push(data);
         if n < data.len() {
             self.blocked = true;
         }
         self.flush();
+        self.update_fds();
         Ok(n)
     }
     fn set_input_wanted(&mut self, wanted: bool) {
@@ -156,6 +178,7 @@ impl Backend for UdpBackend {
         if wanted && self.pending_input() {
             self.events.push(Event::Readable);
         }
+        self.update_fds();
     }
     fn is_connected(&self) -> bool {
         true

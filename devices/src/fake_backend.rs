@@ -4,10 +4,9 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::unix::io::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use chardev::{Backend, Event, Interest, LineParams, ModemStatus, Readiness};
+use chardev::{Backend, Event, LineParams, ModemStatus, Readiness, Registrar, Token};
 
 /// What the fake backend saw and what it will do, shared with the test.
 #[derive(Default)]
@@ -26,10 +25,10 @@ pub(crate) struct FakeState {
     pub connected: bool,
     /// The last `set_input_wanted`.
     pub input_wanted: Option<bool>,
-    /// What `poll_fds` reports.
-    pub fds: Vec<(RawFd, Interest)>,
-    /// Every fd `on_ready` was called for.
-    pub ready: Vec<RawFd>,
+    /// The owner of the registrar the backend is attached to, if it is.
+    pub attached: Option<u32>,
+    /// Every token `on_ready` was called for.
+    pub ready: Vec<Token>,
     /// Every `set_line_params`.
     pub params: Vec<LineParams>,
     /// How many breaks were sent.
@@ -67,11 +66,14 @@ impl Backend for FakeBackend {
     fn filename(&self) -> String {
         "fake".into()
     }
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        self.state().fds.clone()
+    fn attach(&mut self, reg: Registrar) {
+        self.state().attached = Some(reg.owner());
     }
-    fn on_ready(&mut self, fd: RawFd, _readiness: Readiness) {
-        self.state().ready.push(fd);
+    fn detach(&mut self) {
+        self.state().attached = None;
+    }
+    fn on_ready(&mut self, token: Token, _readiness: Readiness) {
+        self.state().ready.push(token);
     }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut s = self.state();

@@ -15,7 +15,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use chardev::{Backend, Event, Interest, LineParams, ModemStatus, Readiness};
+use chardev::{Backend, Event, LineParams, ModemStatus, Readiness, Registrar, Token};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -45,6 +45,8 @@ pub enum SerialPortError {
 pub struct SerialPort {
     serial: Serial,
     backend: Box<dyn Backend>,
+    /// What the backend is attached to (a swapped-in backend is attached to it too).
+    registrar: Option<Registrar>,
     kick: EventFd,
     /// Line parameters last given to the backend.
     sent_params: Option<LineParams>,
@@ -80,6 +82,7 @@ impl SerialPort {
         Ok(SerialPort {
             serial,
             backend,
+            registrar: None,
             kick,
             sent_params: None,
             sent_break: false,
@@ -98,15 +101,17 @@ impl SerialPort {
         self.kick.as_raw_fd()
     }
 
-    /// The backend's fds and what to watch them for.
-    pub fn backend_fds(&self) -> Vec<(RawFd, Interest)> {
-        self.backend.poll_fds()
+    /// Attach the backend to the event loop: it registers its fds with `reg` from now on, and
+    /// so does any backend swapped in later.
+    pub fn attach_backend(&mut self, reg: Registrar) {
+        self.backend.attach(reg.clone());
+        self.registrar = Some(reg);
     }
 
-    /// The event loop saw `readiness` on one of the backend's fds. Call
+    /// The event loop saw `readiness` on the backend's fd registered with `token`. Call
     /// [`SerialPort::service`] afterwards.
-    pub fn on_backend_ready(&mut self, fd: RawFd, readiness: Readiness) {
-        self.backend.on_ready(fd, readiness);
+    pub fn on_backend_ready(&mut self, token: Token, readiness: Readiness) {
+        self.backend.on_ready(token, readiness);
     }
 
     /// Run the port: move finished output to the backend, pull input as far as the UART can
@@ -151,7 +156,11 @@ impl SerialPort {
     /// told the line parameters, break state and input interest; the modem inputs follow its
     /// connection state. Output held in the UART goes to the new backend.
     pub fn replace_backend(&mut self, backend: Box<dyn Backend>) -> Box<dyn Backend> {
-        let old = std::mem::replace(&mut self.backend, backend);
+        let mut old = std::mem::replace(&mut self.backend, backend);
+        old.detach();
+        if let Some(reg) = &self.registrar {
+            self.backend.attach(reg.clone());
+        }
         self.resync_backend();
         old
     }

@@ -8,9 +8,8 @@
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::os::unix::io::RawFd;
 
-use chardev::{Backend, Event, Interest, Readiness};
+use chardev::{Backend, Event, Readiness, Registrar, Token};
 
 use crate::events::EventQueue;
 use crate::fdstore::FdStore;
@@ -107,14 +106,9 @@ impl ChardevMonitor {
         self.dropped_output
     }
 
-    /// The backend's fds.
-    pub fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        self.backend.poll_fds()
-    }
-
-    /// Whether `fd` is one of the backend's.
-    pub fn owns(&self, fd: RawFd) -> bool {
-        self.backend.poll_fds().iter().any(|&(f, _)| f == fd)
+    /// Attach the backend to the event loop's `reg`.
+    pub fn attach(&mut self, reg: Registrar) {
+        self.backend.attach(reg);
     }
 
     fn write(&mut self, bytes: &[u8]) {
@@ -166,11 +160,11 @@ impl ChardevMonitor {
     /// commands caused (already sent here), for the caller's other monitors.
     pub fn on_ready(
         &mut self,
-        fd: RawFd,
+        token: Token,
         readiness: Readiness,
         machine: &mut dyn Machine,
     ) -> Vec<QmpEvent> {
-        self.backend.on_ready(fd, readiness);
+        self.backend.on_ready(token, readiness);
         let mut emitted = Vec::new();
         self.service(machine, &mut emitted);
         emitted

@@ -6,11 +6,10 @@
 //! This module adds no I/O of its own beyond what its parts do.
 
 use std::io;
-use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chardev::{Backend, Interest, Readiness};
+use chardev::{Backend, FdSet, Interest, OwnerGroup, Readiness, Token};
 
 use crate::chardev_mon::{ChardevMonitor, MonitorMode};
 use crate::events::EventQueue;
@@ -22,6 +21,10 @@ use crate::server::{Limits, QmpServer, ServerError};
 /// All monitors of a VM.
 #[derive(Debug)]
 pub struct Monitor {
+    /// The event queue's wakeup registration; declared first, it unregisters first.
+    wake: FdSet,
+    /// Where the endpoints register their fds, once the event loop attached the monitor.
+    owners: Option<OwnerGroup>,
     fds: FdStore,
     events: EventQueue,
     limits: Limits,
@@ -29,11 +32,37 @@ pub struct Monitor {
     chardevs: Vec<ChardevMonitor>,
 }
 
-/// Which endpoint an fd belongs to.
+/// Which endpoint an event's owner part belongs to.
 #[derive(Clone, Copy)]
 enum Endpoint {
     Server(usize),
     Chardev(usize),
+}
+
+/// The owner part of the event queue's wakeup.
+const PART_WAKE: u16 = 0;
+/// The owner part of the first socket server; servers count up from here.
+const PART_FIRST_SERVER: u16 = 1;
+/// The owner part of the first monitor on a chardev; they count up from here.
+const PART_FIRST_CHARDEV: u16 = 0x8000;
+
+impl Endpoint {
+    fn part(self) -> u16 {
+        match self {
+            Endpoint::Server(i) => PART_FIRST_SERVER + i as u16,
+            Endpoint::Chardev(i) => PART_FIRST_CHARDEV + i as u16,
+        }
+    }
+
+    fn of_part(part: u16) -> Option<Endpoint> {
+        match part {
+            PART_WAKE => None,
+            p if p >= PART_FIRST_CHARDEV => {
+                Some(Endpoint::Chardev(usize::from(p - PART_FIRST_CHARDEV)))
+            }
+            p => Some(Endpoint::Server(usize::from(p - PART_FIRST_SERVER))),
+        }
+    }
 }
 
 impl Monitor {
@@ -44,9 +73,14 @@ impl Monitor {
 
     /// No endpoints yet.
     pub fn with_limits(limits: Limits) -> io::Result<Self> {
+        let events = EventQueue::new()?;
+        let mut wake = FdSet::new();
+        wake.set(events.wake_fd(), Interest::READ);
         Ok(Monitor {
+            wake,
+            owners: None,
             fds: FdStore::new(),
-            events: EventQueue::new()?,
+            events,
             limits,
             servers: Vec::new(),
             chardevs: Vec::new(),
@@ -55,7 +89,10 @@ impl Monitor {
 
     /// Serve QMP on a unix socket at `path` (`--monitor PATH`).
     pub fn listen(&mut self, path: &Path) -> Result<(), ServerError> {
-        let s = QmpServer::bind(path, self.fds.clone(), self.events.clone(), self.limits)?;
+        let mut s = QmpServer::bind(path, self.fds.clone(), self.events.clone(), self.limits)?;
+        if let Some(owners) = &self.owners {
+            s.attach(owners.registrar(Endpoint::Server(self.servers.len()).part()));
+        }
         self.servers.push(s);
         Ok(())
     }
@@ -63,13 +100,30 @@ impl Monitor {
     /// Run a monitor on a chardev backend (`--mon chardev=ID,mode=...`); pass the handle
     /// from `Registry::take` so the chardev shows as busy.
     pub fn attach(&mut self, backend: Box<dyn Backend>, mode: MonitorMode) {
-        self.chardevs.push(ChardevMonitor::new(
+        let mut m = ChardevMonitor::new(
             backend,
             mode,
             self.fds.clone(),
             self.events.clone(),
             self.limits,
-        ));
+        );
+        if let Some(owners) = &self.owners {
+            m.attach(owners.registrar(Endpoint::Chardev(self.chardevs.len()).part()));
+        }
+        self.chardevs.push(m);
+    }
+
+    /// Register every endpoint's fds with the event loop (endpoints added later register as
+    /// they come): the event queue's wakeup, the servers' sockets, the chardevs' backends.
+    pub fn register(&mut self, owners: OwnerGroup) {
+        self.wake.attach(owners.registrar(PART_WAKE));
+        for (i, s) in self.servers.iter_mut().enumerate() {
+            s.attach(owners.registrar(Endpoint::Server(i).part()));
+        }
+        for (i, c) in self.chardevs.iter_mut().enumerate() {
+            c.attach(owners.registrar(Endpoint::Chardev(i).part()));
+        }
+        self.owners = Some(owners);
     }
 
     /// The queue the machine pushes its events on (clone it into the `Machine` impl and
@@ -109,35 +163,29 @@ impl Monitor {
         }
     }
 
-    /// Every fd to watch now: the event queue's wakeup and each endpoint's. Re-read after
-    /// every `on_ready` and `emit`.
-    pub fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        let mut v = vec![(self.events.wake_fd(), Interest::READ)];
-        for s in &self.servers {
-            v.extend(s.poll_fds());
-        }
-        for c in &self.chardevs {
-            v.extend(c.poll_fds());
-        }
-        v
-    }
-
-    /// The event loop saw `readiness` on `fd`; commands run on `machine`.
-    pub fn on_ready(&mut self, fd: RawFd, readiness: Readiness, machine: &mut dyn Machine) {
-        if fd == self.events.wake_fd() {
+    /// The event loop saw `readiness` on the fd that owner part `part` registered with
+    /// `token`; commands run on `machine`.
+    pub fn on_ready(
+        &mut self,
+        part: u16,
+        token: Token,
+        readiness: Readiness,
+        machine: &mut dyn Machine,
+    ) {
+        let Some(endpoint) = Endpoint::of_part(part) else {
+            // The event queue's wakeup: read it, deliver what is queued.
             self.deliver_queued();
-            return;
-        }
-        let endpoint = if let Some(i) = self.servers.iter().position(|s| s.owns(fd)) {
-            Endpoint::Server(i)
-        } else if let Some(i) = self.chardevs.iter().position(|c| c.owns(fd)) {
-            Endpoint::Chardev(i)
-        } else {
             return;
         };
         let emitted = match endpoint {
-            Endpoint::Server(i) => self.servers[i].on_ready(fd, readiness, machine),
-            Endpoint::Chardev(i) => self.chardevs[i].on_ready(fd, readiness, machine),
+            Endpoint::Server(i) => match self.servers.get_mut(i) {
+                Some(s) => s.on_ready(token, readiness, machine),
+                None => return,
+            },
+            Endpoint::Chardev(i) => match self.chardevs.get_mut(i) {
+                Some(c) => c.on_ready(token, readiness, machine),
+                None => return,
+            },
         };
         for ev in &emitted {
             self.broadcast(ev, Some(endpoint));
@@ -188,32 +236,20 @@ pub(crate) mod testloop {
             let machine = Arc::new(Mutex::new(machine));
             let (s, mon, mach) = (stop.clone(), monitor.clone(), machine.clone());
             let thread = std::thread::spawn(move || {
+                let poller = chardev::Poller::new().unwrap();
+                mon.lock().unwrap().register(OwnerGroup::new(&poller, 0));
+                let mut ready = Vec::new();
                 while !s.load(Ordering::Relaxed) {
-                    let wanted = mon.lock().unwrap().poll_fds();
-                    let mut pfds: Vec<libc::pollfd> = wanted
-                        .iter()
-                        .map(|&(fd, i)| libc::pollfd {
-                            fd,
-                            events: (if i.read { libc::POLLIN } else { 0 })
-                                | (if i.write { libc::POLLOUT } else { 0 }),
-                            revents: 0,
-                        })
-                        .collect();
-                    // SAFETY: polling our own vector of pollfds, with its true length.
-                    let n = unsafe {
-                        libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, TICK_MS)
-                    };
-                    if n <= 0 {
+                    ready.clear();
+                    if poller.wait(&mut ready, 64, TICK_MS).unwrap_or(0) == 0 {
                         continue;
                     }
-                    for p in pfds.iter().filter(|p| p.revents != 0) {
-                        let r = Readiness {
-                            readable: p.revents & libc::POLLIN != 0,
-                            writable: p.revents & libc::POLLOUT != 0,
-                            hangup: p.revents & (libc::POLLHUP | libc::POLLERR) != 0,
-                        };
+                    for ev in &ready {
+                        let (_, part) = chardev::split_owner(ev.owner);
                         let mut m = mach.lock().unwrap();
-                        mon.lock().unwrap().on_ready(p.fd, r, &mut *m);
+                        mon.lock()
+                            .unwrap()
+                            .on_ready(part, ev.token, ev.readiness, &mut *m);
                     }
                 }
             });

@@ -21,7 +21,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use chardev::{Interest, Readiness};
+use chardev::{FdSet, Interest, Readiness, Registrar, Token};
 use serde_json::Value;
 use thiserror::Error;
 
@@ -191,6 +191,9 @@ impl Client {
 
 /// A QMP server on a unix socket.
 pub struct QmpServer {
+    /// The listener's and the clients' registrations. Declared first: it unregisters what is
+    /// left before the sockets close.
+    registered: FdSet,
     listener: UnixListener,
     path: PathBuf,
     file_id: Option<(u64, u64)>,
@@ -247,7 +250,10 @@ impl QmpServer {
             .set_nonblocking(true)
             .map_err(io_err("set up", path))?;
         let file_id = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        let mut registered = FdSet::new();
+        registered.set(listener.as_raw_fd(), Interest::READ);
         Ok(QmpServer {
+            registered,
             listener,
             path: path.to_path_buf(),
             file_id,
@@ -268,37 +274,45 @@ impl QmpServer {
         self.clients.len()
     }
 
-    /// The fds to watch now, and for what. Re-read after every `on_ready` and
-    /// `broadcast_event`.
-    pub fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        let mut v = vec![(self.listener.as_raw_fd(), Interest::READ)];
-        for c in &self.clients {
-            let read = !c.eof && c.out.len() <= self.limits.output_high_water;
-            let write = !c.out.is_empty();
-            if read || write {
-                v.push((c.fd(), Interest { read, write }));
-            }
+    /// Register the listener and the clients with `reg` from now on (the listener for
+    /// reading; a client for reading while it may send commands, for writing while replies
+    /// wait).
+    pub fn attach(&mut self, reg: Registrar) {
+        self.registered.attach(reg);
+    }
+
+    /// What client `c` is watched for.
+    fn client_interest(&self, c: &Client) -> Interest {
+        Interest {
+            read: !c.eof && c.out.len() <= self.limits.output_high_water,
+            write: !c.out.is_empty(),
         }
-        v
     }
 
-    /// Whether `fd` is the listener or a client of this server.
-    pub fn owns(&self, fd: RawFd) -> bool {
-        fd == self.listener.as_raw_fd() || self.clients.iter().any(|c| c.fd() == fd)
+    /// Re-register every client after something touched them all (at most `max_clients`).
+    fn update_clients(&mut self) {
+        for i in 0..self.clients.len() {
+            let interest = self.client_interest(&self.clients[i]);
+            self.registered.set(self.clients[i].fd(), interest);
+        }
     }
 
-    /// The event loop saw `readiness` on `fd`. Commands run on `machine`. Returns the events
-    /// that the commands caused (already sent to this server's clients), for the caller to
-    /// pass to its other monitors.
+    /// The event loop saw `readiness` on the fd registered with `token`. Commands run on
+    /// `machine`. Returns the events that the commands caused (already sent to this server's
+    /// clients), for the caller to pass to its other monitors.
     pub fn on_ready(
         &mut self,
-        fd: RawFd,
+        token: Token,
         readiness: Readiness,
         machine: &mut dyn Machine,
     ) -> Vec<QmpEvent> {
         let mut emitted = Vec::new();
+        let Some(fd) = self.registered.fd_of(token) else {
+            return emitted;
+        };
         if fd == self.listener.as_raw_fd() {
             self.accept();
+            self.update_clients();
             return emitted;
         }
         let Some(i) = self.clients.iter().position(|c| c.fd() == fd) else {
@@ -312,6 +326,7 @@ impl QmpServer {
         }
         self.clients[i].flush();
         self.reap();
+        self.update_clients();
         emitted
     }
 
@@ -408,23 +423,34 @@ impl QmpServer {
     fn reap(&mut self) {
         let max = self.limits.max_output;
         let path = &self.path;
+        let registered = &mut self.registered;
         self.clients.retain(|c| {
-            if c.out.len() > max {
-                log::warn!(
-                    "monitor {}: disconnecting a client that does not read ({} bytes pending)",
-                    path.display(),
-                    c.out.len()
-                );
-                return false;
+            let keep = Self::keep_client(c, max, path);
+            if !keep {
+                // Unregistered while still open: it closes when dropped.
+                registered.close(c.fd());
             }
-            !(c.dead || (c.eof && c.out.is_empty()))
+            keep
         });
+    }
+
+    fn keep_client(c: &Client, max: usize, path: &Path) -> bool {
+        if c.out.len() > max {
+            log::warn!(
+                "monitor {}: disconnecting a client that does not read ({} bytes pending)",
+                path.display(),
+                c.out.len()
+            );
+            return false;
+        }
+        !(c.dead || (c.eof && c.out.is_empty()))
     }
 
     /// Send an event to every negotiated client.
     pub fn broadcast_event(&mut self, event: &QmpEvent) {
         self.send_event(event);
         self.reap();
+        self.update_clients();
     }
 
     fn send_event(&mut self, event: &QmpEvent) {
@@ -695,16 +721,8 @@ mod tests {
                 .unwrap()
                 .registry
                 .with("viafd", |b| {
-                    for (fd, _) in b.poll_fds() {
-                        b.on_ready(
-                            fd,
-                            Readiness {
-                                readable: false,
-                                writable: true,
-                                hangup: false,
-                            },
-                        );
-                    }
+                    // Flushes when the socket is writable.
+                    let _ = chardev::poll_backends(&mut [b], 10);
                 })
                 .unwrap();
             ours.set_nonblocking(true).unwrap();

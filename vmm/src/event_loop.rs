@@ -1,13 +1,28 @@
-//! The event-loop thread's subscribers that are not devices: the VM-exit latch and the host
-//! signals (SIGTERM, SIGINT, SIGHUP) that stop the VM cleanly.
+//! The event-loop thread's subscribers that are not devices: the VM-exit latch, the host
+//! signals (SIGTERM, SIGINT, SIGHUP) that stop the VM cleanly, and [`BackendEvents`], which
+//! hands the readiness of every chardev and monitor fd to the frontend that registered it.
 //!
 //! Signals are blocked in every thread and read from a signalfd here, so no signal handler
 //! runs arbitrary code and the terminal is restored on the main thread's way out.
+//!
+//! # Who registers what
+//!
+//! The event manager (epoll) watches the fds that live as long as their handler: the exit
+//! latch, the signalfd, each COM port's kick eventfd and timerfd, each virtio transport's
+//! queue-notify ioeventfds and kick, and one more: the shared [`Poller`] of the backends.
+//! Every fd that comes and goes (a socket client, a vproxy stream, a listener added over QMP,
+//! a monitor client) is registered in that poller by whoever opens it, with a token, under the
+//! owner group its frontend got from [`BackendEvents::add`]; it changes its interest and
+//! removes it itself. When the poller is readable, [`BackendEvents`] takes a batch of events
+//! and routes each by its owner's group to the frontend, by its part to the port, and by its
+//! token to the fd: no call looks at fds that did not fire.
 
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
+use chardev::{split_owner, OwnerGroup, PolledEvent, Poller, Readiness, Token};
+use devices::bus::lock;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::vcpu::{ExitLatch, VmExit};
@@ -111,5 +126,155 @@ impl MutEventSubscriber for Lifecycle {
                 log::error!("cannot watch lifecycle fd {fd}: {e}");
             }
         }
+    }
+}
+
+/// A frontend whose backends (or sockets) register fds in the shared [`Poller`].
+pub trait PolledFrontend: Send {
+    /// Attach the frontend's backends: part `p` registers with `owners.registrar(p)`.
+    fn attach(&mut self, owners: OwnerGroup);
+    /// `readiness` on the fd that part `part` of the frontend registered with `token`.
+    fn on_fd_event(&mut self, part: u16, token: Token, readiness: Readiness);
+    /// After a batch that held at least one event of this frontend: run the device.
+    fn after_fd_events(&mut self);
+}
+
+/// A shared frontend, as [`BackendEvents`] keeps it.
+pub type SharedFrontend = Arc<Mutex<dyn PolledFrontend>>;
+
+/// Events taken from the poller per wakeup; the rest wait for the next (level-triggered).
+pub const BACKEND_EVENT_BATCH: usize = 256;
+
+/// The event-manager subscriber for the shared backend [`Poller`].
+pub struct BackendEvents {
+    poller: Poller,
+    frontends: Vec<SharedFrontend>,
+    batch: Vec<PolledEvent>,
+    touched: Vec<u16>,
+}
+
+impl BackendEvents {
+    /// A new poller, no frontend yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(BackendEvents {
+            poller: Poller::new()?,
+            frontends: Vec::new(),
+            batch: Vec::with_capacity(BACKEND_EVENT_BATCH),
+            touched: Vec::new(),
+        })
+    }
+
+    /// The poller.
+    pub fn poller(&self) -> &Poller {
+        &self.poller
+    }
+
+    /// Route events of a new owner group to `frontend`; its parts register with the group's
+    /// registrars.
+    pub fn add(&mut self, frontend: SharedFrontend) -> OwnerGroup {
+        let group = u16::try_from(self.frontends.len()).expect("at most 65536 frontends");
+        self.frontends.push(frontend);
+        OwnerGroup::new(&self.poller, group)
+    }
+
+    /// Take one batch of ready events (waiting at most `timeout_ms`) and dispatch it. Returns
+    /// how many events there were.
+    pub fn dispatch(&mut self, timeout_ms: i32) -> std::io::Result<usize> {
+        self.batch.clear();
+        let n = self
+            .poller
+            .wait(&mut self.batch, BACKEND_EVENT_BATCH, timeout_ms)?;
+        self.touched.clear();
+        for ev in &self.batch {
+            let (group, part) = split_owner(ev.owner);
+            let Some(f) = self.frontends.get(usize::from(group)) else {
+                continue;
+            };
+            lock(f).on_fd_event(part, ev.token, ev.readiness);
+            if self.touched.last() != Some(&group) {
+                self.touched.push(group);
+            }
+        }
+        self.touched.sort_unstable();
+        self.touched.dedup();
+        for &group in &self.touched {
+            lock(&self.frontends[usize::from(group)]).after_fd_events();
+        }
+        Ok(n)
+    }
+}
+
+impl MutEventSubscriber for BackendEvents {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if let Err(e) = self.dispatch(0) {
+            log::error!("backend poller: {e}");
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.poller, EventSet::IN)) {
+            log::error!("cannot watch the backend poller: {e}");
+        }
+    }
+}
+
+/// A subscriber as the event manager keeps it.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The event loop: the event manager, with the backend poller as one of its subscribers.
+/// Nothing in it needs KVM: unit tests and benches run the production loop.
+pub struct EventLoop {
+    manager: EventManager<Subscriber>,
+    backends: Arc<Mutex<BackendEvents>>,
+}
+
+impl EventLoop {
+    /// An empty loop (the backend poller already subscribed).
+    pub fn new() -> std::io::Result<Self> {
+        let mut manager: EventManager<Subscriber> =
+            EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let backends = Arc::new(Mutex::new(BackendEvents::new()?));
+        manager.add_subscriber(backends.clone());
+        Ok(EventLoop { manager, backends })
+    }
+
+    /// Watch the fds `subscriber` registers in its `init`.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        self.manager.add_subscriber(subscriber);
+    }
+
+    /// Add a frontend that has both: fixed fds for the event manager (a kick, a timer,
+    /// ioeventfds) and backends in the poller. The backends are attached before its `init`
+    /// first runs the device.
+    pub fn add_frontend<H>(&mut self, frontend: Arc<Mutex<H>>)
+    where
+        H: MutEventSubscriber + PolledFrontend + 'static,
+    {
+        self.add_polled(frontend.clone());
+        self.manager.add_subscriber(frontend);
+    }
+
+    /// Add a frontend whose fds are all in the poller (the monitor).
+    pub fn add_polled<H>(&mut self, frontend: Arc<Mutex<H>>)
+    where
+        H: PolledFrontend + 'static,
+    {
+        let owners = lock(&self.backends).add(frontend.clone());
+        lock(&frontend).attach(owners);
+    }
+
+    /// The backend poller.
+    pub fn poller(&self) -> Poller {
+        lock(&self.backends).poller().clone()
+    }
+
+    /// Wait for events (for ever) and dispatch them; returns how many fds were ready.
+    pub fn run(&mut self) -> Result<usize, event_manager::Error> {
+        self.manager.run()
+    }
+
+    /// Wait at most `timeout_ms` for events and dispatch them.
+    pub fn run_with_timeout(&mut self, timeout_ms: i32) -> Result<usize, event_manager::Error> {
+        self.manager.run_with_timeout(timeout_ms)
     }
 }

@@ -5,6 +5,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod cpu;
+pub mod device_manager;
 pub mod device_spec;
 pub mod event_loop;
 pub mod irq;

@@ -11,13 +11,14 @@ use devices::bus::lock;
 use devices::power::{GenericEventDevice, GED_EVENT_POWER_BUTTON};
 use devices::serial_port::SerialPort;
 use devices::virtio::console::PortConfig;
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use monitor::{
     DeviceDriver, DeviceSpec, EventQueue, Machine, MachineError, Monitor, PortInfo, QmpEvent,
     RunState, ShutdownCause,
 };
 
-use crate::serial::{readiness, FdRegistrations};
+use chardev::{OwnerGroup, Readiness, Token};
+
+use crate::event_loop::PolledFrontend;
 use crate::vcpu::{ExitLatch, VcpuControl, VmExit};
 use crate::virtio::SharedConsole;
 
@@ -239,21 +240,17 @@ impl Machine for VmMachine {
     }
 }
 
-/// The event-loop subscriber for the monitor's sockets and its event queue.
+/// The event-loop frontend for the monitor's sockets, its chardev endpoints and its event
+/// queue, all registered in the backend poller.
 pub struct MonitorHandler {
     monitor: Monitor,
     machine: VmMachine,
-    fds: FdRegistrations,
 }
 
 impl MonitorHandler {
     /// Serve `monitor`, running commands on `machine`.
     pub fn new(monitor: Monitor, machine: VmMachine) -> Self {
-        MonitorHandler {
-            monitor,
-            machine,
-            fds: FdRegistrations::default(),
-        }
+        MonitorHandler { monitor, machine }
     }
 
     /// Queue an event for every client.
@@ -265,24 +262,17 @@ impl MonitorHandler {
     pub fn flush(&mut self, timeout: std::time::Duration) {
         self.monitor.flush(timeout);
     }
-
-    fn sync(&mut self, ops: &mut EventOps) {
-        let wanted = self.monitor.poll_fds();
-        self.fds.sync(ops, &wanted);
-    }
 }
 
-impl MutEventSubscriber for MonitorHandler {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if let Some(fd) = self.fds.original(fd) {
-            self.monitor
-                .on_ready(fd, readiness(events.event_set()), &mut self.machine);
-        }
-        self.sync(ops);
+impl PolledFrontend for MonitorHandler {
+    fn attach(&mut self, owners: OwnerGroup) {
+        self.monitor.register(owners);
     }
 
-    fn init(&mut self, ops: &mut EventOps) {
-        self.sync(ops);
+    fn on_fd_event(&mut self, part: u16, token: Token, readiness: Readiness) {
+        self.monitor
+            .on_ready(part, token, readiness, &mut self.machine);
     }
+
+    fn after_fd_events(&mut self) {}
 }

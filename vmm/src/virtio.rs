@@ -1,6 +1,7 @@
 //! The event-loop side of a virtio-mmio device: the subscriber that runs the transport's queue
-//! and backend work when one of its fds fires, keeps the epoll registrations in step with what
-//! the device wants, and hands the console's port open/close events to whoever listens.
+//! and backend work when one of its eventfds (watched by the event manager for the device's
+//! life) or one of its ports' backend fds (registered by the backends in the shared backend
+//! poller) fires, and hands the console's port open/close events to whoever listens.
 
 use std::sync::{Arc, Mutex};
 
@@ -10,7 +11,10 @@ use devices::virtio::VirtioMmio;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
 
-use crate::serial::{readiness, FdRegistrations};
+use chardev::{OwnerGroup, Readiness, Token};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::event_loop::PolledFrontend;
 
 /// A virtio-console behind its virtio-mmio transport, shared by the bus and the event loop.
 pub type SharedConsole = Arc<Mutex<VirtioMmio<VirtioConsole>>>;
@@ -35,44 +39,54 @@ pub fn register_ioeventfds(
 /// The subscriber for one virtio-console.
 pub struct VirtioConsoleHandler {
     device: SharedConsole,
-    fds: FdRegistrations,
     events: PortEventSink,
 }
 
 impl VirtioConsoleHandler {
     /// A handler for `device`, reporting port events to `events`.
     pub fn new(device: SharedConsole, events: PortEventSink) -> Self {
-        VirtioConsoleHandler {
-            device,
-            fds: FdRegistrations::default(),
-            events,
-        }
+        VirtioConsoleHandler { device, events }
     }
 
-    fn service(&mut self, ops: &mut EventOps) {
-        let (wanted, events) = {
+    fn service(&mut self) {
+        let events = {
             let mut dev = lock(&self.device);
             dev.service();
-            let events = dev.device_mut().take_events();
-            (dev.poll_fds(), events)
+            dev.device_mut().take_events()
         };
         for event in events {
             (self.events)(event);
         }
-        self.fds.sync(ops, &wanted);
     }
 }
 
 impl MutEventSubscriber for VirtioConsoleHandler {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let fd = events.fd();
-        if let Some(fd) = self.fds.original(fd) {
-            lock(&self.device).on_ready(fd, readiness(events.event_set()));
-        }
-        self.service(ops);
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        lock(&self.device).on_event_fd(events.fd());
+        self.service();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        self.service(ops);
+        let fds = lock(&self.device).event_fds();
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("virtio: cannot watch fd {fd}: {e}");
+            }
+        }
+        self.service();
+    }
+}
+
+impl PolledFrontend for VirtioConsoleHandler {
+    fn attach(&mut self, owners: OwnerGroup) {
+        lock(&self.device).attach(owners);
+    }
+
+    fn on_fd_event(&mut self, part: u16, token: Token, readiness: Readiness) {
+        lock(&self.device).on_ready(part, token, readiness);
+    }
+
+    fn after_fd_events(&mut self) {
+        self.service();
     }
 }

@@ -26,13 +26,21 @@ use thiserror::Error;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::driver::VproxyBackend;
-use crate::backend::{poll_backends, Backend, Event, Interest, LineParams, Readiness};
+use crate::backend::{Backend, Event, Interest, LineParams, Readiness};
 use crate::buffer::{EventQueue, OutBuf, DEFAULT_OUTBUF_SIZE};
 use crate::error::quote;
+use crate::poller::{FdSet, Poller, Registrar, Token};
 use crate::serial::{SerialBackend, DEFAULT_BAUD};
 use crate::socket::{SocketBackend, MAX_RECONNECT_BACKOFF};
 use crate::spec::{SerialSpec, SocketAddrSpec, SocketSpec, VproxySpec};
 use crate::sys;
+
+/// The poller owner of the channel's fds.
+const OWNER_CHANNEL: u32 = 0;
+/// The poller owner of the vproxy backend's fds.
+const OWNER_VPROXY: u32 = 1;
+/// Events taken per wait.
+const MAX_EVENTS_PER_WAIT: usize = 256;
 
 /// How long a char device that read 0 (no peer) is left alone before it is read again.
 pub const DEVICE_IDLE_PAUSE: Duration = Duration::from_millis(200);
@@ -193,6 +201,8 @@ enum DeviceState {
 /// A char device channel (a virtio port) that survives its peer going away.
 #[derive(Debug)]
 pub struct DeviceChannel {
+    /// Declared first: unregisters before the device and the timer close.
+    fds: FdSet,
     path: PathBuf,
     fd: Option<OwnedFd>,
     state: DeviceState,
@@ -213,6 +223,7 @@ impl DeviceChannel {
         sys::set_nonblocking(timer.as_raw_fd(), true)
             .map_err(|e| crate::Error::io(ENDPOINT_ID, "create timer for", "channel", e))?;
         let mut d = DeviceChannel {
+            fds: FdSet::new(),
             path,
             fd: None,
             state: DeviceState::Closed,
@@ -234,6 +245,27 @@ impl DeviceChannel {
         }
     }
 
+    /// Register the device while it is open (output pending: writable too) and the timer while
+    /// it is armed.
+    fn update_fds(&mut self) {
+        if let Some(fd) = &self.fd {
+            let interest = match self.state {
+                DeviceState::Open => Interest {
+                    read: true,
+                    write: !self.out.is_empty(),
+                },
+                _ => Interest::NONE,
+            };
+            self.fds.set(fd.as_raw_fd(), interest);
+        }
+        let timer = if self.timer_armed {
+            Interest::READ
+        } else {
+            Interest::NONE
+        };
+        self.fds.set(self.timer.as_raw_fd(), timer);
+    }
+
     fn reopen(&mut self) {
         let opened = OpenOptions::new()
             .read(true)
@@ -247,6 +279,7 @@ impl DeviceChannel {
                 }
                 self.fd = Some(f.into());
                 self.state = DeviceState::Open;
+                self.update_fds();
                 self.backoff = REOPEN_BACKOFF;
                 self.failures = 0;
                 self.events.push(Event::Opened);
@@ -266,7 +299,9 @@ impl DeviceChannel {
     /// The device failed: close it, drop its output and reopen later.
     fn lose(&mut self, e: &io::Error) {
         log::warn!("minivmm-vp: channel {} lost: {e}", self.path.display());
-        self.fd = None;
+        if let Some(fd) = self.fd.take() {
+            self.fds.close(fd.as_raw_fd());
+        }
         self.state = DeviceState::Closed;
         self.out.take_all();
         self.events.push(Event::Closed);
@@ -284,31 +319,8 @@ impl DeviceChannel {
     }
 }
 
-impl Backend for DeviceChannel {
-    fn kind(&self) -> &'static str {
-        "device"
-    }
-
-    fn filename(&self) -> String {
-        self.path.display().to_string()
-    }
-
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        let mut v = Vec::with_capacity(2);
-        if let (Some(fd), DeviceState::Open) = (&self.fd, self.state) {
-            let interest = Interest {
-                read: true,
-                write: !self.out.is_empty(),
-            };
-            v.push((fd.as_raw_fd(), interest));
-        }
-        if self.timer_armed {
-            v.push((self.timer.as_raw_fd(), Interest::READ));
-        }
-        v
-    }
-
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
+impl DeviceChannel {
+    fn handle_ready(&mut self, fd: RawFd, readiness: Readiness) {
         if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
             self.timer_armed = false;
@@ -327,7 +339,7 @@ impl Backend for DeviceChannel {
         }
     }
 
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    fn read_device(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let Some(fd) = self.fd.as_ref().map(AsRawFd::as_raw_fd) else {
             return Ok(0);
         };
@@ -348,6 +360,39 @@ impl Backend for DeviceChannel {
             }
         }
     }
+}
+
+impl Backend for DeviceChannel {
+    fn kind(&self) -> &'static str {
+        "device"
+    }
+
+    fn filename(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn attach(&mut self, reg: Registrar) {
+        self.fds.attach(reg);
+        self.update_fds();
+    }
+
+    fn detach(&mut self) {
+        self.fds.detach();
+    }
+
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
+        let Some(fd) = self.fds.fd_of(token) else {
+            return;
+        };
+        self.handle_ready(fd, readiness);
+        self.update_fds();
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = self.read_device(buf);
+        self.update_fds();
+        r
+    }
 
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.fd.is_none() {
@@ -356,6 +401,7 @@ impl Backend for DeviceChannel {
         }
         let n = self.out.push(data);
         self.flush();
+        self.update_fds();
         Ok(n)
     }
 
@@ -422,6 +468,12 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<(), AgentError> {
     }
     let mut vp = VproxyBackend::open(ENDPOINT_ID, &spec)?;
     let mut chan = config.channel.open()?;
+    // The channel and every stream register themselves once; each wait costs the same however
+    // many streams are open.
+    let poller = Poller::new().map_err(AgentError::Poll)?;
+    chan.attach(poller.registrar(OWNER_CHANNEL));
+    vp.attach(poller.registrar(OWNER_VPROXY));
+    let mut ready = Vec::new();
     let mut carry = Vec::with_capacity(CHUNK);
     let mut buf = vec![0u8; CHUNK];
     // The first `Opened` is the first connection, not a comeback.
@@ -441,7 +493,16 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<(), AgentError> {
         }
         shuttle(chan.as_mut(), &mut vp, &mut carry, &mut buf);
         let _ = vp.take_events();
-        poll_backends(&mut [chan.as_mut(), &mut vp], MAX_POLL_WAIT_MS).map_err(AgentError::Poll)?;
+        ready.clear();
+        poller
+            .wait(&mut ready, MAX_EVENTS_PER_WAIT, MAX_POLL_WAIT_MS)
+            .map_err(AgentError::Poll)?;
+        for ev in &ready {
+            match ev.owner {
+                OWNER_CHANNEL => chan.on_ready(ev.token, ev.readiness),
+                _ => vp.on_ready(ev.token, ev.readiness),
+            }
+        }
     }
     Ok(())
 }
@@ -484,7 +545,7 @@ mod tests {
                 chan.write_all(&buf[..n]).unwrap();
                 chan.set_nonblocking(true).unwrap();
             }
-            poll_backends(&mut [vp], 5).unwrap();
+            crate::poll_backends(&mut [vp], 5).unwrap();
         }
         client.join().unwrap()
     }

@@ -19,12 +19,11 @@
 //! Removing an oforward closes its listener; streams it already carried live on. Nothing here
 //! blocks, and nothing grows without bound: the engine caps streams and buffers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::engine::{Engine, EngineConfig, EngineEvent, SessionStats, StreamId, StreamStats};
@@ -32,6 +31,8 @@ use super::forward::{Endpoint, Forward};
 use crate::backend::{Backend, Event, Interest, Readiness};
 use crate::buffer::{EventQueue, OutBuf};
 use crate::error::{Error, Result};
+use crate::poller::{FdSet, Registrar, Token};
+use crate::socket::is_out_of_fds;
 use crate::socket::{self, SockAddr, SocketFile};
 use crate::spec::VproxySpec;
 use crate::sys;
@@ -48,6 +49,8 @@ const OFORWARD_BACKLOG: libc::c_int = libc::SOMAXCONN;
 const ACCEPTS_PER_WAKEUP: usize = 16;
 /// Socket reads per stream wakeup, for the same reason.
 const READS_PER_WAKEUP: usize = 4;
+/// Shortest interval between two log lines about connections refused for want of fds.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// The refusal reason for a service that is not an iforward here.
 pub const NO_SUCH_SERVICE: &str = "no such service";
 
@@ -85,24 +88,11 @@ pub trait VproxyControl {
     fn info(&self) -> VproxyInfo;
 }
 
-/// Make the next close of socket `fd` send a TCP reset (SO_LINGER on with a zero timeout).
-/// Unix sockets have no such thing: their peer sees an abort as an ordinary end of stream, so
-/// a client that must tell a truncated stream from a complete one uses a TCP forward.
+/// Make the next close of socket `fd` send a TCP reset, so that a client sees an abort
+/// (ECONNRESET) rather than an orderly end. Unix sockets have no such thing: a client that must
+/// tell a truncated stream from a complete one uses a TCP forward.
 fn abort_socket(fd: RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads one linger struct, which lives on this frame, on an fd we own.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::addr_of!(linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
+    socket::abort_on_close(fd);
 }
 
 /// A random session id from the kernel's generator (getrandom(2)); on the unlikely failure,
@@ -195,6 +185,9 @@ fn endpoint_addr(endpoint: &Endpoint, listen: bool) -> io::Result<SockAddr> {
 /// The vproxy backend.
 #[derive(Debug)]
 pub struct VproxyBackend {
+    /// Every socket and the timer, registered by token. Declared first: it unregisters what is
+    /// left before the sockets close.
+    fds: FdSet,
     id: String,
     engine: Engine,
     timer: TimerFd,
@@ -203,10 +196,12 @@ pub struct VproxyBackend {
     listeners: Vec<Listener>,
     targets: Vec<Target>,
     conns: BTreeMap<StreamId, Conn>,
+    /// The stream of each socket, for the token of a ready fd.
+    conn_by_fd: HashMap<RawFd, StreamId>,
     events: EventQueue,
-    /// Signalled when a control call changed the fds to poll (a listener added or removed), so
-    /// the event loop, which may not be the caller, wakes and re-reads `poll_fds`.
-    changed: EventFd,
+    /// Connections refused because minivmm ran out of fds, and when that was last logged.
+    fd_refusals: u64,
+    refusal_logged: Option<Instant>,
     /// A `Readable` was announced and the frontend has not pulled everything since.
     announced: bool,
     input_wanted: bool,
@@ -228,6 +223,7 @@ impl VproxyBackend {
         sys::set_nonblocking(timer.as_raw_fd(), true)
             .map_err(|e| Error::io(id, "create timer for", "vproxy", e))?;
         let mut b = VproxyBackend {
+            fds: FdSet::new(),
             id: id.to_string(),
             engine: Engine::new(config, random_session_id(), Instant::now()),
             timer,
@@ -235,9 +231,10 @@ impl VproxyBackend {
             listeners: Vec::new(),
             targets: Vec::new(),
             conns: BTreeMap::new(),
+            conn_by_fd: HashMap::new(),
             events: EventQueue::default(),
-            changed: EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| Error::io(id, "create eventfd for", "vproxy", e))?,
+            fd_refusals: 0,
+            refusal_logged: None,
             announced: false,
             input_wanted: true,
         };
@@ -259,8 +256,17 @@ impl VproxyBackend {
         self.engine.channel_reset(Instant::now());
         self.after();
         // Whatever the engine no longer knows has no business keeping a socket open.
-        let live: Vec<StreamId> = self.engine.stream_stats().iter().map(|s| s.id).collect();
-        self.conns.retain(|id, _| live.contains(id));
+        let live: std::collections::HashSet<StreamId> =
+            self.engine.stream_stats().iter().map(|s| s.id).collect();
+        let dead: Vec<StreamId> = self
+            .conns
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in dead {
+            self.remove_conn(id);
+        }
     }
 
     /// Whether the engine has channel bytes to send now.
@@ -323,6 +329,12 @@ impl VproxyBackend {
             Ok(()) => self.armed = deadline,
             Err(e) => log::warn!("chardev '{}': cannot arm vproxy timer: {e}", self.id),
         }
+        let interest = if self.armed.is_some() {
+            Interest::READ
+        } else {
+            Interest::NONE
+        };
+        self.fds.set(self.timer.as_raw_fd(), interest);
     }
 
     fn handle(&mut self, ev: EngineEvent) {
@@ -344,6 +356,7 @@ impl VproxyBackend {
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.phase = Phase::Open;
                 }
+                self.update_conn(id);
             }
             EngineEvent::OpenFailed { id, reason } => {
                 log::debug!(
@@ -353,8 +366,8 @@ impl VproxyBackend {
                 self.abort(id);
             }
             EngineEvent::Readable { id } => self.flush(id),
-            // Send room is checked by poll_fds; nothing to do until the socket is readable.
-            EngineEvent::Writable { .. } => {}
+            // Send room again: read the socket when it is readable.
+            EngineEvent::Writable { id } => self.update_conn(id),
             EngineEvent::Eof { id } => {
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.peer_eof = true;
@@ -392,10 +405,14 @@ impl VproxyBackend {
         match attempt {
             Ok((fd, true)) => {
                 self.engine.accept(id);
-                self.conns.insert(id, Conn::new(fd, Phase::Open));
+                self.insert_conn(id, Conn::new(fd, Phase::Open));
             }
             Ok((fd, false)) => {
-                self.conns.insert(id, Conn::new(fd, Phase::Connecting));
+                self.insert_conn(id, Conn::new(fd, Phase::Connecting));
+            }
+            Err(e) if is_out_of_fds(&e) => {
+                self.count_fd_refusal(&e);
+                self.engine.refuse(id, &format!("connect failed: {e}"));
             }
             Err(e) => {
                 log::debug!(
@@ -410,8 +427,69 @@ impl VproxyBackend {
     /// Drop stream `id`'s connection with a TCP reset rather than a FIN, so that its client
     /// sees an abort (ECONNRESET), never an orderly end after truncated data.
     fn abort(&mut self, id: StreamId) {
-        if let Some(c) = self.conns.remove(&id) {
+        if let Some(c) = self.remove_conn(id) {
             abort_socket(c.fd.as_raw_fd());
+        }
+    }
+
+    /// Track stream `id`'s socket and register it for what the stream wants.
+    fn insert_conn(&mut self, id: StreamId, conn: Conn) {
+        self.conn_by_fd.insert(conn.fd.as_raw_fd(), id);
+        self.conns.insert(id, conn);
+        self.update_conn(id);
+    }
+
+    /// Stop tracking stream `id`'s socket, unregistered; it closes when the caller drops it.
+    fn remove_conn(&mut self, id: StreamId) -> Option<Conn> {
+        let c = self.conns.remove(&id)?;
+        let fd = c.fd.as_raw_fd();
+        self.conn_by_fd.remove(&fd);
+        self.fds.close(fd);
+        Some(c)
+    }
+
+    /// What stream `id`'s socket must be watched for now: connect completion while
+    /// connecting; input while the engine has send room for it; output while bytes wait.
+    fn conn_interest(&self, id: StreamId, c: &Conn) -> Interest {
+        match c.phase {
+            Phase::Connecting => Interest::WRITE,
+            Phase::Opening => Interest::NONE,
+            Phase::Open => Interest {
+                read: !c.read_eof && self.engine.send_room(id) > 0,
+                write: !c.pending.is_empty(),
+            },
+        }
+    }
+
+    /// Re-register stream `id`'s socket after its state may have changed (one `epoll_ctl`
+    /// at most, and only when the interest really changed).
+    fn update_conn(&mut self, id: StreamId) {
+        let Some(c) = self.conns.get(&id) else {
+            return;
+        };
+        let interest = self.conn_interest(id, c);
+        if c.phase == Phase::Open && !c.read_eof && !interest.read {
+            // Out of send room (its window, or the session buffer other streams filled): the
+            // engine says when there is room again, and the socket is read from then on.
+            self.engine.notify_when_writable(id);
+        }
+        self.fds.set(c.fd.as_raw_fd(), interest);
+    }
+
+    /// A connection refused for want of fds: counted, and logged once per burst.
+    fn count_fd_refusal(&mut self, e: &io::Error) {
+        self.fd_refusals += 1;
+        let now = Instant::now();
+        if self
+            .refusal_logged
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
+        {
+            self.refusal_logged = Some(now);
+            log::warn!(
+                "chardev '{}': vproxy refuses connections: {e} ({} refused so far)",
+                self.id,
+                self.fd_refusals
+            );
         }
     }
 
@@ -420,21 +498,17 @@ impl VproxyBackend {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        match sys::getsockopt_int(c.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR) {
+        let error = match sys::getsockopt_int(c.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR) {
             Ok(0) => {
                 c.phase = Phase::Open;
                 self.engine.accept(id);
+                return self.update_conn(id);
             }
-            Ok(errno) => {
-                let e = io::Error::from_raw_os_error(errno);
-                self.conns.remove(&id);
-                self.engine.refuse(id, &format!("connect failed: {e}"));
-            }
-            Err(e) => {
-                self.conns.remove(&id);
-                self.engine.refuse(id, &format!("connect failed: {e}"));
-            }
-        }
+            Ok(errno) => io::Error::from_raw_os_error(errno),
+            Err(e) => e,
+        };
+        self.remove_conn(id);
+        self.engine.refuse(id, &format!("connect failed: {error}"));
     }
 
     /// Accept what waits on listener `index` and open a stream for each connection.
@@ -444,6 +518,11 @@ impl VproxyBackend {
             let fd = match socket::accept(l.fd.as_raw_fd()) {
                 Ok(Some(fd)) => fd,
                 Ok(None) => return,
+                // The client was refused (see `socket::accept`): look for the next one.
+                Err(e) if is_out_of_fds(&e) => {
+                    self.count_fd_refusal(&e);
+                    continue;
+                }
                 Err(e) => {
                     log::warn!("chardev '{}': vproxy accept failed: {e}", self.id);
                     return;
@@ -451,7 +530,7 @@ impl VproxyBackend {
             };
             match self.engine.open(&l.forward.name) {
                 Ok(id) => {
-                    self.conns.insert(id, Conn::new(fd, Phase::Opening));
+                    self.insert_conn(id, Conn::new(fd, Phase::Opening));
                 }
                 // Aborting the connection closes it: the client sees the refusal at once.
                 Err(e) => {
@@ -468,6 +547,11 @@ impl VproxyBackend {
 
     /// Read the socket of stream `id` into the engine while it has room.
     fn read_socket(&mut self, id: StreamId) {
+        self.read_socket_chunks(id);
+        self.update_conn(id);
+    }
+
+    fn read_socket_chunks(&mut self, id: StreamId) {
         let mut buf = [0u8; SOCKET_READ_CHUNK];
         for _ in 0..READS_PER_WAKEUP {
             let Some(c) = self.conns.get_mut(&id) else {
@@ -489,7 +573,7 @@ impl VproxyBackend {
                 }
                 Err(e) if sys::would_block(&e) => return,
                 Err(e) => {
-                    self.conns.remove(&id);
+                    self.remove_conn(id);
                     self.engine.reset(id, &reset_reason(&e));
                     return;
                 }
@@ -500,6 +584,11 @@ impl VproxyBackend {
     /// Move received bytes of stream `id` from the engine to its socket, then carry out a
     /// pending half-close or close.
     fn flush(&mut self, id: StreamId) {
+        self.flush_pending(id);
+        self.update_conn(id);
+    }
+
+    fn flush_pending(&mut self, id: StreamId) {
         let mut buf = [0u8; STREAM_PENDING_CAP];
         let Some(c) = self.conns.get_mut(&id) else {
             return;
@@ -507,7 +596,7 @@ impl VproxyBackend {
         let fd = c.fd.as_raw_fd();
         loop {
             if let Err(e) = c.pending.flush_with(|b| sys::send(fd, b)) {
-                self.conns.remove(&id);
+                self.remove_conn(id);
                 self.engine.reset(id, &reset_reason(&e));
                 return;
             }
@@ -529,24 +618,7 @@ impl VproxyBackend {
             unsafe { libc::shutdown(fd, libc::SHUT_WR) };
         }
         if c.engine_done {
-            self.conns.remove(&id);
-        }
-    }
-
-    /// The stream whose socket is `fd`.
-    fn conn_of(&self, fd: RawFd) -> Option<StreamId> {
-        self.conns
-            .iter()
-            .find(|(_, c)| c.fd.as_raw_fd() == fd)
-            .map(|(&id, _)| id)
-    }
-}
-
-impl VproxyBackend {
-    /// Wake the event loop to re-read `poll_fds` after a control call.
-    fn fds_changed(&self) {
-        if let Err(e) = self.changed.write(1) {
-            log::warn!("chardev '{}': cannot wake the event loop: {e}", self.id);
+            self.remove_conn(id);
         }
     }
 }
@@ -566,8 +638,8 @@ impl VproxyControl for VproxyBackend {
         match dir {
             ForwardDir::Out => {
                 let l = self.bind_listener(f)?;
+                self.fds.set(l.fd.as_raw_fd(), Interest::READ);
                 self.listeners.push(l);
-                self.fds_changed();
             }
             ForwardDir::In => {
                 let addr = endpoint_addr(&f.endpoint, false)?;
@@ -580,7 +652,12 @@ impl VproxyControl for VproxyBackend {
     fn remove_forward(&mut self, dir: ForwardDir, name: &str) -> io::Result<()> {
         let before = self.listeners.len() + self.targets.len();
         match dir {
-            ForwardDir::Out => self.listeners.retain(|l| l.forward.name != name),
+            ForwardDir::Out => {
+                if let Some(i) = self.listeners.iter().position(|l| l.forward.name == name) {
+                    let l = self.listeners.remove(i);
+                    self.fds.close(l.fd.as_raw_fd());
+                }
+            }
             ForwardDir::In => self.targets.retain(|t| t.forward.name != name),
         }
         if self.listeners.len() + self.targets.len() == before {
@@ -589,7 +666,6 @@ impl VproxyControl for VproxyBackend {
                 format!("no forward '{name}'"),
             ));
         }
-        self.fds_changed();
         Ok(())
     }
 
@@ -619,44 +695,24 @@ impl Backend for VproxyBackend {
         s
     }
 
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        let mut v = Vec::with_capacity(2 + self.listeners.len() + self.conns.len());
-        v.push((self.changed.as_raw_fd(), Interest::READ));
-        if self.armed.is_some() {
-            v.push((self.timer.as_raw_fd(), Interest::READ));
-        }
-        v.extend(
-            self.listeners
-                .iter()
-                .map(|l| (l.fd.as_raw_fd(), Interest::READ)),
-        );
-        for (&id, c) in &self.conns {
-            let interest = match c.phase {
-                Phase::Connecting => Interest::WRITE,
-                Phase::Opening => continue,
-                Phase::Open => Interest {
-                    read: !c.read_eof && self.engine.send_room(id) > 0,
-                    write: !c.pending.is_empty(),
-                },
-            };
-            if interest.read || interest.write {
-                v.push((c.fd.as_raw_fd(), interest));
-            }
-        }
-        v
+    fn attach(&mut self, reg: Registrar) {
+        self.fds.attach(reg);
     }
 
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
-        if fd == self.changed.as_raw_fd() {
-            // Only the wakeup matters: the caller re-reads `poll_fds` after this.
-            let _ = self.changed.read();
-        } else if fd == self.timer.as_raw_fd() {
+    fn detach(&mut self) {
+        self.fds.detach();
+    }
+
+    fn on_ready(&mut self, token: Token, readiness: Readiness) {
+        let Some(fd) = self.fds.fd_of(token) else {
+            return;
+        };
+        if fd == self.timer.as_raw_fd() {
+            // Non-blocking: a timer re-armed since the event was collected reads nothing.
             let _ = self.timer.wait();
             self.armed = None;
             self.engine.handle_timeout(Instant::now());
-        } else if let Some(i) = self.listeners.iter().position(|l| l.fd.as_raw_fd() == fd) {
-            self.accept_on(i);
-        } else if let Some(id) = self.conn_of(fd) {
+        } else if let Some(&id) = self.conn_by_fd.get(&fd) {
             let connecting = self.conns.get(&id).map(|c| c.phase) == Some(Phase::Connecting);
             if connecting {
                 self.finish_connect(id);
@@ -668,6 +724,8 @@ impl Backend for VproxyBackend {
                     self.read_socket(id);
                 }
             }
+        } else if let Some(i) = self.listeners.iter().position(|l| l.fd.as_raw_fd() == fd) {
+            self.accept_on(i);
         }
         self.after();
     }

@@ -690,6 +690,15 @@ impl Engine {
         n
     }
 
+    /// Ask for a `Writable` event once stream `id` has send room again, if it has none now
+    /// (its window is used up, or the session buffer is full of other streams' bytes).
+    pub fn notify_when_writable(&mut self, id: StreamId) {
+        let open = self.streams.get(&id).is_some_and(|s| !s.shutdown);
+        if open && self.send_room(id) == 0 {
+            self.writers.insert(id);
+        }
+    }
+
     /// Bytes `send` would accept now.
     pub fn send_room(&self, id: StreamId) -> usize {
         let Some(s) = self.streams.get(&id) else {
@@ -919,6 +928,11 @@ impl Engine {
     fn remove_stream(&mut self, id: StreamId) -> Option<Stream> {
         let s = self.streams.remove(&id)?;
         self.buffered -= s.buffered();
+        self.writers.remove(&id);
+        if s.buffered() > 0 {
+            // What it held is session room that other writers may be waiting for.
+            self.wake_writers();
+        }
         if !s.outgoing {
             self.incoming.remove(&s.wire);
         }

@@ -5,9 +5,10 @@
 //! status state machine, queue configuration, interrupt acknowledge and the device's
 //! configuration space. A write to QueueNotify signals that queue's eventfd (the vmm normally
 //! registers the same eventfd as an ioeventfd at [`QUEUE_NOTIFY_OFFSET`] with the queue index as
-//! datamatch, so those writes never leave KVM). The event loop watches
-//! [`VirtioMmio::poll_fds`] and calls [`VirtioMmio::on_ready`] and [`VirtioMmio::service`],
-//! which run the device.
+//! datamatch, so those writes never leave KVM). The event loop watches the transport's own
+//! eventfds ([`VirtioMmio::event_fds`], fixed for its life), attaches the device's backends to
+//! its poller once ([`VirtioMmio::attach`]), and calls [`VirtioMmio::on_event_fd`] or
+//! [`VirtioMmio::on_ready`] and then [`VirtioMmio::service`], which run the device.
 //!
 //! Everything the guest writes is checked: queue sizes (power of two, at most the maximum),
 //! ring alignment and placement inside guest memory (when QueueReady is set), feature
@@ -20,7 +21,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use chardev::{Interest, Readiness};
+use chardev::{OwnerGroup, Readiness, Token};
 use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -231,7 +232,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
     }
 
     /// The device, mutably (hot-plugging a console port, draining its events). Call
-    /// [`VirtioMmio::service`] afterwards and re-read [`VirtioMmio::poll_fds`].
+    /// [`VirtioMmio::service`] afterwards.
     pub fn device_mut(&mut self) -> &mut D {
         &mut self.device
     }
@@ -270,29 +271,36 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         self.activated
     }
 
-    /// The fds the event loop must watch: the queue eventfds and the transport's kick (read),
-    /// then the device's own.
-    pub fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        let mut fds: Vec<(RawFd, Interest)> = self
-            .queue_evts
+    /// The transport's own eventfds, to watch for reading for as long as it lives: the queue
+    /// notifications and its kick.
+    pub fn event_fds(&self) -> Vec<RawFd> {
+        self.queue_evts
             .iter()
-            .map(|e| (e.as_raw_fd(), Interest::READ))
-            .collect();
-        fds.push((self.kick.as_raw_fd(), Interest::READ));
-        fds.extend(self.device.poll_fds());
-        fds
+            .map(AsRawFd::as_raw_fd)
+            .chain(std::iter::once(self.kick.as_raw_fd()))
+            .collect()
     }
 
-    /// The event loop saw `readiness` on `fd`. Call [`VirtioMmio::service`] afterwards.
-    pub fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
+    /// One of [`VirtioMmio::event_fds`] fired: consume it. Call [`VirtioMmio::service`]
+    /// afterwards.
+    pub fn on_event_fd(&mut self, fd: RawFd) {
         if fd == self.kick.as_raw_fd() {
             // EAGAIN only means it was already consumed.
             let _ = self.kick.read();
         } else if let Some(evt) = self.queue_evts.iter().find(|e| e.as_raw_fd() == fd) {
             let _ = evt.read();
-        } else {
-            self.device.on_ready(fd, readiness);
         }
+    }
+
+    /// Attach the device's backends to the event loop (see [`VirtioDevice::attach`]).
+    pub fn attach(&mut self, owners: OwnerGroup) {
+        self.device.attach(owners);
+    }
+
+    /// The event loop saw `readiness` on a backend fd of the device. Call
+    /// [`VirtioMmio::service`] afterwards.
+    pub fn on_ready(&mut self, part: u16, token: Token, readiness: Readiness) {
+        self.device.on_ready(part, token, readiness);
     }
 
     /// Run the device: queues, backends, interrupts.
@@ -676,10 +684,8 @@ mod tests {
             self.resets += 1;
             self.interrupt = None;
         }
-        fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-            Vec::new()
-        }
-        fn on_ready(&mut self, _fd: RawFd, _readiness: Readiness) {}
+        fn attach(&mut self, _owners: OwnerGroup) {}
+        fn on_ready(&mut self, _part: u16, _token: Token, _readiness: Readiness) {}
         fn service(&mut self) {}
     }
 
@@ -965,12 +971,12 @@ mod tests {
         let io = rig.dev.ioeventfds();
         assert_eq!(io.len(), 2);
         assert_eq!((io[1].0, io[1].1), (0x50, 1));
-        let fds = rig.dev.poll_fds();
+        let fds = rig.dev.event_fds();
         assert_eq!(fds.len(), 3);
-        // on_ready consumes the signal.
+        // on_event_fd consumes the signal.
         rig.w(REG_QUEUE_NOTIFY, 0);
         let fd = rig.dev.queue_evts()[0].as_raw_fd();
-        rig.dev.on_ready(fd, Readiness::default());
+        rig.dev.on_event_fd(fd);
         assert!(rig.dev.queue_evts()[0].read().is_err());
     }
 

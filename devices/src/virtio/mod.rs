@@ -22,11 +22,10 @@ pub mod queue;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use chardev::{Interest, Readiness};
+use chardev::{OwnerGroup, Readiness, Token};
 use thiserror::Error;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -101,11 +100,12 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device: drop the queues and guest-facing state.
     fn reset(&mut self);
 
-    /// The fds the event loop must watch for the device (its backends'), and for what.
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)>;
+    /// Attach the device's backends to the event loop: part `p` of the device (a port) registers
+    /// its fds with `owners.registrar(p)`, now and when it is added later.
+    fn attach(&mut self, owners: OwnerGroup);
 
-    /// The event loop saw `readiness` on one of the device's fds.
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness);
+    /// The event loop saw `readiness` on the fd registered with `token` by part `part`.
+    fn on_ready(&mut self, part: u16, token: Token, readiness: Readiness);
 
     /// Do the device's work: process queues and backends, raise interrupts.
     fn service(&mut self);

@@ -4,7 +4,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use chardev::Readiness;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mmio::*;
@@ -248,16 +247,10 @@ impl<D: VirtioDevice> Driver<D> {
         self.write32(REG_QUEUE_NOTIFY, u32::from(queue));
     }
 
-    /// Let the event loop run: every fd the transport polls is reported ready, then service.
+    /// Let the event loop run: every eventfd of the transport is consumed, then service.
     pub(crate) fn run(&mut self) {
-        let fds = self.dev.poll_fds();
-        for (fd, interest) in fds {
-            let readiness = Readiness {
-                readable: interest.read,
-                writable: interest.write,
-                hangup: false,
-            };
-            self.dev.on_ready(fd, readiness);
+        for fd in self.dev.event_fds() {
+            self.dev.on_event_fd(fd);
         }
         self.dev.service();
     }

@@ -31,10 +31,9 @@ pub mod port;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
-use chardev::{Backend, Event, Interest, Readiness};
+use chardev::{Backend, Event, OwnerGroup, Readiness, Token};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -182,8 +181,16 @@ impl Active {
     }
 }
 
+/// The owner part a port's backend registers under: its port number (below
+/// [`MAX_PORTS_LIMIT`], so it fits).
+fn port_part(nr: u32) -> u16 {
+    u16::try_from(nr).unwrap_or(u16::MAX)
+}
+
 /// A multiport virtio-console. See the module documentation.
 pub struct VirtioConsole {
+    /// Where port backends register their fds (part = port number), once attached.
+    owners: Option<OwnerGroup>,
     max_nr_ports: u32,
     ports: BTreeMap<u32, Port>,
     cols: u16,
@@ -205,6 +212,7 @@ impl VirtioConsole {
             return Err(ConsoleError::MaxPorts(max_nr_ports));
         }
         Ok(VirtioConsole {
+            owners: None,
             max_nr_ports,
             ports: BTreeMap::new(),
             cols: 0,
@@ -259,6 +267,9 @@ impl VirtioConsole {
         };
         let host_connected = config.console || backend.is_connected();
         backend.set_input_wanted(false);
+        if let Some(owners) = &self.owners {
+            backend.attach(owners.registrar(port_part(nr)));
+        }
         let size = if config.console {
             backend.window_size()
         } else {
@@ -328,6 +339,7 @@ impl VirtioConsole {
             }
         }
         self.kick = true;
+        port.backend.detach();
         Ok(port.backend)
     }
 
@@ -620,19 +632,16 @@ impl VirtioDevice for VirtioConsole {
         self.kick = true;
     }
 
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        self.ports
-            .values()
-            .flat_map(|p| p.backend.poll_fds())
-            .collect()
+    fn attach(&mut self, owners: OwnerGroup) {
+        for (&nr, port) in self.ports.iter_mut() {
+            port.backend.attach(owners.registrar(port_part(nr)));
+        }
+        self.owners = Some(owners);
     }
 
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
-        for port in self.ports.values_mut() {
-            if port.backend.poll_fds().iter().any(|&(f, _)| f == fd) {
-                port.backend.on_ready(fd, readiness);
-                return;
-            }
+    fn on_ready(&mut self, part: u16, token: Token, readiness: Readiness) {
+        if let Some(port) = self.ports.get_mut(&u32::from(part)) {
+            port.backend.on_ready(token, readiness);
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use chardev::{Event, Interest, Readiness};
+use chardev::{Event, Readiness};
 use proptest::prelude::*;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -685,18 +685,33 @@ fn restart_after_reset() {
 }
 
 #[test]
-fn backend_fds_are_polled_and_routed() {
+fn backends_are_attached_per_port_and_routed() {
     let mut rig = Rig::new(&three_ports());
-    rig.be(1).fds = vec![(1001, Interest::READ)];
-    rig.be(2).fds = vec![(1002, Interest::BOTH)];
-    let fds = rig.d.dev.poll_fds();
-    assert!(fds.contains(&(1001, Interest::READ)));
-    assert!(fds.contains(&(1002, Interest::BOTH)));
-    // Queue eventfds and the kick come first.
-    assert_eq!(fds.len(), 10 + 1 + 2);
-    rig.d.dev.on_ready(1002, Readiness::default());
+    let poller = chardev::Poller::new().unwrap();
+    rig.d.dev.attach(chardev::OwnerGroup::new(&poller, 7));
+    let owner = |part: u32| (7 << chardev::poller::OWNER_PART_BITS) | part;
+    assert_eq!(rig.be(1).attached, Some(owner(1)));
+    assert_eq!(rig.be(2).attached, Some(owner(2)));
+    // Queue eventfds and the kick are the transport's own.
+    assert_eq!(rig.d.dev.event_fds().len(), 10 + 1);
+    rig.d.dev.on_ready(2, 1002, Readiness::default());
     assert_eq!(rig.be(2).ready, vec![1002]);
     assert!(rig.be(1).ready.is_empty());
+    // A port added later is attached as it comes; a removed one is detached.
+    let (backend, state) = FakeBackend::boxed(true);
+    let config = PortConfig {
+        id: "late".into(),
+        name: Some("org.late".into()),
+        console: false,
+        nr: None,
+        chardev: "c3".into(),
+    };
+    rig.d.dev.device_mut().remove_port("p2").unwrap();
+    let nr = rig.d.dev.device_mut().add_port(config, backend).unwrap();
+    assert_eq!(state.lock().unwrap().attached, Some(owner(nr)));
+    let mut gone = rig.d.dev.device_mut().remove_port("late").unwrap();
+    assert_eq!(state.lock().unwrap().attached, None);
+    gone.detach();
 }
 
 /// Run one malformed-chain case on a fresh, handshaken device with port 1 open.
