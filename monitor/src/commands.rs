@@ -16,8 +16,9 @@ use chardev::spec::{is_valid_id, SocketAddrSpec, BACKEND_NAMES};
 use chardev::{BackendSpec, ChardevSpec};
 use serde_json::{json, Map, Value};
 
+use crate::device_spec::DeviceSpec;
 use crate::fdstore::FdStore;
-use crate::machine::{capitalize, describe, DeviceSpec, Machine};
+use crate::machine::{capitalize, describe, Machine};
 use crate::protocol::{
     QmpError, PACKAGE, QEMU_VERSION_MAJOR, QEMU_VERSION_MICRO, QEMU_VERSION_MINOR,
 };
@@ -802,7 +803,8 @@ pub const BASE64: GeneralPurpose = GeneralPurpose::new(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::machine::{DeviceDriver, MachineError, PortInfo, RunState};
+    use crate::device_spec::DeviceDriver;
+    use crate::machine::{MachineError, PortInfo, RunState};
     use chardev::Registry;
 
     /// A machine that records what it was asked.
