@@ -558,7 +558,7 @@ fn place_ports(
     let names = virtio_serial
         .iter()
         .flat_map(|v| v.ports.iter().filter_map(|p| p.name.as_deref()));
-    match first_repeat(names) {
+    match repeats(names).first() {
         Some(name) => Err(CliError::DuplicatePortName(name.to_string())),
         None => Ok(()),
     }
@@ -592,19 +592,24 @@ fn check_chardev_users(
                 .flat_map(|v| v.ports.iter().map(|p| p.chardev.as_str())),
         )
         .chain(mons.iter().map(|m| m.chardev.as_str()));
-    match first_repeat(users) {
-        Some(id) if !chardevs.iter().any(|c| c.id == id && c.mux) => {
-            Err(CliError::ChardevInUse(id.to_string()))
-        }
-        _ => Ok(()),
+    let unshareable = repeats(users)
+        .into_iter()
+        .find(|&id| !chardevs.iter().any(|c| c.id == id && c.mux));
+    match unshareable {
+        Some(id) => Err(CliError::ChardevInUse(id.to_string())),
+        None => Ok(()),
     }
 }
 
-/// The smallest item that occurs twice, if any.
-fn first_repeat<'a>(items: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+/// The items that occur more than once, in order (one entry per extra occurrence).
+fn repeats<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     let mut items: Vec<&str> = items.collect();
     items.sort_unstable();
-    items.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+    items
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect()
 }
 
 /// Above 3 GiB of RAM the rest goes above 4 GiB; this says how much sits below the hole.
@@ -721,6 +726,25 @@ mod tests {
             "isa-serial,chardev=a",
         ]);
         assert!(e.contains("mux=on"), "{e}");
+        // Every shared chardev needs mux=on, not only the first in id order.
+        let e = rejected(&[
+            "--chardev",
+            "null,id=a,mux=on",
+            "--chardev",
+            "null,id=b",
+            "--serial",
+            "chardev:a",
+            "--serial",
+            "chardev:b",
+            "--device",
+            "virtserialport,chardev=a",
+            "--device",
+            "virtserialport,chardev=b,id=b2",
+        ]);
+        assert_eq!(
+            e,
+            "--device: chardev 'b' is used by two frontends (add mux=on to share it)"
+        );
         let e = rejected(&["--chardev", "bogus,id=a"]);
         assert!(e.starts_with("--chardev:"), "{e}");
     }
