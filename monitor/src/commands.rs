@@ -8,12 +8,17 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine;
 use chardev::spec::{is_valid_id, SocketAddrSpec, BACKEND_NAMES};
 use chardev::{BackendSpec, ChardevSpec};
 use serde_json::{json, Map, Value};
 
+use crate::device_spec::DeviceSpec;
 use crate::fdstore::FdStore;
-use crate::machine::{capitalize, describe, DeviceSpec, Machine};
+use crate::machine::{capitalize, describe, Machine};
 use crate::protocol::{
     QmpError, PACKAGE, QEMU_VERSION_MAJOR, QEMU_VERSION_MICRO, QEMU_VERSION_MINOR,
 };
@@ -299,9 +304,9 @@ pub fn execute(
             let format = a.opt_enum("format", &["utf8", "base64"])?;
             a.finish()?;
             let bytes = match format {
-                Some("base64") => {
-                    base64_decode(data).ok_or_else(|| QmpError::generic("Invalid base64 data"))?
-                }
+                Some("base64") => BASE64
+                    .decode(data)
+                    .map_err(|_| QmpError::generic("Invalid base64 data"))?,
                 _ => data.as_bytes().to_vec(),
             };
             ringbuf(ctx, device, |b| b.ringbuf_write(&bytes))?;
@@ -320,7 +325,7 @@ pub fn execute(
                 .min(MAX_RINGBUF_READ);
             let bytes = ringbuf(ctx, device, |b| b.ringbuf_read(max))?;
             return Ok(Value::String(match format {
-                Some("base64") => base64_encode(&bytes),
+                Some("base64") => BASE64.encode(&bytes),
                 _ => String::from_utf8_lossy(&bytes).into_owned(),
             }));
         }
@@ -784,57 +789,22 @@ pub fn backend_to_spec(id: &str, backend: &Map<String, Value>) -> Result<Chardev
     ChardevSpec::parse(&s).map_err(|e| QmpError::generic(capitalize(&e.to_string())))
 }
 
-const BASE64_ALPHABET: &[u8; 64] =
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
-pub fn base64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(BASE64_ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decode standard base64 (padding optional, whitespace refused), `None` if invalid.
-pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let trimmed = text.trim_end_matches('=');
-    if text.len() - trimmed.len() > 2 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for c in trimmed.bytes() {
-        let v = BASE64_ALPHABET.iter().position(|&a| a == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    // A single leftover character (6 bits) cannot be valid.
-    (bits < 6).then_some(out)
-}
+/// QMP's base64 (`ringbuf-write` and `ringbuf-read` with `format=base64`): the standard
+/// alphabet, padded on output; on input the padding is optional and so are zero trailing bits,
+/// while whitespace or any other character is refused, as QEMU's decoder does.
+pub const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::machine::{DeviceDriver, MachineError, PortInfo, RunState};
+    use crate::device_spec::DeviceDriver;
+    use crate::machine::{MachineError, PortInfo, RunState};
     use chardev::Registry;
 
     /// A machine that records what it was asked.
@@ -1126,7 +1096,7 @@ pub(crate) mod tests {
             &mut m,
             &fds,
             "ringbuf-write",
-            json!({"device": "rb", "data": base64_encode(b"\x00\xffz"), "format": "base64"}),
+            json!({"device": "rb", "data": BASE64.encode(b"\x00\xffz"), "format": "base64"}),
         )
         .unwrap();
         // size 8 keeps the last 8 bytes: "lo\0\xffz" preceded by "hel" overwritten.
@@ -1138,7 +1108,7 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert_eq!(
-            base64_decode(got.as_str().unwrap()).unwrap(),
+            BASE64.decode(got.as_str().unwrap()).unwrap(),
             b"hello\x00\xffz"
         );
         assert_eq!(
@@ -1409,13 +1379,22 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn base64_roundtrip() {
+    fn base64_is_standard_padded_and_lenient_only_about_padding() {
         for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar"] {
-            assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
+            assert_eq!(BASE64.decode(BASE64.encode(data)).unwrap(), data);
         }
-        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64_encode(b"fo"), "Zm8=");
-        assert!(base64_decode("Z").is_none());
-        assert!(base64_decode("Zm9v!").is_none());
+        assert_eq!(BASE64.encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(BASE64.encode(b"fo"), "Zm8=");
+        assert_eq!(BASE64.encode(b"\xfb\xff"), "+/8=");
+        assert_eq!(BASE64.decode("Zm8").unwrap(), b"fo");
+        assert_eq!(BASE64.decode("Zm8=").unwrap(), b"fo");
+        assert_eq!(
+            BASE64.decode("Zm9").unwrap(),
+            b"fo",
+            "non-zero trailing bits"
+        );
+        for bad in ["Z", "Zm9v!", "Zm9v Zm9v", "Zm9v\n", "Zm=8", "-_8="] {
+            assert!(BASE64.decode(bad).is_err(), "{bad:?} decoded");
+        }
     }
 }

@@ -200,7 +200,7 @@ pub fn execute(ctx: &mut Context<'_>, line: &str) -> String {
             if rest.is_empty() {
                 Err("Error: missing argument 'driver'\n".to_string())
             } else {
-                Ok(match crate::machine::DeviceSpec::parse(rest) {
+                Ok(match crate::device_spec::DeviceSpec::parse(rest) {
                     Err(e) => format!("Error: {e}\n"),
                     Ok(spec) => match ctx.machine.device_add(&spec) {
                         Ok(()) => String::new(),

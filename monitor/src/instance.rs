@@ -17,6 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use uuid::fmt::Hyphenated;
+use uuid::{Builder, Uuid};
 
 use crate::sys;
 
@@ -201,38 +203,26 @@ pub fn validate_name(name: &str) -> Result<(), InstanceError> {
     }
 }
 
-const UUID_GROUPS: [usize; 5] = [8, 4, 4, 4, 12];
-
-/// Check a uuid's canonical form; returns it lowercased.
+/// Check a uuid in its canonical hyphenated form (QEMU's `-uuid` takes no other); returns it
+/// lowercased.
 pub fn validate_uuid(uuid: &str) -> Result<String, InstanceError> {
-    let groups: Vec<&str> = uuid.split('-').collect();
-    let ok = groups.len() == UUID_GROUPS.len()
-        && groups
-            .iter()
-            .zip(UUID_GROUPS)
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()));
-    if ok {
-        Ok(uuid.to_ascii_lowercase())
-    } else {
-        Err(InstanceError::BadUuid(uuid.to_string()))
+    let bad = || InstanceError::BadUuid(uuid.to_string());
+    if uuid.len() != Hyphenated::LENGTH {
+        return Err(bad());
     }
+    Uuid::try_parse(uuid)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| bad())
 }
 
-/// A random (version 4) uuid.
+/// A random (version 4) uuid, from the kernel's random bytes.
 pub fn generate_uuid() -> io::Result<String> {
-    let mut b = [0u8; 16];
-    sys::random_bytes(&mut b)?;
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    ))
+    let mut bytes = uuid::Bytes::default();
+    sys::random_bytes(&mut bytes)?;
+    Ok(Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string())
 }
 
 /// Environment variable that overrides [`runtime_root`] (tests, several separate sets of
@@ -689,14 +679,25 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
         validate_name("vm-1.test_2").unwrap();
-        assert!(validate_uuid("not-a-uuid").is_err());
+        for bad in [
+            "not-a-uuid",
+            "abcdef0123456789abcdef0123456789",
+            "{abcdef01-2345-6789-abcd-ef0123456789}",
+            "urn:uuid:abcdef01-2345-6789-abcd-ef0123456789",
+            "abcdef012-345-6789-abcd-ef0123456789",
+            "abcdef01-2345-6789-abcd-ef012345678g",
+        ] {
+            assert!(validate_uuid(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             validate_uuid("ABCDEF01-2345-6789-ABCD-EF0123456789").unwrap(),
             "abcdef01-2345-6789-abcd-ef0123456789"
         );
         let u = generate_uuid().unwrap();
         validate_uuid(&u).unwrap();
-        assert_eq!(&u[14..15], "4");
+        let parsed = Uuid::try_parse(&u).unwrap();
+        assert_eq!(parsed.get_version_num(), 4);
+        assert_eq!(parsed.get_variant(), uuid::Variant::RFC4122);
         assert_ne!(u, generate_uuid().unwrap());
         assert!(proc_start_ticks(std::process::id() as i32).is_some());
         assert!(

@@ -8,6 +8,8 @@
 //! - [`json`]: QEMU-compatible streaming JSON splitter and writer;
 //! - [`protocol`]: the sans-IO QMP session (greeting, negotiation, replies, events);
 //! - [`commands`]: the dispatcher of every QMP command;
+//! - [`device_spec`]: device options in QEMU's syntax, the one parser of `--device` and of
+//!   QMP and HMP `device_add`;
 //! - [`hmp`]: the human monitor and its line editor;
 //! - [`server`]: the multi-client unix-socket QMP server;
 //! - [`chardev_mon`]: a QMP or HMP session on any chardev backend;
@@ -22,6 +24,7 @@
 pub mod chardev_mon;
 pub mod client;
 pub mod commands;
+pub mod device_spec;
 pub mod events;
 pub mod fdstore;
 pub mod hmp;
@@ -36,10 +39,11 @@ pub mod vproxy;
 
 pub use chardev_mon::{ChardevMonitor, MonitorMode};
 pub use client::{qmp_command, ClientError, QmpClient};
+pub use device_spec::{DeviceDriver, DeviceProps, DeviceSpec, DeviceSpecError};
 pub use events::{EventQueue, ShutdownCause};
 pub use fdstore::FdStore;
 pub use hub::Monitor;
 pub use instance::{Instance, InstanceConfig, InstanceError, InstanceInfo};
-pub use machine::{DeviceDriver, DeviceSpec, Machine, MachineError, PortInfo, RunState};
+pub use machine::{Machine, MachineError, PortInfo, RunState};
 pub use protocol::{ErrorClass, QmpError, QmpEvent};
 pub use server::{Limits, QmpServer, ServerError};

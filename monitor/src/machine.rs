@@ -1,15 +1,15 @@
 //! What the monitor needs from the machine: the [`Machine`] trait the VMM implements, and the
-//! typed values that cross it (run state, device specs, port descriptions, errors).
+//! typed values that cross it (run state, device specs from `device_spec`, port descriptions,
+//! errors).
 //!
 //! The trait is the whole boundary between the monitor and the VMM: the monitor never sees
 //! KVM, a device model or the event loop. Events go the other way through
 //! [`crate::events::EventQueue`], which the implementation fills as things happen.
 
-use std::collections::BTreeMap;
-
 use chardev::{Backend, ChardevSpec, Registry};
 use thiserror::Error;
 
+use crate::device_spec::{DeviceDriver, DeviceSpec};
 use crate::protocol::{ErrorClass, QmpError};
 
 /// The run state as `query-status` reports it (QEMU's `RunState`, the subset minivmm has).
@@ -48,173 +48,6 @@ impl RunState {
     /// Whether vCPUs run (`query-status`'s `running`).
     pub fn is_running(self) -> bool {
         self == RunState::Running
-    }
-}
-
-/// The device models `device_add` knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceDriver {
-    /// A virtio-serial port (`/dev/virtio-ports/NAME` in the guest).
-    VirtSerialPort,
-    /// A virtio console port (`/dev/hvcN` in the guest).
-    VirtConsole,
-}
-
-impl DeviceDriver {
-    /// The QEMU driver name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeviceDriver::VirtSerialPort => "virtserialport",
-            DeviceDriver::VirtConsole => "virtconsole",
-        }
-    }
-
-    /// Parse a driver name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "virtserialport" => Some(DeviceDriver::VirtSerialPort),
-            "virtconsole" => Some(DeviceDriver::VirtConsole),
-            _ => None,
-        }
-    }
-}
-
-/// Properties of a port device.
-const PORT_PROPERTIES: &[&str] = &["id", "bus", "name", "chardev", "nr"];
-
-/// `device_add` of a port: `virtserialport,id=p1,name=org.x.1,chardev=c1[,bus=vser0.0][,nr=2]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceSpec {
-    /// The model.
-    pub driver: DeviceDriver,
-    /// Device id (`device_del` needs one).
-    pub id: Option<String>,
-    /// The virtio-serial bus (`vser0.0`); `None` lets the machine choose.
-    pub bus: Option<String>,
-    /// The port name the guest sees.
-    pub name: Option<String>,
-    /// The chardev the port is connected to.
-    pub chardev: Option<String>,
-    /// The port number on the bus; `None` lets the machine choose.
-    pub nr: Option<u32>,
-}
-
-/// A bad `device_add`.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum DeviceSpecError {
-    /// No driver given.
-    #[error("Parameter 'driver' is missing")]
-    MissingDriver,
-    /// Not a model we have.
-    #[error("'{0}' is not a valid device model name")]
-    UnknownDriver(String),
-    /// A property the model does not have.
-    #[error("Property '{driver}.{property}' not found")]
-    UnknownProperty {
-        /// The model.
-        driver: &'static str,
-        /// The property.
-        property: String,
-    },
-    /// A property given twice.
-    #[error("Property '{driver}.{property}' given twice")]
-    Duplicate {
-        /// The model.
-        driver: &'static str,
-        /// The property.
-        property: String,
-    },
-    /// A value of the wrong shape.
-    #[error("Property '{driver}.{property}' doesn't take value '{value}'")]
-    BadValue {
-        /// The model.
-        driver: &'static str,
-        /// The property.
-        property: String,
-        /// The value given.
-        value: String,
-    },
-}
-
-impl DeviceSpec {
-    /// Build from a driver and `key=value` properties (strings, as QEMU's option parser and
-    /// `device_add` both take them).
-    pub fn from_props(
-        driver: &str,
-        props: &BTreeMap<String, String>,
-    ) -> Result<Self, DeviceSpecError> {
-        let d = DeviceDriver::parse(driver)
-            .ok_or_else(|| DeviceSpecError::UnknownDriver(driver.to_string()))?;
-        let name = d.as_str();
-        if let Some(bad) = props
-            .keys()
-            .find(|k| !PORT_PROPERTIES.contains(&k.as_str()))
-        {
-            return Err(DeviceSpecError::UnknownProperty {
-                driver: name,
-                property: bad.clone(),
-            });
-        }
-        let get = |k: &str| props.get(k).cloned();
-        let nr = match props.get("nr") {
-            None => None,
-            Some(v) => Some(v.parse::<u32>().map_err(|_| DeviceSpecError::BadValue {
-                driver: name,
-                property: "nr".into(),
-                value: v.clone(),
-            })?),
-        };
-        if let Some(id) = props.get("id") {
-            if !chardev::spec::is_valid_id(id) {
-                return Err(DeviceSpecError::BadValue {
-                    driver: name,
-                    property: "id".into(),
-                    value: id.clone(),
-                });
-            }
-        }
-        Ok(DeviceSpec {
-            driver: d,
-            id: get("id"),
-            bus: get("bus"),
-            name: get("name"),
-            chardev: get("chardev"),
-            nr,
-        })
-    }
-
-    /// Parse `DRIVER,key=value,...` (HMP `device_add`, the CLI's `--device`). `,,` is a
-    /// literal comma; `driver=X` may stand in place of the leading driver name.
-    pub fn parse(s: &str) -> Result<Self, DeviceSpecError> {
-        let parts = chardev::spec::split_options(s);
-        let mut driver = None;
-        let mut props = BTreeMap::new();
-        for (n, part) in parts.iter().enumerate() {
-            match part.split_once('=') {
-                None if n == 0 => driver = Some(part.clone()),
-                None => {
-                    return Err(DeviceSpecError::UnknownProperty {
-                        driver: DeviceDriver::parse(driver.as_deref().unwrap_or(""))
-                            .map_or("device", DeviceDriver::as_str),
-                        property: part.clone(),
-                    })
-                }
-                Some(("driver", v)) if driver.is_none() => driver = Some(v.to_string()),
-                Some((k, v)) => {
-                    if props.insert(k.to_string(), v.to_string()).is_some() {
-                        return Err(DeviceSpecError::Duplicate {
-                            driver: DeviceDriver::parse(driver.as_deref().unwrap_or(""))
-                                .map_or("device", DeviceDriver::as_str),
-                            property: k.to_string(),
-                        });
-                    }
-                }
-            }
-        }
-        let driver = driver
-            .filter(|d| !d.is_empty())
-            .ok_or(DeviceSpecError::MissingDriver)?;
-        DeviceSpec::from_props(&driver, &props)
     }
 }
 
@@ -352,39 +185,6 @@ pub trait Machine {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn device_spec_parses_qemu_syntax() {
-        let d = DeviceSpec::parse("virtserialport,id=p1,name=org.x,,y,chardev=c1,nr=2").unwrap();
-        assert_eq!(
-            d,
-            DeviceSpec {
-                driver: DeviceDriver::VirtSerialPort,
-                id: Some("p1".into()),
-                bus: None,
-                name: Some("org.x,y".into()),
-                chardev: Some("c1".into()),
-                nr: Some(2),
-            }
-        );
-        assert_eq!(
-            DeviceSpec::parse("driver=virtconsole,id=c").unwrap().driver,
-            DeviceDriver::VirtConsole
-        );
-        assert_eq!(
-            DeviceSpec::parse("e1000,id=n").unwrap_err().to_string(),
-            "'e1000' is not a valid device model name"
-        );
-        assert_eq!(
-            DeviceSpec::parse("virtserialport,foo=1")
-                .unwrap_err()
-                .to_string(),
-            "Property 'virtserialport.foo' not found"
-        );
-        assert!(DeviceSpec::parse("virtserialport,nr=x").is_err());
-        assert!(DeviceSpec::parse("virtserialport,id=1bad").is_err());
-        assert!(DeviceSpec::parse("").is_err());
-    }
 
     #[test]
     fn machine_errors_map_to_classes() {

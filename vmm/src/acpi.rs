@@ -373,55 +373,24 @@ mod tests {
         );
     }
 
-    /// The DSDT and FADT as the ACPI reference tools read them: `iasl -d` disassembles them
-    /// without errors, the DSDT recompiles, and the disassembly names what the guest must
-    /// find (four PNP0501 ports with their I/O ranges and IRQs, the virtio-mmio slots, the
-    /// power button and its GED). Needs `iasl` (Debian `acpica-tools`, installed by
-    /// `resources/deps.sh`); fails loudly without it.
-    #[test]
-    fn iasl_disassembles_and_recompiles_the_tables() {
-        let ports: Vec<ComPort> = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)]
-            .iter()
-            .zip(1u8..)
-            .map(|(&(base, irq), index)| ComPort { index, base, irq })
-            .collect();
-        let slots = [
-            VirtioMmioSlot {
-                base: 0xd000_0000,
-                size: 0x1000,
-                gsi: 5,
-            },
-            VirtioMmioSlot {
-                base: 0xd000_1000,
-                size: 0x1000,
-                gsi: 6,
-            },
-        ];
-        let dir = tempfile::tempdir().unwrap();
-        let iasl = |args: &[&str]| {
-            let out = std::process::Command::new("iasl")
-                .args(args)
-                .current_dir(dir.path())
-                .output()
-                .unwrap_or_else(|e| {
-                    panic!("iasl (Debian acpica-tools, see resources/deps.sh) did not run: {e}")
-                });
-            let text = String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "iasl {args:?} failed:\n{text}");
-            text
-        };
-        std::fs::write(dir.path().join("dsdt.dat"), dsdt(&ports, &slots)).unwrap();
-        std::fs::write(dir.path().join("fadt.dat"), fadt(0x1000)).unwrap();
-        std::fs::write(dir.path().join("madt.dat"), madt(2)).unwrap();
-        for table in ["dsdt", "fadt", "madt"] {
-            iasl(&["-d", &format!("{table}.dat")]);
-            let dsl = std::fs::read_to_string(dir.path().join(format!("{table}.dsl"))).unwrap();
-            assert!(!dsl.contains("**** Unknown"), "{table}: {dsl}");
-        }
-        // The disassembly with comments dropped and white space collapsed.
-        let raw = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
-        let mut dsl = String::new();
+    /// Run `iasl ARGS` in `dir`; returns what it printed, failing the test if it failed.
+    fn iasl(dir: &std::path::Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("iasl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("iasl (Debian acpica-tools, see resources/deps.sh) did not run: {e}")
+            });
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "iasl {args:?} failed:\n{text}");
+        text
+    }
+
+    /// ASL source with comments dropped and white space collapsed to single spaces.
+    fn flatten_asl(raw: &str) -> String {
+        let mut asl = String::new();
         for line in raw.lines() {
             let mut line = line.split("//").next().unwrap_or("").to_string();
             while let (Some(a), Some(b)) = (line.find("/*"), line.find("*/")) {
@@ -430,19 +399,25 @@ mod tests {
                 }
                 line.replace_range(a..b + 2, "");
             }
-            dsl.push_str(&line);
-            dsl.push(' ');
+            asl.push_str(&line);
+            asl.push(' ');
         }
-        let dsl = dsl.split_whitespace().collect::<Vec<_>>().join(" ");
-        let device = |name: &str| {
-            let at = dsl
-                .find(&format!("Device ({name})"))
-                .unwrap_or_else(|| panic!("no {name} in {raw}"));
-            let rest = &dsl[at + 1..];
-            rest[..rest.find("Device (").unwrap_or(rest.len())].to_string()
-        };
-        for port in &ports {
-            let d = device(&format!("_SB.COM{}", port.index));
+        asl.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    /// The text of `Device (NAME)` in flattened ASL, up to the next device.
+    fn device_body(asl: &str, name: &str) -> String {
+        let at = asl
+            .find(&format!("Device ({name})"))
+            .unwrap_or_else(|| panic!("no {name} in {asl}"));
+        let rest = &asl[at + 1..];
+        rest[..rest.find("Device (").unwrap_or(rest.len())].to_string()
+    }
+
+    /// Each COM port is a PNP0501 with its I/O range and edge IRQ.
+    fn assert_com_ports(asl: &str, ports: &[ComPort]) {
+        for port in ports {
+            let d = device_body(asl, &format!("_SB.COM{}", port.index));
             for want in [
                 "Name (_HID, EisaId (\"PNP0501\") )".to_string(),
                 format!("IO (Decode16, 0x{0:04X}, 0x{0:04X}, 0x01, 0x08, )", port.base),
@@ -454,8 +429,12 @@ mod tests {
                 assert!(d.contains(&want), "COM{}: no {want:?} in {d}", port.index);
             }
         }
+    }
+
+    /// Each virtio-mmio slot is an LNRO0005 with its window and level GSI.
+    fn assert_virtio_slots(asl: &str, slots: &[VirtioMmioSlot]) {
         for (i, slot) in slots.iter().enumerate() {
-            let d = device(&format!("_SB.V{i:03X}"));
+            let d = device_body(asl, &format!("_SB.V{i:03X}"));
             for want in [
                 "Name (_HID, \"LNRO0005\")".to_string(),
                 format!(
@@ -470,14 +449,52 @@ mod tests {
                 assert!(d.contains(&want), "V{i:03X}: no {want:?} in {d}");
             }
         }
-        assert!(device("_SB.PWRB").contains("EisaId (\"PNP0C0C\")"), "{raw}");
-        let ged = device("_SB.GED");
+    }
+
+    /// The DSDT and FADT as the ACPI reference tools read them: `iasl -d` disassembles them
+    /// without errors, the DSDT recompiles, and the disassembly names what the guest must
+    /// find (four PNP0501 ports with their I/O ranges and IRQs, the virtio-mmio slots, the
+    /// power button and its GED). Needs `iasl` (Debian `acpica-tools`, installed by
+    /// `resources/deps.sh`); fails loudly without it.
+    #[test]
+    fn iasl_disassembles_and_recompiles_the_tables() {
+        let ports: Vec<ComPort> = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)]
+            .iter()
+            .zip(1u8..)
+            .map(|(&(base, irq), index)| ComPort { index, base, irq })
+            .collect();
+        // Two slots from 0xd000_0000 on GSIs 5 and 6.
+        let slots: Vec<VirtioMmioSlot> = (0..2u32)
+            .map(|i| VirtioMmioSlot {
+                base: 0xd000_0000 + u64::from(i) * 0x1000,
+                size: 0x1000,
+                gsi: 5 + i,
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("dsdt.dat"), dsdt(&ports, &slots)).unwrap();
+        std::fs::write(dir.path().join("fadt.dat"), fadt(0x1000)).unwrap();
+        std::fs::write(dir.path().join("madt.dat"), madt(2)).unwrap();
+        for table in ["dsdt", "fadt", "madt"] {
+            iasl(dir.path(), &["-d", &format!("{table}.dat")]);
+            let dsl = std::fs::read_to_string(dir.path().join(format!("{table}.dsl"))).unwrap();
+            assert!(!dsl.contains("**** Unknown"), "{table}: {dsl}");
+        }
+        let raw = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
+        let asl = flatten_asl(&raw);
+        assert_com_ports(&asl, &ports);
+        assert_virtio_slots(&asl, &slots);
+        assert!(
+            device_body(&asl, "_SB.PWRB").contains("EisaId (\"PNP0C0C\")"),
+            "{raw}"
+        );
+        let ged = device_body(&asl, "_SB.GED");
         assert!(
             ged.contains("\"ACPI0013\"") && ged.contains("Method (_EVT, 1, Serialized)"),
             "{ged}"
         );
         // The disassembly compiles back to AML without errors.
-        let compiled = iasl(&["dsdt.dsl"]);
+        let compiled = iasl(dir.path(), &["dsdt.dsl"]);
         assert!(compiled.contains("0 Errors, 0 Warnings"), "{compiled}");
     }
 }

@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use clap::Parser;
 use thiserror::Error;
 
-use crate::device_spec::{plan_com_ports, ComPortPlan, DeviceSpec, VirtioPortSpec};
+use chardev::ChardevSpec;
+
+use crate::device_spec::{
+    plan_com_ports, ComPortPlan, DeviceSpec, IsaSerialSpec, VirtioPortSpec, VirtioSerialSpec,
+};
 use crate::layout::{COM_PORTS, MIN_MEMORY, MMIO_HOLE_START};
 use monitor::MonitorMode;
 
@@ -295,39 +299,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl Cli {
-    /// Check every value and build the machine configuration.
+    /// Check every value and build the machine configuration. The checks run in the order of
+    /// the helpers below, so the first bad value met in that order is the one reported.
     pub fn validate(&self) -> Result<VmConfig, CliError> {
-        std::fs::File::open(&self.kernel).map_err(|e| CliError::Kernel {
-            path: self.kernel.display().to_string(),
-            reason: io_reason(&e),
-        })?;
-        if let Some(initrd) = &self.initrd {
-            std::fs::File::open(initrd).map_err(|e| CliError::Initrd {
-                path: initrd.display().to_string(),
-                reason: io_reason(&e),
-            })?;
-        }
-        let memory = parse_size(&self.memory).map_err(CliError::Memory)?;
-        if memory < MIN_MEMORY {
-            return Err(CliError::Memory(format!(
-                "'{}' is too small: at least {} MiB",
-                self.memory,
-                MIN_MEMORY >> 20
-            )));
-        }
-        if memory > MAX_MEMORY {
-            return Err(CliError::Memory(format!(
-                "'{}' is too large: at most {} GiB",
-                self.memory,
-                MAX_MEMORY >> 30
-            )));
-        }
-        if memory % 4096 != 0 {
-            return Err(CliError::Memory(format!(
-                "'{}' is not a multiple of 4 KiB",
-                self.memory
-            )));
-        }
+        self.check_files()?;
+        let memory = self.memory_size()?;
         let vcpus = match u8::try_from(self.smp) {
             Ok(n) if (1..=MAX_VCPUS).contains(&n) => n,
             _ => return Err(CliError::Smp(self.smp)),
@@ -335,183 +311,17 @@ impl Cli {
         if self.serial.len() > COM_PORTS.len() {
             return Err(CliError::TooManySerial(self.serial.len()));
         }
-        let cmdline = self
-            .append
-            .clone()
-            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
-        if cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
-            return Err(CliError::CmdlineTooLong(cmdline.len()));
-        }
-        // As in QEMU: the default COM1 on stdio exists only when the command line asks for no
-        // UART at all.
-        let has_isa_serial = self
-            .device
-            .iter()
-            .any(|d| d.split(',').next() == Some("isa-serial"));
-        let specs = if self.serial.is_empty() && !has_isa_serial {
-            vec!["stdio".to_string()]
-        } else if self.serial.is_empty() {
-            Vec::new()
-        } else {
-            self.serial.clone()
-        };
-        let mut chardevs = Vec::new();
-        for spec in &self.chardev {
-            let spec = chardev::ChardevSpec::parse(spec).map_err(CliError::Chardev)?;
-            if chardevs
-                .iter()
-                .any(|c: &chardev::ChardevSpec| c.id == spec.id)
-            {
-                return Err(CliError::DuplicateChardev(spec.id));
-            }
-            chardevs.push(spec);
-        }
-        let mut serial_ids = Vec::new();
+        let cmdline = self.cmdline()?;
+        let mut chardevs = self.chardev_specs()?;
         // `--serial mon:FORM` also puts the human monitor on that chardev, as QEMU does.
-        let mut mons = Vec::new();
-        for (i, spec) in specs.iter().enumerate() {
-            match chardev::parse_serial(spec, &format!("serial{i}")).map_err(CliError::Serial)? {
-                chardev::SerialArg::None => serial_ids.push(None),
-                chardev::SerialArg::Chardev(id) => {
-                    if !chardevs.iter().any(|c| c.id == id) {
-                        return Err(CliError::UnknownChardev(id));
-                    }
-                    serial_ids.push(Some(id));
-                }
-                chardev::SerialArg::Spec(spec) => {
-                    if chardevs.iter().any(|c| c.id == spec.id) {
-                        return Err(CliError::DuplicateChardev(spec.id));
-                    }
-                    serial_ids.push(Some(spec.id.clone()));
-                    if specs[i].starts_with("mon:") {
-                        mons.push(MonSpec {
-                            chardev: spec.id.clone(),
-                            mode: MonitorMode::Readline,
-                        });
-                    }
-                    chardevs.push(spec);
-                }
-            }
-        }
-        let mut isa = Vec::new();
-        let mut virtio_serial: Vec<VirtioSerialPlan> = Vec::new();
-        let mut virtio_ports = Vec::new();
-        let known = |id: &str, driver: &str| {
-            if chardevs.iter().any(|c| c.id == id) {
-                Ok(())
-            } else {
-                Err(CliError::UnknownDeviceChardev {
-                    driver: driver.to_string(),
-                    id: id.to_string(),
-                })
-            }
-        };
-        for d in &self.device {
-            match DeviceSpec::parse(d).map_err(CliError::Device)? {
-                DeviceSpec::IsaSerial(s) => {
-                    known(&s.chardev, "isa-serial")?;
-                    isa.push(s);
-                }
-                DeviceSpec::VirtioSerial(mut s) => {
-                    if s.id.is_empty() {
-                        s.id = format!("vser{}", virtio_serial.len());
-                    }
-                    if virtio_serial.iter().any(|v| v.id == s.id) {
-                        return Err(CliError::DuplicateDevice(s.id));
-                    }
-                    virtio_serial.push(VirtioSerialPlan {
-                        id: s.id,
-                        max_ports: s.max_ports,
-                        ports: Vec::new(),
-                    });
-                }
-                DeviceSpec::VirtioPort(p) => {
-                    known(
-                        &p.chardev,
-                        if p.console {
-                            "virtconsole"
-                        } else {
-                            "virtserialport"
-                        },
-                    )?;
-                    virtio_ports.push(p);
-                }
-            }
-        }
-        if virtio_serial.len() > crate::layout::MAX_VIRTIO_MMIO_DEVICES {
-            return Err(CliError::TooManyVirtioSerial(virtio_serial.len()));
-        }
-        for port in virtio_ports {
-            if virtio_serial.is_empty() {
-                // A port without a virtio-serial gets one, as QEMU's machines do.
-                virtio_serial.push(VirtioSerialPlan {
-                    id: "vser0".into(),
-                    max_ports: crate::device_spec::DEFAULT_VIRTIO_SERIAL_PORTS,
-                    ports: Vec::new(),
-                });
-            }
-            let bus = match &port.bus {
-                Some(b) => virtio_serial
-                    .iter_mut()
-                    .find(|v| &v.id == b)
-                    .ok_or_else(|| CliError::UnknownBus(b.clone()))?,
-                None => &mut virtio_serial[0],
-            };
-            bus.ports.push(port);
-        }
-        let mut names: Vec<&str> = virtio_serial
-            .iter()
-            .flat_map(|v| v.ports.iter().filter_map(|p| p.name.as_deref()))
-            .collect();
-        names.sort_unstable();
-        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(CliError::DuplicatePortName(w[0].to_string()));
-        }
+        let (serial_ids, mut mons) = add_serial_chardevs(&self.serial_specs(), &mut chardevs)?;
+        let (isa, virtio_serial) = self.devices(&chardevs)?;
         let com_ports = plan_com_ports(&serial_ids, &isa).map_err(CliError::Device)?;
-        let mut users: Vec<&str> = com_ports
-            .iter()
-            .map(|p| p.chardev.as_str())
-            .chain(
-                virtio_serial
-                    .iter()
-                    .flat_map(|v| v.ports.iter().map(|p| p.chardev.as_str())),
-            )
-            .collect();
         for m in &self.mon {
-            let m = MonSpec::parse(m).map_err(CliError::Mon)?;
-            if !chardevs.iter().any(|c| c.id == m.chardev) {
-                return Err(CliError::Mon(format!(
-                    "chardev '{}' is not defined with --chardev",
-                    m.chardev
-                )));
-            }
-            mons.push(m);
+            mons.push(parse_mon(m, &chardevs)?);
         }
-        users.extend(mons.iter().map(|m| m.chardev.as_str()));
-        users.sort_unstable();
-        if let Some(w) = users.windows(2).find(|w| w[0] == w[1]) {
-            let muxed = chardevs.iter().any(|c| c.id == w[0] && c.mux);
-            if !muxed {
-                return Err(CliError::ChardevInUse(w[0].to_string()));
-            }
-        }
-        if let Some(name) = &self.name {
-            monitor::instance::validate_name(name).map_err(|e| CliError::Instance {
-                option: "name",
-                reason: e.to_string(),
-            })?;
-        }
-        let uuid = match &self.uuid {
-            Some(u) => {
-                Some(
-                    monitor::instance::validate_uuid(u).map_err(|e| CliError::Instance {
-                        option: "uuid",
-                        reason: e.to_string(),
-                    })?,
-                )
-            }
-            None => None,
-        };
+        check_chardev_users(&chardevs, &com_ports, &virtio_serial, &mons)?;
+        let uuid = self.instance_ids()?;
         Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -529,6 +339,277 @@ impl Cli {
             acpi: self.acpi,
         })
     }
+
+    /// The kernel and the initrd can be read.
+    fn check_files(&self) -> Result<(), CliError> {
+        std::fs::File::open(&self.kernel).map_err(|e| CliError::Kernel {
+            path: self.kernel.display().to_string(),
+            reason: io_reason(&e),
+        })?;
+        if let Some(initrd) = &self.initrd {
+            std::fs::File::open(initrd).map_err(|e| CliError::Initrd {
+                path: initrd.display().to_string(),
+                reason: io_reason(&e),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// `--memory` in bytes: at least [`MIN_MEMORY`], at most [`MAX_MEMORY`], whole pages.
+    fn memory_size(&self) -> Result<u64, CliError> {
+        let memory = parse_size(&self.memory).map_err(CliError::Memory)?;
+        let problem = if memory < MIN_MEMORY {
+            format!("is too small: at least {} MiB", MIN_MEMORY >> 20)
+        } else if memory > MAX_MEMORY {
+            format!("is too large: at most {} GiB", MAX_MEMORY >> 30)
+        } else if memory % PAGE_SIZE != 0 {
+            "is not a multiple of 4 KiB".to_string()
+        } else {
+            return Ok(memory);
+        };
+        Err(CliError::Memory(format!("'{}' {problem}", self.memory)))
+    }
+
+    /// `--append`, or the default, if it fits the boot protocol's buffer.
+    fn cmdline(&self) -> Result<String, CliError> {
+        let cmdline = self
+            .append
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        if cmdline.len() >= crate::layout::CMDLINE_MAX_SIZE {
+            return Err(CliError::CmdlineTooLong(cmdline.len()));
+        }
+        Ok(cmdline)
+    }
+
+    /// The `--serial` values; as in QEMU, the default COM1 on stdio exists only when the
+    /// command line asks for no UART at all.
+    fn serial_specs(&self) -> Vec<String> {
+        let has_isa_serial = self
+            .device
+            .iter()
+            .any(|d| d.split(',').next() == Some("isa-serial"));
+        if self.serial.is_empty() && !has_isa_serial {
+            vec!["stdio".to_string()]
+        } else {
+            self.serial.clone()
+        }
+    }
+
+    /// Every `--chardev`, ids unique.
+    fn chardev_specs(&self) -> Result<Vec<ChardevSpec>, CliError> {
+        let mut chardevs: Vec<ChardevSpec> = Vec::new();
+        for spec in &self.chardev {
+            let spec = ChardevSpec::parse(spec).map_err(CliError::Chardev)?;
+            if chardevs.iter().any(|c| c.id == spec.id) {
+                return Err(CliError::DuplicateChardev(spec.id));
+            }
+            chardevs.push(spec);
+        }
+        Ok(chardevs)
+    }
+
+    /// Every `--device`: the ISA UARTs, and the virtio-serial devices with their ports (a
+    /// port without one gets one). Each chardev named must be defined.
+    fn devices(
+        &self,
+        chardevs: &[ChardevSpec],
+    ) -> Result<(Vec<IsaSerialSpec>, Vec<VirtioSerialPlan>), CliError> {
+        let mut isa = Vec::new();
+        let mut virtio_serial: Vec<VirtioSerialPlan> = Vec::new();
+        let mut virtio_ports = Vec::new();
+        for d in &self.device {
+            match DeviceSpec::parse(d).map_err(CliError::Device)? {
+                DeviceSpec::IsaSerial(s) => {
+                    check_device_chardev(chardevs, &s.chardev, "isa-serial")?;
+                    isa.push(s);
+                }
+                DeviceSpec::VirtioSerial(s) => add_virtio_serial(&mut virtio_serial, s)?,
+                DeviceSpec::VirtioPort(p) => {
+                    let driver = if p.console {
+                        "virtconsole"
+                    } else {
+                        "virtserialport"
+                    };
+                    check_device_chardev(chardevs, &p.chardev, driver)?;
+                    virtio_ports.push(p);
+                }
+            }
+        }
+        if virtio_serial.len() > crate::layout::MAX_VIRTIO_MMIO_DEVICES {
+            return Err(CliError::TooManyVirtioSerial(virtio_serial.len()));
+        }
+        place_ports(&mut virtio_serial, virtio_ports)?;
+        Ok((isa, virtio_serial))
+    }
+
+    /// `--name` checked; `--uuid` checked and lowercased.
+    fn instance_ids(&self) -> Result<Option<String>, CliError> {
+        if let Some(name) = &self.name {
+            monitor::instance::validate_name(name).map_err(|e| CliError::Instance {
+                option: "name",
+                reason: e.to_string(),
+            })?;
+        }
+        self.uuid
+            .as_deref()
+            .map(|u| {
+                monitor::instance::validate_uuid(u).map_err(|e| CliError::Instance {
+                    option: "uuid",
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Guest RAM is mapped in whole pages.
+const PAGE_SIZE: u64 = 4096;
+
+/// Add the chardevs `--serial` values imply (`serialN`) to `chardevs`; returns the chardev of
+/// each COM port (`None` for `none`) and the human monitors `mon:` asks for.
+fn add_serial_chardevs(
+    specs: &[String],
+    chardevs: &mut Vec<ChardevSpec>,
+) -> Result<(Vec<Option<String>>, Vec<MonSpec>), CliError> {
+    let mut serial_ids = Vec::new();
+    let mut mons = Vec::new();
+    for (i, text) in specs.iter().enumerate() {
+        match chardev::parse_serial(text, &format!("serial{i}")).map_err(CliError::Serial)? {
+            chardev::SerialArg::None => serial_ids.push(None),
+            chardev::SerialArg::Chardev(id) => {
+                if !chardevs.iter().any(|c| c.id == id) {
+                    return Err(CliError::UnknownChardev(id));
+                }
+                serial_ids.push(Some(id));
+            }
+            chardev::SerialArg::Spec(spec) => {
+                if chardevs.iter().any(|c| c.id == spec.id) {
+                    return Err(CliError::DuplicateChardev(spec.id));
+                }
+                serial_ids.push(Some(spec.id.clone()));
+                if text.starts_with("mon:") {
+                    mons.push(MonSpec {
+                        chardev: spec.id.clone(),
+                        mode: MonitorMode::Readline,
+                    });
+                }
+                chardevs.push(spec);
+            }
+        }
+    }
+    Ok((serial_ids, mons))
+}
+
+/// The chardev `id` a `driver` device names is defined.
+fn check_device_chardev(chardevs: &[ChardevSpec], id: &str, driver: &str) -> Result<(), CliError> {
+    if chardevs.iter().any(|c| c.id == id) {
+        Ok(())
+    } else {
+        Err(CliError::UnknownDeviceChardev {
+            driver: driver.to_string(),
+            id: id.to_string(),
+        })
+    }
+}
+
+/// Add a `virtio-serial` (`vserN` when it has no id); ids are unique.
+fn add_virtio_serial(
+    plans: &mut Vec<VirtioSerialPlan>,
+    mut spec: VirtioSerialSpec,
+) -> Result<(), CliError> {
+    if spec.id.is_empty() {
+        spec.id = format!("vser{}", plans.len());
+    }
+    if plans.iter().any(|v| v.id == spec.id) {
+        return Err(CliError::DuplicateDevice(spec.id));
+    }
+    plans.push(VirtioSerialPlan {
+        id: spec.id,
+        max_ports: spec.max_ports,
+        ports: Vec::new(),
+    });
+    Ok(())
+}
+
+/// Put each port on its `bus=` (default: the first virtio-serial, made if there is none, as
+/// QEMU's machines do); port names are unique.
+fn place_ports(
+    virtio_serial: &mut Vec<VirtioSerialPlan>,
+    ports: Vec<VirtioPortSpec>,
+) -> Result<(), CliError> {
+    for port in ports {
+        if virtio_serial.is_empty() {
+            virtio_serial.push(VirtioSerialPlan {
+                id: "vser0".into(),
+                max_ports: crate::device_spec::DEFAULT_VIRTIO_SERIAL_PORTS,
+                ports: Vec::new(),
+            });
+        }
+        let bus = match &port.bus {
+            Some(b) => virtio_serial
+                .iter_mut()
+                .find(|v| &v.id == b)
+                .ok_or_else(|| CliError::UnknownBus(b.clone()))?,
+            None => &mut virtio_serial[0],
+        };
+        bus.ports.push(port);
+    }
+    let names = virtio_serial
+        .iter()
+        .flat_map(|v| v.ports.iter().filter_map(|p| p.name.as_deref()));
+    match repeats(names).first() {
+        Some(name) => Err(CliError::DuplicatePortName(name.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// One `--mon`, on a defined chardev.
+fn parse_mon(text: &str, chardevs: &[ChardevSpec]) -> Result<MonSpec, CliError> {
+    let m = MonSpec::parse(text).map_err(CliError::Mon)?;
+    if !chardevs.iter().any(|c| c.id == m.chardev) {
+        return Err(CliError::Mon(format!(
+            "chardev '{}' is not defined with --chardev",
+            m.chardev
+        )));
+    }
+    Ok(m)
+}
+
+/// A chardev has one frontend (a COM port, a virtio port or a monitor) unless `mux=on`.
+fn check_chardev_users(
+    chardevs: &[ChardevSpec],
+    com_ports: &[ComPortPlan],
+    virtio_serial: &[VirtioSerialPlan],
+    mons: &[MonSpec],
+) -> Result<(), CliError> {
+    let users = com_ports
+        .iter()
+        .map(|p| p.chardev.as_str())
+        .chain(
+            virtio_serial
+                .iter()
+                .flat_map(|v| v.ports.iter().map(|p| p.chardev.as_str())),
+        )
+        .chain(mons.iter().map(|m| m.chardev.as_str()));
+    let unshareable = repeats(users)
+        .into_iter()
+        .find(|&id| !chardevs.iter().any(|c| c.id == id && c.mux));
+    match unshareable {
+        Some(id) => Err(CliError::ChardevInUse(id.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// The items that occur more than once, in order (one entry per extra occurrence).
+fn repeats<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut items: Vec<&str> = items.collect();
+    items.sort_unstable();
+    items
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect()
 }
 
 /// Above 3 GiB of RAM the rest goes above 4 GiB; this says how much sits below the hole.
@@ -552,6 +633,11 @@ mod tests {
         let mut v = vec!["minivmm", "--kernel", "/dev/null"];
         v.extend_from_slice(args);
         Cli::try_parse_from(v).unwrap()
+    }
+
+    /// Why `minivmm ARGS` is refused.
+    fn rejected(args: &[&str]) -> String {
+        cli(args).validate().unwrap_err().to_string()
     }
 
     #[test]
@@ -625,25 +711,46 @@ mod tests {
             .collect();
         // An isa-serial device replaces the default COM1 on stdio, as in QEMU.
         assert_eq!(ports, vec![(0, "n0", true), (3, "f0", false)]);
-        let e = cli(&["--chardev", "null,id=a", "--chardev", "null,id=a"])
-            .validate()
-            .unwrap_err();
-        assert_eq!(e.to_string(), "--chardev: duplicate id 'a'");
-        let e = cli(&["--device", "isa-serial,chardev=zz"])
-            .validate()
-            .unwrap_err();
-        assert!(e.to_string().contains("'zz'"), "{e}");
-        let e = cli(&[
+        assert_eq!(
+            rejected(&["--chardev", "null,id=a", "--chardev", "null,id=a"]),
+            "--chardev: duplicate id 'a'"
+        );
+        let e = rejected(&["--device", "isa-serial,chardev=zz"]);
+        assert!(e.contains("'zz'"), "{e}");
+        let e = rejected(&[
             "--chardev",
             "null,id=a",
             "--serial",
             "chardev:a",
             "--device",
             "isa-serial,chardev=a",
-        ])
-        .validate()
-        .unwrap_err();
-        assert!(e.to_string().contains("mux=on"), "{e}");
+        ]);
+        assert!(e.contains("mux=on"), "{e}");
+        // Every shared chardev needs mux=on, not only the first in id order.
+        let e = rejected(&[
+            "--chardev",
+            "null,id=a,mux=on",
+            "--chardev",
+            "null,id=b",
+            "--serial",
+            "chardev:a",
+            "--serial",
+            "chardev:b",
+            "--device",
+            "virtserialport,chardev=a",
+            "--device",
+            "virtserialport,chardev=b,id=b2",
+        ]);
+        assert_eq!(
+            e,
+            "--device: chardev 'b' is used by two frontends (add mux=on to share it)"
+        );
+        let e = rejected(&["--chardev", "bogus,id=a"]);
+        assert!(e.starts_with("--chardev:"), "{e}");
+    }
+
+    #[test]
+    fn virtio_ports_go_on_a_virtio_serial() {
         let c = cli(&[
             "--chardev",
             "null,id=a",
@@ -659,7 +766,7 @@ mod tests {
         assert_eq!(c.virtio_serial.len(), 1);
         assert_eq!(c.virtio_serial[0].id, "vser0");
         assert_eq!(c.virtio_serial[0].ports.len(), 2);
-        let e = cli(&[
+        let e = rejected(&[
             "--chardev",
             "null,id=a",
             "--chardev",
@@ -668,21 +775,15 @@ mod tests {
             "virtserialport,chardev=a,name=same",
             "--device",
             "virtserialport,chardev=b,name=same",
-        ])
-        .validate()
-        .unwrap_err();
-        assert_eq!(e.to_string(), "--device: port name 'same' is used twice");
-        let e = cli(&[
+        ]);
+        assert_eq!(e, "--device: port name 'same' is used twice");
+        let e = rejected(&[
             "--chardev",
             "null,id=a",
             "--device",
             "virtserialport,chardev=a,bus=nope",
-        ])
-        .validate()
-        .unwrap_err();
-        assert!(e.to_string().contains("'nope'"), "{e}");
-        let e = cli(&["--chardev", "bogus,id=a"]).validate().unwrap_err();
-        assert!(e.to_string().starts_with("--chardev:"), "{e}");
+        ]);
+        assert!(e.contains("'nope'"), "{e}");
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! `--device DRIVER,key=value,...` in QEMU's syntax, and the COM-port plan it produces together
 //! with `--serial`: which chardev each of COM1..COM4 uses, at which port, IRQ and line clock.
 //!
+//! The option syntax and the port models (`virtserialport`, `virtconsole`) go through
+//! `monitor::device_spec`, the parser QMP and HMP `device_add` use too; the models only the
+//! command line has (`isa-serial`, `virtio-serial`) are read here from the same properties.
 //! Only parsing and static checks here; backends are opened when the VM is built.
 
+use monitor::device_spec::{DeviceDriver, DeviceProps, DeviceSpec as PortSpec, DeviceSpecError};
 use thiserror::Error;
 
 use crate::layout::COM_PORTS;
@@ -13,12 +17,23 @@ pub const DEFAULT_BAUD_BASE: u32 = 115_200;
 /// A rejected `--device`. The message names the option and the device.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DeviceError {
+    /// No driver name.
+    #[error("--device: the device model is missing (known: {KNOWN_DRIVERS})")]
+    MissingDriver,
     /// The driver name is not one minivmm has.
-    #[error("--device: unknown device '{0}' (known: isa-serial, virtio-serial, virtserialport, virtconsole)")]
+    #[error("--device: unknown device '{0}' (known: {KNOWN_DRIVERS})")]
     UnknownDriver(String),
     /// An option the driver does not take.
     #[error("--device {driver}: unknown option '{key}'")]
     UnknownOption {
+        /// The driver.
+        driver: String,
+        /// The option.
+        key: String,
+    },
+    /// An option given twice.
+    #[error("--device {driver}: option '{key}' given twice")]
+    Duplicate {
         /// The driver.
         driver: String,
         /// The option.
@@ -40,11 +55,45 @@ pub enum DeviceError {
         /// The driver.
         driver: String,
         /// The option.
-        key: &'static str,
+        key: String,
     },
     /// Two devices want the same COM index, or there is none left.
     #[error("--device isa-serial: {0}")]
     Placement(String),
+}
+
+/// The drivers `--device` knows, for its errors.
+const KNOWN_DRIVERS: &str = "isa-serial, virtio-serial, virtserialport, virtconsole";
+
+/// The shared parser's errors, in the command line's words.
+impl From<DeviceSpecError> for DeviceError {
+    fn from(e: DeviceSpecError) -> Self {
+        match e {
+            DeviceSpecError::MissingDriver => DeviceError::MissingDriver,
+            DeviceSpecError::UnknownDriver(d) => DeviceError::UnknownDriver(d),
+            DeviceSpecError::UnknownProperty { driver, property } => DeviceError::UnknownOption {
+                driver,
+                key: property,
+            },
+            DeviceSpecError::Duplicate { driver, property } => DeviceError::Duplicate {
+                driver,
+                key: property,
+            },
+            DeviceSpecError::BadValue {
+                driver,
+                property,
+                value,
+            } => DeviceError::BadValue {
+                driver,
+                key: property,
+                value,
+            },
+            DeviceSpecError::Missing { driver, property } => DeviceError::Missing {
+                driver,
+                key: property,
+            },
+        }
+    }
 }
 
 /// An ISA 16550 UART as `--device isa-serial` or `--serial` describes it.
@@ -73,7 +122,7 @@ pub struct VirtioSerialSpec {
     pub max_ports: u32,
 }
 
-/// A `virtserialport` or `virtconsole`.
+/// A `virtserialport` or `virtconsole` present at boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtioPortSpec {
     /// Device id (`id=`, default the chardev id).
@@ -92,6 +141,10 @@ pub struct VirtioPortSpec {
 
 /// Default `max_ports` of a virtio-serial device, as QEMU.
 pub const DEFAULT_VIRTIO_SERIAL_PORTS: u32 = 31;
+/// Most ports a virtio-serial device may offer (QEMU's limit).
+const MAX_VIRTIO_SERIAL_PORTS: u32 = 511;
+/// ISA IRQs a UART may use: 1 to 15.
+const ISA_IRQS: std::ops::Range<u32> = 1..16;
 
 /// One parsed `--device`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,200 +157,75 @@ pub enum DeviceSpec {
     VirtioPort(VirtioPortSpec),
 }
 
-/// The options of one `--device`, with errors that name the driver.
-struct Options {
-    driver: String,
-    items: std::vec::IntoIter<String>,
-}
-
-impl Options {
-    fn new(driver: &str, items: Vec<String>) -> Self {
-        Options {
-            driver: driver.to_string(),
-            items: items.into_iter(),
-        }
-    }
-
-    /// The next `key=value` (a bare `key` means `key=on`).
-    fn next_option(&mut self) -> Option<(String, String)> {
-        let item = self.items.next()?;
-        Some(match item.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (item, "on".to_string()),
-        })
-    }
-
-    fn bad(&self, key: &str, value: &str) -> DeviceError {
-        DeviceError::BadValue {
-            driver: self.driver.clone(),
-            key: key.into(),
-            value: value.into(),
-        }
-    }
-
-    fn unknown(&self, key: &str) -> DeviceError {
-        DeviceError::UnknownOption {
-            driver: self.driver.clone(),
-            key: key.into(),
-        }
-    }
-
-    fn missing(&self, key: &'static str) -> DeviceError {
-        DeviceError::Missing {
-            driver: self.driver.clone(),
-            key,
-        }
-    }
-
-    fn id(&self, key: &str, value: &str) -> Result<String, DeviceError> {
-        if chardev::spec::is_valid_id(value) {
-            Ok(value.to_string())
-        } else {
-            Err(self.bad(key, value))
-        }
-    }
-
-    fn boolean(&self, key: &str, value: &str) -> Result<bool, DeviceError> {
-        match value {
-            "on" | "yes" | "true" => Ok(true),
-            "off" | "no" | "false" => Ok(false),
-            _ => Err(self.bad(key, value)),
-        }
-    }
-
-    fn number(&self, key: &str, value: &str) -> Result<u64, DeviceError> {
-        let parsed = match value
-            .strip_prefix("0x")
-            .or_else(|| value.strip_prefix("0X"))
-        {
-            Some(hex) => u64::from_str_radix(hex, 16),
-            None => value.parse(),
-        };
-        parsed.map_err(|_| self.bad(key, value))
-    }
-}
-
-fn parse_isa_serial(mut o: Options) -> Result<DeviceSpec, DeviceError> {
-    let mut spec = IsaSerialSpec {
-        chardev: String::new(),
-        index: None,
-        iobase: None,
-        irq: None,
-        baud_base: DEFAULT_BAUD_BASE,
-        pacing: true,
+fn parse_isa_serial(mut p: DeviceProps) -> Result<DeviceSpec, DeviceSpecError> {
+    // QEMU's `id=` names the device; minivmm's COM ports go by chardev, so it is only checked.
+    p.take_id("id")?;
+    let spec = IsaSerialSpec {
+        chardev: p.take_id("chardev")?.ok_or_else(|| p.missing("chardev"))?,
+        index: p.take_number("index", |&n: &usize| n < COM_PORTS.len())?,
+        iobase: p.take_number("iobase", |_: &u16| true)?,
+        irq: p.take_number("irq", |n: &u32| ISA_IRQS.contains(n))?,
+        baud_base: p
+            .take_number("baudbase", |&n: &u32| n > 0)?
+            .unwrap_or(DEFAULT_BAUD_BASE),
+        pacing: p.take_bool("pacing")?.unwrap_or(true),
     };
-    while let Some((key, value)) = o.next_option() {
-        let (key, value) = (key.as_str(), value.as_str());
-        match key {
-            "chardev" => spec.chardev = o.id(key, value)?,
-            "id" => {}
-            "index" => {
-                let n = o.number(key, value)? as usize;
-                if n >= COM_PORTS.len() {
-                    return Err(o.bad(key, value));
-                }
-                spec.index = Some(n);
-            }
-            "iobase" => {
-                let n = o.number(key, value)?;
-                spec.iobase = Some(u16::try_from(n).map_err(|_| o.bad(key, value))?);
-            }
-            "irq" => {
-                let n = o.number(key, value)?;
-                if !(1..16).contains(&n) {
-                    return Err(o.bad(key, value));
-                }
-                spec.irq = Some(n as u32);
-            }
-            "baudbase" => {
-                let n = o.number(key, value)?;
-                spec.baud_base = u32::try_from(n)
-                    .ok()
-                    .filter(|&b| b > 0)
-                    .ok_or_else(|| o.bad(key, value))?;
-            }
-            "pacing" => spec.pacing = o.boolean(key, value)?,
-            _ => return Err(o.unknown(key)),
-        }
-    }
-    if spec.chardev.is_empty() {
-        return Err(o.missing("chardev"));
-    }
+    p.finish()?;
     Ok(DeviceSpec::IsaSerial(spec))
 }
 
-fn parse_virtio_serial(mut o: Options) -> Result<DeviceSpec, DeviceError> {
-    let mut spec = VirtioSerialSpec {
-        id: String::new(),
-        max_ports: DEFAULT_VIRTIO_SERIAL_PORTS,
+fn parse_virtio_serial(mut p: DeviceProps) -> Result<DeviceSpec, DeviceSpecError> {
+    let spec = VirtioSerialSpec {
+        id: p.take_id("id")?.unwrap_or_default(),
+        max_ports: p
+            .take_number("max_ports", |n: &u32| {
+                (1..=MAX_VIRTIO_SERIAL_PORTS).contains(n)
+            })?
+            .unwrap_or(DEFAULT_VIRTIO_SERIAL_PORTS),
     };
-    while let Some((key, value)) = o.next_option() {
-        let (key, value) = (key.as_str(), value.as_str());
-        match key {
-            "id" => spec.id = o.id(key, value)?,
-            "max_ports" => {
-                let n = o.number(key, value)?;
-                spec.max_ports = u32::try_from(n)
-                    .ok()
-                    .filter(|n| (1..=511).contains(n))
-                    .ok_or_else(|| o.bad(key, value))?;
-            }
-            _ => return Err(o.unknown(key)),
-        }
-    }
+    p.finish()?;
     Ok(DeviceSpec::VirtioSerial(spec))
 }
 
-fn parse_virtio_port(mut o: Options, console: bool) -> Result<DeviceSpec, DeviceError> {
-    let mut spec = VirtioPortSpec {
-        id: String::new(),
-        chardev: String::new(),
-        name: None,
-        nr: None,
-        bus: None,
-        console,
-    };
-    while let Some((key, value)) = o.next_option() {
-        let (key, value) = (key.as_str(), value.as_str());
-        match key {
-            "chardev" => spec.chardev = o.id(key, value)?,
-            "id" => spec.id = o.id(key, value)?,
-            // QEMU spells it `vser0.0`; the part before the dot names the device.
-            "bus" => spec.bus = Some(o.id(key, value.split('.').next().unwrap_or(value))?),
-            "name" => {
-                devices::virtio::console::validate_port_name(value)
-                    .map_err(|_| o.bad(key, value))?;
-                spec.name = Some(value.into());
+/// A port through the parser QMP and HMP `device_add` use, then what a port at boot needs
+/// besides: a chardev, and a name the guest can have.
+fn parse_virtio_port(p: DeviceProps) -> Result<DeviceSpec, DeviceSpecError> {
+    let driver = p.driver().to_string();
+    let port = PortSpec::from_device_props(p)?;
+    if let Some(name) = &port.name {
+        devices::virtio::console::validate_port_name(name).map_err(|_| {
+            DeviceSpecError::BadValue {
+                driver: driver.clone(),
+                property: "name".into(),
+                value: name.clone(),
             }
-            "nr" => {
-                let n = o.number(key, value)?;
-                spec.nr = Some(u32::try_from(n).map_err(|_| o.bad(key, value))?);
-            }
-            _ => return Err(o.unknown(key)),
-        }
+        })?;
     }
-    if spec.chardev.is_empty() {
-        return Err(o.missing("chardev"));
-    }
-    if spec.id.is_empty() {
-        spec.id = spec.chardev.clone();
-    }
-    Ok(DeviceSpec::VirtioPort(spec))
+    let chardev = port.chardev.clone().ok_or(DeviceSpecError::Missing {
+        driver,
+        property: "chardev".into(),
+    })?;
+    Ok(DeviceSpec::VirtioPort(VirtioPortSpec {
+        id: port.id.clone().unwrap_or_else(|| chardev.clone()),
+        bus: port.bus_device().map(str::to_string),
+        name: port.name,
+        nr: port.nr,
+        console: port.driver == DeviceDriver::VirtConsole,
+        chardev,
+    }))
 }
 
 impl DeviceSpec {
     /// Parse one `--device` value.
     pub fn parse(s: &str) -> Result<DeviceSpec, DeviceError> {
-        let mut parts = chardev::spec::split_options(s).into_iter();
-        let driver = parts.next().unwrap_or_default();
-        let options = Options::new(&driver, parts.collect());
-        match driver.as_str() {
-            "isa-serial" => parse_isa_serial(options),
-            "virtio-serial" | "virtio-serial-device" => parse_virtio_serial(options),
-            "virtserialport" => parse_virtio_port(options, false),
-            "virtconsole" => parse_virtio_port(options, true),
-            other => Err(DeviceError::UnknownDriver(other.to_string())),
-        }
+        let props = DeviceProps::parse(s)?;
+        let spec = match props.driver() {
+            "isa-serial" => parse_isa_serial(props),
+            "virtio-serial" | "virtio-serial-device" => parse_virtio_serial(props),
+            driver if DeviceDriver::parse(driver).is_some() => parse_virtio_port(props),
+            other => return Err(DeviceError::UnknownDriver(other.to_string())),
+        };
+        Ok(spec?)
     }
 }
 
@@ -508,6 +436,42 @@ mod tests {
             ]
         )
         .is_err());
+    }
+
+    /// A port on the command line is what `device_add` makes of the same text, with the
+    /// defaults and checks of a port present at boot on top.
+    #[test]
+    fn ports_parse_as_device_add_parses_them() {
+        let text = "virtconsole,chardev=c0,id=p0,bus=vser1.0,nr=0x3,name=org.x.y";
+        let shared = PortSpec::parse(text).unwrap();
+        let DeviceSpec::VirtioPort(port) = DeviceSpec::parse(text).unwrap() else {
+            panic!("not a port");
+        };
+        assert_eq!(port.bus.as_deref(), shared.bus_device());
+        assert_eq!(
+            (
+                Some(port.id),
+                Some(port.chardev),
+                port.name,
+                port.nr,
+                port.console
+            ),
+            (shared.id, shared.chardev, shared.name, shared.nr, true)
+        );
+        let e = |s: &str| DeviceSpec::parse(s).unwrap_err().to_string();
+        assert_eq!(
+            e("virtserialport,chardev=c0,id=a,id=b"),
+            "--device virtserialport: option 'id' given twice"
+        );
+        assert_eq!(
+            e("chardev=c0"),
+            "--device: the device model is missing (known: isa-serial, virtio-serial, \
+             virtserialport, virtconsole)"
+        );
+        assert_eq!(
+            e("virtserialport,chardev=c0,nr=-1"),
+            "--device virtserialport: bad value '-1' for 'nr'"
+        );
     }
 
     proptest! {

@@ -10,6 +10,7 @@ pub mod device_spec;
 pub mod event_loop;
 pub mod irq;
 pub mod layout;
+pub mod limits;
 pub mod machine;
 pub mod memory;
 pub mod mptable;

@@ -1,6 +1,7 @@
 //! The `minivmm` binary: parse the command line, build the VM, run it, and turn how it ended
 //! into the process exit status (0 for a guest power-off, or a reset under `--no-reboot`). When the first argument is
-//! `list`, `qmp` or `console`, it acts on running instances instead (`vmm::tools`).
+//! `list`, `qmp` or `console`, it acts on running instances instead (`vmm::tools`). First of
+//! all it raises its soft open-file limit to the hard one (`vmm::limits`).
 
 use std::process::ExitCode;
 
@@ -18,6 +19,7 @@ const USAGE_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    raise_open_file_limit();
     let first = std::env::args().nth(1);
     if first.as_deref().is_some_and(|a| SUBCOMMANDS.contains(&a)) {
         let tool = ToolCli::parse();
@@ -58,4 +60,18 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(u8::try_from(status).unwrap_or(1))
+}
+
+/// Let the VM open as many fds as the hard limit allows (many chardevs and monitor clients);
+/// a failure only costs fds, so it is a warning.
+fn raise_open_file_limit() {
+    match vmm::limits::raise_open_file_limit() {
+        Ok(l) => log::debug!(
+            "open files: soft limit {} raised to {} (hard {})",
+            l.old_soft,
+            l.soft,
+            l.hard
+        ),
+        Err(e) => log::warn!("cannot raise the open file limit: {e}"),
+    }
 }

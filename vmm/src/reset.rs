@@ -4,7 +4,8 @@
 //! The process, its chardevs (sockets, ptys, their peers), the monitor and its clients stay;
 //! the guest's machine goes back to its first-boot state:
 //!
-//! 1. every vCPU parks before its next `KVM_RUN` (they already stop at the request);
+//! 1. every vCPU parks before its next `KVM_RUN` (they already stop at the request; each one
+//!    still in the guest gets one kick, which cannot be lost: see `vcpu`);
 //! 2. the ACPI tables, the kernel, the initrd, the command line and the boot structure are
 //!    written into guest RAM again by the first boot's own code ([`BootPlan::load`]); the
 //!    rest of RAM is not cleared, as on QEMU;
@@ -16,11 +17,14 @@
 //!    for the boot as the first time (`cpu::reset_vcpu`);
 //! 5. the vCPUs run again, unless `stop` is in force: a stopped VM stays stopped until `cont`.
 //!
-//! Everything runs on the event-loop thread, which does nothing else meanwhile. An error ends
-//! the VM (status 1) with the message; nothing here panics.
+//! Everything runs on the event-loop thread, which does nothing else meanwhile: well under a
+//! millisecond for a tiny guest, plus the copy of the boot images (about 7 ms for 32 MiB on
+//! the development machine). An error ends the VM (status 1) with the message; nothing here
+//! panics.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use devices::bus::Bus;
 use kvm_bindings::{
@@ -196,10 +200,13 @@ impl MachineReset {
     /// request on the exit latch is cleared on success; on an error the vCPUs stay parked
     /// and the caller ends the VM.
     pub fn run(&self) -> Result<(), ResetError> {
+        let started = Instant::now();
         if !self.control.park_all(&self.exit) {
             return Err(ResetError::Park);
         }
+        let parked = started.elapsed();
         let boot = self.plan.load(&self.mem)?;
+        let loaded = started.elapsed();
         self.pio.reset_devices();
         self.mmio.reset_devices();
         self.irqs.lower_all();
@@ -209,6 +216,11 @@ impl MachineReset {
             .map_err(ResetError::Vcpu)?;
         self.exit.clear_reset();
         self.control.release();
+        log::debug!(
+            "reset: vCPUs parked after {parked:?}, boot images loaded after {loaded:?}, \
+             done after {:?}",
+            started.elapsed()
+        );
         Ok(())
     }
 }

@@ -6,15 +6,24 @@
 //! ends the process; a guest reset otherwise is a request on the [`ExitLatch`] that the main
 //! thread carries out in process, with every vCPU parked in [`VcpuControl`] and each
 //! resetting its own registers when told to.
+//!
+//! Kicks (Firecracker's design before it dropped its thread-local vCPU pointer): each vCPU
+//! thread points a thread-local at its own `kvm_run` page before it first parks, and the
+//! [`kick_signal`] handler sets `immediate_exit` there. A kick that lands just before
+//! `KVM_RUN` is therefore not lost: `KVM_RUN` returns `EINTR` at once. The thread clears the
+//! flag under the control lock, in the same critical section where it reads what it was
+//! kicked for, so one kick per vCPU is always enough; the requester then waits on a condvar.
 
+use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::bus::{lock, Bus};
-use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use monitor::ShutdownCause;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -26,6 +35,51 @@ use crate::cpu::{self, VcpuSnapshot};
 /// Real-time signal used to kick a vCPU out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
     libc::SIGRTMIN()
+}
+
+thread_local! {
+    /// The `kvm_run` page of the vCPU this thread runs, where the kick handler sets
+    /// `immediate_exit`; null on every other thread, and before and after the vCPU runs.
+    /// Constant-initialised and without a destructor, so reading it is a plain access to the
+    /// thread's static TLS block: nothing is allocated or locked, which is what lets the
+    /// signal handler read it.
+    static KICK_TARGET: Cell<*mut kvm_run> = const { Cell::new(ptr::null_mut()) };
+}
+
+/// Write `immediate_exit` in this thread's `kvm_run`, if it has one. Async-signal-safe.
+fn set_immediate_exit(value: u8) {
+    let run = KICK_TARGET.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: a non-null target is the live `kvm_run` mapping of the `VcpuFd` this thread
+        // owns ([`KickTarget`] clears it before that fd can be dropped). A volatile byte store
+        // to the field is what KVM reads at its next entry, and cannot tear.
+        unsafe { ptr::addr_of_mut!((*run).immediate_exit).write_volatile(value) };
+    }
+}
+
+/// The handler of [`kick_signal`]: make the interrupted (or the next) `KVM_RUN` of this
+/// thread's vCPU return `EINTR`.
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    set_immediate_exit(1);
+}
+
+/// While it lives, this thread's vCPU is the target of [`kick_signal`].
+struct KickTarget;
+
+impl KickTarget {
+    /// Point the kick handler of this thread at `fd`'s `kvm_run`. `fd` must outlive the
+    /// guard; both must stay on this thread.
+    fn install(fd: &mut VcpuFd) -> KickTarget {
+        let run: *mut kvm_run = fd.get_kvm_run();
+        KICK_TARGET.with(|t| t.set(run));
+        KickTarget
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KICK_TARGET.with(|t| t.set(ptr::null_mut()));
+    }
 }
 
 /// How the VM ended.
@@ -154,13 +208,13 @@ impl devices::power::PowerControl for ExitLatch {
 /// Holding the vCPUs: `stop`/`cont`, and machine resets. A vCPU parks before its next
 /// `KVM_RUN` while paused, while a reset is pending on the [`ExitLatch`], and while a reset
 /// order is out; [`VcpuControl::pause`] and [`VcpuControl::park_all`] kick each thread out
-/// of `KVM_RUN` with [`kick_signal`] until all have parked. A parked vCPU carries out a reset
-/// order ([`VcpuControl::order_reset`]) on its own thread, where its `VcpuFd` lives.
+/// of `KVM_RUN` once with [`kick_signal`] and wait until all have parked. A parked vCPU
+/// carries out a reset order ([`VcpuControl::order_reset`]) on its own thread, where its
+/// `VcpuFd` lives.
 pub struct VcpuControl {
     state: Mutex<ControlState>,
     /// Signalled on every change of `state`: vCPUs and the main thread wait on it.
     changed: Condvar,
-    parked: AtomicUsize,
     /// The vCPU threads: (vCPU id, thread).
     threads: Mutex<Vec<(u8, libc::pthread_t)>>,
 }
@@ -170,6 +224,12 @@ struct ControlState {
     /// `stop` is in force.
     paused: bool,
     order: Option<ResetOrder>,
+    /// vCPU threads inside [`VcpuControl::park`]: none of them enters the guest before it has
+    /// looked at this state again.
+    parked: usize,
+    /// vCPU threads whose run loop has ended (the VM is stopping): they never enter the guest
+    /// again.
+    ended: usize,
 }
 
 /// A reset the main thread has ordered: every vCPU in `pending` resets its registers for the
@@ -180,10 +240,11 @@ struct ResetOrder {
     errors: Vec<String>,
 }
 
-/// How long `pause` keeps kicking vCPUs before giving up.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Interval between kicks while pausing.
-const PAUSE_KICK_INTERVAL: Duration = Duration::from_millis(5);
+/// How long `pause` and `park_all` wait for the kicked vCPUs to park: a safety net, since a
+/// kick is never lost and a vCPU parks within microseconds unless the host starves it.
+const PARK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a parked vCPU sleeps before it looks at the state again without being woken.
+const PARKED_RECHECK: Duration = Duration::from_secs(2);
 /// How long the vCPUs may take to reset their registers.
 const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many times a vCPU re-enters KVM (with `immediate_exit`) to complete an I/O exit before
@@ -196,15 +257,13 @@ impl VcpuControl {
         Arc::new(VcpuControl {
             state: Mutex::new(ControlState::default()),
             changed: Condvar::new(),
-            parked: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
         })
     }
 
-    /// Install the no-op handler for [`kick_signal`]; its only job is to make `KVM_RUN`
-    /// return `EINTR`.
+    /// Install the handler for [`kick_signal`], which sets `immediate_exit` in the kicked
+    /// thread's `kvm_run` so that its `KVM_RUN` returns `EINTR`, now or at its next entry.
     pub fn install_kick_handler() -> std::io::Result<()> {
-        extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
@@ -219,10 +278,19 @@ impl VcpuControl {
     }
 
     /// Stop every vCPU before its next guest instruction; returns once all are parked (or
-    /// after a bounded wait, with false).
+    /// have ended with the VM), or false after [`PARK_TIMEOUT`].
     pub fn pause(&self) -> bool {
-        lock(&self.state).paused = true;
-        self.kick_until_parked(None)
+        let started = Instant::now();
+        let threads = self.thread_count();
+        let mut state = lock(&self.state);
+        state.paused = true;
+        self.kick_all();
+        let parked = self.wait_parked(state, threads, || false);
+        log::debug!(
+            "pause: {threads} vCPUs parked={parked} in {:?}",
+            started.elapsed()
+        );
+        parked
     }
 
     /// Let the vCPUs run again after `stop` (those held by a reset stay parked).
@@ -231,27 +299,57 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// For a reset pending on `exit`: kick every vCPU until all are parked. False after a
-    /// bounded wait, or at once when the VM is stopping.
+    /// For a reset pending on `exit`: kick every vCPU and wait until all are parked. False
+    /// after [`PARK_TIMEOUT`], or when the VM is stopping.
     pub fn park_all(&self, exit: &ExitLatch) -> bool {
-        self.kick_until_parked(Some(exit))
+        let started = Instant::now();
+        let threads = self.thread_count();
+        let state = lock(&self.state);
+        self.kick_all();
+        let parked = self.wait_parked(state, threads, || exit.stopping()) && !exit.stopping();
+        log::debug!(
+            "reset: {threads} vCPUs parked={parked} in {:?}",
+            started.elapsed()
+        );
+        parked
     }
 
-    fn kick_until_parked(&self, exit: Option<&ExitLatch>) -> bool {
-        let threads = lock(&self.threads).clone();
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        while self.parked.load(Ordering::SeqCst) < threads.len() {
-            if Instant::now() >= deadline || exit.is_some_and(ExitLatch::stopping) {
+    fn thread_count(&self) -> usize {
+        lock(&self.threads).len()
+    }
+
+    /// Send one [`kick_signal`] to every vCPU thread. The caller holds the state lock and has
+    /// changed what holds the vCPUs: a vCPU either reads the change in [`VcpuControl::park`]
+    /// or gets the kick after it cleared `immediate_exit` there, so its next `KVM_RUN` ends
+    /// at once.
+    fn kick_all(&self) {
+        for &(_, t) in lock(&self.threads).iter() {
+            // SAFETY: `t` is a vCPU thread of this process, never joined before the process
+            // exits, so the id stays valid; the kick handler is installed before any vCPU
+            // thread starts and only sets a flag in that thread's own `kvm_run`.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Wait until `threads` vCPUs are parked or ended: true then; false after
+    /// [`PARK_TIMEOUT`] or once `give_up` says so.
+    fn wait_parked(
+        &self,
+        mut state: MutexGuard<'_, ControlState>,
+        threads: usize,
+        give_up: impl Fn() -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + PARK_TIMEOUT;
+        loop {
+            if state.parked + state.ended >= threads {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || give_up() {
                 return false;
             }
-            for &(_, t) in &threads {
-                // SAFETY: `t` is a vCPU thread of this process that lives until exit; the
-                // signal has a no-op handler installed, so delivery only interrupts KVM_RUN.
-                unsafe { libc::pthread_kill(t, kick_signal()) };
-            }
-            std::thread::sleep(PAUSE_KICK_INTERVAL);
+            state = self.wait(state, deadline - now);
         }
-        true
     }
 
     /// With every vCPU parked ([`VcpuControl::park_all`]): have each reset its registers for
@@ -308,6 +406,10 @@ impl VcpuControl {
 
     /// Called by vCPU `id` before entering the guest: park while paused, while a reset is
     /// pending or ordered (or until the VM stops), carrying out a reset order with `reset`.
+    ///
+    /// Clears `immediate_exit` under the state lock, right where it reads the state: a kick
+    /// that was already handled is accounted for by what is read here, and one for a later
+    /// change sets the flag again after this.
     fn park(
         &self,
         id: u8,
@@ -318,10 +420,12 @@ impl VcpuControl {
             state.paused || state.order.is_some() || exit.pending_reset().is_some()
         };
         let mut state = lock(&self.state);
+        set_immediate_exit(0);
         if !held(&state) {
             return;
         }
-        self.parked.fetch_add(1, Ordering::SeqCst);
+        state.parked += 1;
+        self.changed.notify_all();
         while held(&state) && !exit.stopping() {
             let mode = state
                 .order
@@ -341,9 +445,16 @@ impl VcpuControl {
                 self.changed.notify_all();
                 continue;
             }
-            state = self.wait(state, PAUSE_TIMEOUT);
+            state = self.wait(state, PARKED_RECHECK);
         }
-        self.parked.fetch_sub(1, Ordering::SeqCst);
+        set_immediate_exit(0);
+        state.parked -= 1;
+    }
+
+    /// Called once by a vCPU thread whose run loop is over.
+    fn ended(&self) {
+        lock(&self.state).ended += 1;
+        self.changed.notify_all();
     }
 }
 
@@ -406,11 +517,22 @@ fn reset(ctx: &mut VcpuContext, mode: EntryMode) -> Result<(), String> {
         .map_err(|e| format!("vcpu{}: {}", ctx.id, crate::error_chain(&e)))
 }
 
+/// The thread of one vCPU: park when told, else run the guest and dispatch its exits, until
+/// the VM stops.
 fn run(mut ctx: VcpuContext) {
+    let control = ctx.control.clone();
+    // Declared after `ctx` (a parameter), so dropped before it: the kick handler lets go of
+    // the `kvm_run` page before the fd that maps it is closed.
+    let _target = KickTarget::install(&mut ctx.fd);
+    run_until_exit(&mut ctx);
+    control.ended();
+}
+
+fn run_until_exit(ctx: &mut VcpuContext) {
     let control = ctx.control.clone();
     let exit = ctx.exit.clone();
     loop {
-        control.park(ctx.id, &exit, &mut |mode| reset(&mut ctx, mode));
+        control.park(ctx.id, &exit, &mut |mode| reset(ctx, mode));
         if ctx.exit.stopping() {
             return;
         }
@@ -435,7 +557,7 @@ fn run(mut ctx: VcpuContext) {
             Ok(VcpuExit::Shutdown) => Some(VmExit::Crash(format!(
                 "vcpu{}: triple fault (KVM_EXIT_SHUTDOWN){}",
                 ctx.id,
-                describe_regs(&ctx)
+                describe_regs(ctx)
             ))),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(VmExit::PowerOff),
@@ -448,7 +570,7 @@ fn run(mut ctx: VcpuContext) {
                     ctx.id
                 ))),
             },
-            Ok(VcpuExit::InternalError) => Some(VmExit::Crash(internal_error(&mut ctx))),
+            Ok(VcpuExit::InternalError) => Some(VmExit::Crash(internal_error(ctx))),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::Crash(format!(
                 "vcpu{}: KVM entry failed, hardware reason {reason:#x} on host cpu {cpu}",
                 ctx.id
@@ -458,13 +580,11 @@ fn run(mut ctx: VcpuContext) {
                 Some(VmExit::Crash(format!(
                     "vcpu{}: unexpected KVM exit {what}{}",
                     ctx.id,
-                    describe_regs(&ctx)
+                    describe_regs(ctx)
                 )))
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                ctx.fd.set_kvm_immediate_exit(0);
-                None
-            }
+            // A kick: `park` clears `immediate_exit` as it reads why.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => Some(VmExit::Crash(format!(
                 "vcpu{}: KVM_RUN failed: {e}",
                 ctx.id
@@ -586,6 +706,140 @@ pub fn translate(
 mod tests {
     use super::*;
     use crate::memory::create_guest_memory;
+    use kvm_bindings::kvm_userspace_memory_region;
+    use kvm_ioctls::{Kvm, VmFd};
+    use vm_memory::GuestMemoryBackend;
+
+    /// Guest RAM of the KVM fixtures.
+    const TEST_RAM: u64 = 1 << 20;
+    /// Where the fixtures' real-mode code starts.
+    const CODE_ADDR: u64 = 0x1000;
+    /// The dword the counting guest increments.
+    const COUNTER_ADDR: u64 = 0x2000;
+    /// Real mode, at `CODE_ADDR`: `inc dword [COUNTER_ADDR]; jmp CODE_ADDR`. It never exits
+    /// to the VMM, so only a kick takes its vCPU out of `KVM_RUN`.
+    const COUNTING_LOOP: [u8; 7] = [0x66, 0xff, 0x06, 0x00, 0x20, 0xeb, 0xf9];
+    /// How long a fixture thread may wait before it is rescued by an extra kick.
+    const RESCUE_AFTER: Duration = Duration::from_secs(5);
+    /// stop/cont rounds in the pause test: each would take [`PARK_TIMEOUT`] and fail if a
+    /// kick were lost.
+    const PAUSE_ROUNDS: usize = 200;
+
+    /// A VM whose one vCPU runs [`COUNTING_LOOP`] in real mode, with its in-kernel irqchip (a
+    /// LAPIC, which the snapshot reads).
+    fn counting_vcpu() -> (VmFd, VcpuFd, GuestMemoryMmap) {
+        let vm = Kvm::new().unwrap().create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let mem = create_guest_memory(TEST_RAM).unwrap();
+        let region = mem.iter().next().unwrap();
+        let desc = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: TEST_RAM,
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is `mem`'s live mapping of `TEST_RAM` bytes, and `mem` is
+        // returned with the VM and outlives every `KVM_RUN` of the tests.
+        unsafe { vm.set_user_memory_region(desc) }.unwrap();
+        mem.write_slice(&COUNTING_LOOP, GuestAddress(CODE_ADDR))
+            .unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        sregs.ds.base = 0;
+        sregs.ds.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = CODE_ADDR;
+        regs.rflags = 2;
+        vcpu.set_regs(&regs).unwrap();
+        (vm, vcpu, mem)
+    }
+
+    fn counter(mem: &GuestMemoryMmap) -> u32 {
+        mem.read_obj(GuestAddress(COUNTER_ADDR)).unwrap()
+    }
+
+    /// The race a no-op handler loses: the kick lands after the thread decided to enter the
+    /// guest and before `KVM_RUN`. Here it lands on purpose right before; `KVM_RUN` must
+    /// return `EINTR` without running the guest, and the flag must be what clears it.
+    #[test]
+    fn a_kick_before_kvm_run_is_not_lost() {
+        VcpuControl::install_kick_handler().unwrap();
+        let (_vm, mut vcpu, mem) = counting_vcpu();
+        let rescued = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let _target = KickTarget::install(&mut vcpu);
+            // SAFETY: a signal to this very thread, whose handler is installed; it is
+            // delivered before pthread_kill returns.
+            unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
+            let first = vcpu.run().map(|_| ()).map_err(|e| e.errno());
+            tx.send(()).unwrap();
+            set_immediate_exit(0);
+            first
+        });
+        if rx.recv_timeout(RESCUE_AFTER).is_err() {
+            rescued.store(true, Ordering::SeqCst);
+            // SAFETY: the test thread is alive (it has not sent yet) and handles the kick.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+        let first = t.join().unwrap();
+        assert!(!rescued.load(Ordering::SeqCst), "the kick was lost");
+        assert_eq!(first, Err(libc::EINTR));
+        assert_eq!(counter(&mem), 0, "the guest ran");
+    }
+
+    /// `pause` takes a vCPU that never exits on its own out of the guest with its one kick,
+    /// again and again; while paused the guest does not run, after `resume` it does.
+    #[test]
+    fn pause_parks_a_spinning_vcpu_and_resume_runs_it() {
+        VcpuControl::install_kick_handler().unwrap();
+        let (_vm, vcpu, mem) = counting_vcpu();
+        let kvm = Kvm::new().unwrap();
+        let msrs = kvm.get_msr_index_list().unwrap();
+        let snapshot = VcpuSnapshot::capture(&vcpu, msrs.as_slice()).unwrap();
+        let control = VcpuControl::new();
+        let exit = ExitLatch::new(ResetAction::Exit).unwrap();
+        let t = spawn(VcpuContext {
+            id: 0,
+            fd: vcpu,
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            mem: mem.clone(),
+            exit: exit.clone(),
+            control: control.clone(),
+            snapshot,
+        })
+        .unwrap();
+        let running = |from: u32| {
+            let deadline = Instant::now() + RESCUE_AFTER;
+            while counter(&mem) == from {
+                assert!(Instant::now() < deadline, "the guest does not run");
+                std::thread::yield_now();
+            }
+        };
+        running(0);
+        for round in 0..PAUSE_ROUNDS {
+            assert!(control.pause(), "round {round}: the vCPU did not park");
+            let stopped = counter(&mem);
+            assert_eq!(lock(&control.state).parked, 1);
+            std::thread::sleep(Duration::from_micros(200));
+            assert_eq!(
+                counter(&mem),
+                stopped,
+                "round {round}: the guest ran while paused"
+            );
+            control.resume();
+            running(stopped);
+        }
+        exit.exit(VmExit::PowerOff);
+        assert!(control.pause(), "a stopping vCPU did not end");
+        t.join().unwrap();
+        assert_eq!(lock(&control.state).ended, 1);
+    }
 
     #[test]
     fn translate_walks_4k_and_2m_pages() {
