@@ -1250,6 +1250,58 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn out_of_fds_refuses_one_client_with_the_spare() {
+        let mut r = Rig::new(Registration::PollFds);
+        let mut c = UnixStream::connect(r.dir.sock()).unwrap();
+        c.set_nonblocking(true).unwrap();
+        // What accept_clients does on EMFILE: the spare fd takes the client and closes it.
+        assert!(r.m.spare_fd.is_some());
+        r.m.shed_one_client();
+        assert!(read_now(&mut c).1, "refused");
+        assert!(r.m.spare_fd.is_some(), "spare taken again");
+        assert!(!r.m.listener_paused);
+        assert!(r.m.connections().is_empty());
+        // Without a spare, the client stays in the backlog and the listener rests instead
+        // of being polled (and found readable) again at once.
+        let mut c = UnixStream::connect(r.dir.sock()).unwrap();
+        c.set_nonblocking(true).unwrap();
+        r.m.spare_fd = None;
+        r.m.shed_one_client();
+        assert!(r.m.listener_paused);
+        assert!(r.m.poll_fds().is_empty());
+        assert!(!read_now(&mut c).1);
+        assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(
+            libc::EMFILE
+        )));
+        assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(
+            libc::ENFILE
+        )));
+        assert!(!is_fd_exhaustion(&io::Error::from_raw_os_error(
+            libc::EAGAIN
+        )));
+    }
+
+    #[test]
+    fn hangup_of_a_waiting_client_closes_it() {
+        let mut r = Rig::new(Registration::PollFds);
+        let c = r.client();
+        drop(c);
+        let token = r.m.slots.keys().copied().next().unwrap();
+        r.m.on_ready(
+            token,
+            Readiness {
+                readable: false,
+                writable: false,
+                hangup: true,
+            },
+        );
+        assert!(r.m.slots.is_empty());
+        assert_eq!(r.m.poll_fds().len(), 1);
+        // Readiness for a token that is gone is ignored.
+        r.m.on_ready(token, READ);
+    }
+
+    #[test]
     fn a_paused_listener_comes_back() {
         let mut r = Rig::new(Registration::Explicit);
         r.m.take_fd_changes();
