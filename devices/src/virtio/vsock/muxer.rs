@@ -604,9 +604,13 @@ impl VsockMuxer {
                     self.shed_one_client();
                     return;
                 }
+                // A client that gave up while queued: only that one is gone.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
                 Err(e) => {
-                    // ECONNABORTED and the like concern that one client only.
-                    log::debug!("vsock: accept: {e}");
+                    // Anything else may well happen again at once: rest rather than spin.
+                    log::warn!("vsock: accept on {}: {e}", self.uds_path.display());
+                    self.pause_listener();
+                    return;
                 }
             }
         }
