@@ -18,6 +18,7 @@
 pub mod console;
 pub mod mmio;
 pub mod queue;
+pub mod vsock;
 
 #[cfg(test)]
 pub(crate) mod testing;
