@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use chardev::Readiness;
+use chardev::{split_owner, OwnerGroup, Poller};
 use devices::bus::BusDevice;
 use devices::virtio::mmio::*;
 use devices::virtio::vsock::muxer::{HOST_PORT_FIRST, MAX_CONNECTIONS};
@@ -151,15 +151,17 @@ impl Rings {
     }
 }
 
-/// Run the event loop once: every polled fd reported ready as asked, then service.
-fn run(dev: &mut VirtioMmio<VirtioVsock>) {
-    for (fd, interest) in dev.poll_fds() {
-        let readiness = Readiness {
-            readable: interest.read,
-            writable: interest.write,
-            hangup: false,
-        };
-        dev.on_ready(fd, readiness);
+/// Run the event loop once: the transport's eventfds consumed, the fds ready in the poller
+/// handed to the device by token, then service.
+fn run(dev: &mut VirtioMmio<VirtioVsock>, poller: &Poller) {
+    for fd in dev.event_fds() {
+        dev.on_event_fd(fd);
+    }
+    let mut ready = Vec::new();
+    let _ = poller.wait(&mut ready, 256, 0);
+    for ev in ready {
+        let (_, part) = split_owner(ev.owner);
+        dev.on_ready(part, ev.token, ev.readiness);
     }
     dev.service();
 }
@@ -186,10 +188,12 @@ fuzz_target!(|data: &[u8]| {
     let config = VsockConfig {
         guest_cid: GUEST_CID,
         uds_path: sock.clone(),
-        registration: Registration::PollFds,
+        registration: Registration::Explicit,
     };
     let vsock = VirtioVsock::new(&config, clock.clone()).expect("vsock");
     let mut dev = VirtioMmio::new(vsock, mem.clone(), Arc::new(NoIrq)).expect("transport");
+    let poller = Poller::new().expect("epoll");
+    dev.attach(OwnerGroup::new(&poller, 0));
     start(&mut dev);
     let mut rings = Rings {
         next_desc: [0; QUEUES as usize],
@@ -332,7 +336,7 @@ fuzz_target!(|data: &[u8]| {
                 clock
                     .0
                     .fetch_add(u64::from(op >> 4) * 300_000_000, Ordering::SeqCst);
-                run(&mut dev);
+                run(&mut dev, &poller);
             }
             // A transport reset, or the driver starting over.
             8 => {
@@ -341,13 +345,13 @@ fuzz_target!(|data: &[u8]| {
                 } else {
                     start(&mut dev);
                 }
-                run(&mut dev);
+                run(&mut dev, &poller);
             }
             // Let the event loop run.
             _ => run(&mut dev),
         }
     }
-    run(&mut dev);
+    run(&mut dev, &poller);
     let info = dev.device().info();
     assert!(info.connections.len() <= MAX_CONNECTIONS);
 });

@@ -60,6 +60,8 @@ pub(crate) struct Driver<D: VirtioDevice> {
     pub irq: Arc<RecordingIrq>,
     pub queues: HashMap<u16, DriverQueue>,
     next_buf: u64,
+    /// The event loop's poller, once the device's backends are attached to one.
+    poller: Option<chardev::Poller>,
 }
 
 impl<D: VirtioDevice> Driver<D> {
@@ -73,7 +75,16 @@ impl<D: VirtioDevice> Driver<D> {
             irq,
             queues: HashMap::new(),
             next_buf: BUF_BASE,
+            poller: None,
         }
+    }
+
+    /// Attach the device's backends to a poller of the driver's, whose ready fds `run`
+    /// hands to the device as the event loop does.
+    pub(crate) fn attach_poller(&mut self) {
+        let poller = chardev::Poller::new().expect("epoll");
+        self.dev.attach(chardev::OwnerGroup::new(&poller, 0));
+        self.poller = Some(poller);
     }
 
     pub(crate) fn read32(&mut self, offset: u64) -> u32 {
@@ -247,10 +258,19 @@ impl<D: VirtioDevice> Driver<D> {
         self.write32(REG_QUEUE_NOTIFY, u32::from(queue));
     }
 
-    /// Let the event loop run: every eventfd of the transport is consumed, then service.
+    /// Let the event loop run: every eventfd of the transport is consumed, the ready fds of
+    /// the attached poller are handed over, then service.
     pub(crate) fn run(&mut self) {
         for fd in self.dev.event_fds() {
             self.dev.on_event_fd(fd);
+        }
+        if let Some(poller) = &self.poller {
+            let mut ready = Vec::new();
+            poller.wait(&mut ready, 256, 0).expect("epoll_wait");
+            for ev in ready {
+                let (_, part) = chardev::split_owner(ev.owner);
+                self.dev.on_ready(part, ev.token, ev.readiness);
+            }
         }
         self.dev.service();
     }

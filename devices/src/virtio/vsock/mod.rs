@@ -30,11 +30,12 @@ pub mod conn;
 pub mod muxer;
 pub mod packet;
 
+use std::collections::HashMap;
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use chardev::{Interest, Readiness};
+use chardev::{Interest, OwnerGroup, Readiness, Registrar, Token};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -131,6 +132,9 @@ impl Active {
 
 /// The virtio-vsock device. See the module documentation.
 pub struct VirtioVsock {
+    /// The muxer's fds in the event loop's poller; declared first, it unregisters them before
+    /// the muxer closes them.
+    registered: PollerRegistrations,
     muxer: VsockMuxer,
     active: Option<Active>,
     kick: bool,
@@ -154,6 +158,7 @@ impl VirtioVsock {
             config.registration,
         )?;
         Ok(VirtioVsock {
+            registered: PollerRegistrations::default(),
             muxer,
             active: None,
             kick: false,
@@ -279,17 +284,31 @@ impl VirtioDevice for VirtioVsock {
         self.kick = true;
     }
 
-    fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
-        self.muxer.poll_fds()
+    fn attach(&mut self, owners: OwnerGroup) {
+        self.registered.attach(owners.registrar(0));
+        self.registered.apply(&mut self.muxer);
     }
 
-    fn on_ready(&mut self, fd: RawFd, readiness: Readiness) {
-        if let Some(token) = self.muxer.token_of(fd) {
-            self.muxer.on_ready(token, readiness);
+    fn on_ready(&mut self, _part: u16, token: Token, readiness: Readiness) {
+        if let Some(local) = self.registered.local_token(token) {
+            self.muxer.on_ready(local, readiness);
         }
+        self.registered.apply(&mut self.muxer);
     }
 
     fn service(&mut self) {
+        self.run();
+        self.registered.apply(&mut self.muxer);
+    }
+
+    fn take_kick(&mut self) -> bool {
+        std::mem::take(&mut self.kick)
+    }
+}
+
+impl VirtioVsock {
+    /// The work of [`VirtioDevice::service`]: resets, time-outs, queues.
+    fn run(&mut self) {
         if std::mem::take(&mut self.reset_pending) {
             self.muxer.reset();
         }
@@ -321,9 +340,98 @@ impl VirtioDevice for VirtioVsock {
             self.kick = true;
         }
     }
+}
 
-    fn take_kick(&mut self) -> bool {
-        std::mem::take(&mut self.kick)
+/// The muxer's fds in the event loop's poller ([`Registration::Explicit`]): its registration
+/// changes applied in order, its tokens mapped to the poller's. A closed fd is unregistered
+/// before it is dropped, so before its number can be reused.
+#[derive(Default)]
+struct PollerRegistrations {
+    reg: Option<Registrar>,
+    /// Muxer token → (fd, poller token), for what is registered.
+    by_local: HashMap<u32, (RawFd, Token)>,
+    /// Poller token → muxer token.
+    by_poller: HashMap<Token, u32>,
+}
+
+impl Drop for PollerRegistrations {
+    fn drop(&mut self) {
+        let locals: Vec<u32> = self.by_local.keys().copied().collect();
+        for local in locals {
+            self.unregister(local);
+        }
+    }
+}
+
+impl PollerRegistrations {
+    fn attach(&mut self, reg: Registrar) {
+        self.reg = Some(reg);
+    }
+
+    fn local_token(&self, token: Token) -> Option<u32> {
+        self.by_poller.get(&token).copied()
+    }
+
+    /// Apply what the muxer changed since the last call (nothing until attached: the changes
+    /// wait in the muxer).
+    fn apply(&mut self, muxer: &mut VsockMuxer) {
+        if self.reg.is_none() {
+            return;
+        }
+        for change in muxer.take_fd_changes() {
+            match change {
+                FdChange::Register {
+                    token,
+                    fd,
+                    interest,
+                } => self.register(token, fd, interest),
+                FdChange::Modify {
+                    token,
+                    fd,
+                    interest,
+                } => match self.by_local.get(&token) {
+                    Some(&(_, ptoken)) => self.modify(fd, ptoken, interest),
+                    None => self.register(token, fd, interest),
+                },
+                FdChange::Deregister { token, .. } => self.unregister(token),
+                // Unregistered first; the fd closes when `fd` drops at the end of the arm.
+                FdChange::Close { token, fd, .. } => {
+                    self.unregister(token);
+                    drop(fd);
+                }
+            }
+        }
+    }
+
+    fn register(&mut self, local: u32, fd: RawFd, interest: Interest) {
+        let Some(reg) = &self.reg else { return };
+        match reg.add(fd, interest) {
+            Ok(ptoken) => {
+                self.by_local.insert(local, (fd, ptoken));
+                self.by_poller.insert(ptoken, local);
+            }
+            Err(e) => log::warn!("vsock: cannot watch fd {fd}: {e}"),
+        }
+    }
+
+    fn modify(&self, fd: RawFd, ptoken: Token, interest: Interest) {
+        if let Some(reg) = &self.reg {
+            if let Err(e) = reg.modify(fd, ptoken, interest) {
+                log::warn!("vsock: epoll modify fd {fd}: {e}");
+            }
+        }
+    }
+
+    fn unregister(&mut self, local: u32) {
+        let Some((fd, ptoken)) = self.by_local.remove(&local) else {
+            return;
+        };
+        self.by_poller.remove(&ptoken);
+        if let Some(reg) = &self.reg {
+            if let Err(e) = reg.remove(fd) {
+                log::debug!("vsock: epoll remove fd {fd}: {e}");
+            }
+        }
     }
 }
 

@@ -51,10 +51,11 @@ impl Rig {
         let config = VsockConfig {
             guest_cid: GUEST,
             uds_path: dir.sock(),
-            registration: Registration::PollFds,
+            registration: Registration::Explicit,
         };
         let dev = VirtioVsock::new(&config, clock.clone()).unwrap();
         let mut d = Driver::new(dev);
+        d.attach_poller();
         d.start(
             feature(VIRTIO_F_VERSION_1),
             &[(RXQ, 16), (TXQ, 16), (EVQ, 4)],
