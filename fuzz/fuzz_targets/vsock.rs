@@ -348,7 +348,7 @@ fuzz_target!(|data: &[u8]| {
                 run(&mut dev, &poller);
             }
             // Let the event loop run.
-            _ => run(&mut dev),
+            _ => run(&mut dev, &poller),
         }
     }
     run(&mut dev, &poller);
