@@ -6,7 +6,8 @@
 #   make run     boot the test kernel with a busybox shell on this terminal
 #   make test    build what is missing, then run every test (unit, property, integration)
 #   make pyenv   build/pyenv: a Python venv with QEMU's qemu.qmp library for the QMP tests
-#   make bench   tables: boot time, UART pacing, virtio-console throughput, vproxy, QMP latency (beside QEMU where it applies)
+#   make bench   tables: boot time, UART pacing, virtio-console throughput, vproxy, the event loop's
+#                cost against open fds, QMP latency (beside QEMU where it applies)
 #   make lint    rustfmt --check and clippy -D warnings
 #   make stock   the Debian cloud kernel + an initramfs with its virtio modules (for hardware KVM)
 
@@ -31,6 +32,7 @@ export MINIVMM_KERNEL := $(abspath $(KERNEL))
 export MINIVMM_INITRD := $(abspath $(INITRD))
 export MINIVMM_INITRD_VP := $(abspath $(INITRD_VP))
 export MINIVMM_BIN    := $(abspath $(MINIVMM))
+export MINIVMM_VP     := $(abspath $(VP))
 
 .PHONY: all guest build vp run test bench lint stock deps pyenv clean FORCE
 
@@ -84,6 +86,7 @@ bench: guest build
 	@bash resources/bench-serial.sh
 	@bash resources/bench-virtio.sh
 	@bash resources/bench-vproxy.sh
+	@bash resources/bench-eventloop.sh
 	@bash resources/bench-qmp.sh
 
 lint:

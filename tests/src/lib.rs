@@ -48,6 +48,24 @@ pub fn minivmm_bin() -> PathBuf {
     );
 }
 
+/// The `minivmm-vp` endpoint for host-side peers: `$MINIVMM_VP`, else the static build
+/// (`make vp`), else a release or debug build in the workspace's target directory.
+pub fn minivmm_vp_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MINIVMM_VP") {
+        return PathBuf::from(p);
+    }
+    let target = from_env_or("CARGO_TARGET_DIR", workspace_root().join("target"));
+    let candidates = [
+        target.join("x86_64-unknown-linux-gnu/vp/minivmm-vp"),
+        target.join("release/minivmm-vp"),
+        target.join("debug/minivmm-vp"),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("no minivmm-vp binary: run `make vp` (or `make test`), or set MINIVMM_VP")
+}
+
 /// The test kernel (`$MINIVMM_KERNEL`, default `build/guest/vmlinux`).
 pub fn test_kernel() -> PathBuf {
     let p = from_env_or(

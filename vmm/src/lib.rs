@@ -14,6 +14,7 @@ pub mod limits;
 pub mod machine;
 pub mod memory;
 pub mod mptable;
+pub mod relay;
 pub mod reset;
 pub mod serial;
 pub mod tools;

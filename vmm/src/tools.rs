@@ -18,7 +18,7 @@ use monitor::instance::{self, ConsoleInfo, InstanceInfo};
 use thiserror::Error;
 
 /// The subcommand names `main` dispatches on.
-pub const SUBCOMMANDS: [&str; 3] = ["list", "qmp", "console"];
+pub const SUBCOMMANDS: [&str; 4] = ["list", "qmp", "console", "relay"];
 /// How long `minivmm qmp` waits for the greeting and the answer.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The byte that detaches `minivmm console` (Ctrl-]), as in telnet and virsh.
@@ -55,6 +55,13 @@ pub enum Tool {
         name: String,
         /// The console (`serial0`, a virtio port name, or its chardev id); default: the first.
         port: Option<String>,
+    },
+    /// Join two chardevs through minivmm's event loop, with no guest (a host-side vproxy, a
+    /// socket to a pty, ...), until SIGINT or SIGTERM; prints what moved.
+    Relay {
+        /// A chardev, in `--chardev` syntax; give exactly two.
+        #[arg(long = "chardev", value_name = "SPEC", required = true)]
+        chardevs: Vec<String>,
     },
 }
 
@@ -105,6 +112,12 @@ pub enum ToolError {
     /// Terminal or socket I/O failed.
     #[error("console: cannot {0}")]
     Io(&'static str, #[source] io::Error),
+    /// A relay chardev does not parse.
+    #[error("--chardev: {0}")]
+    Spec(#[from] chardev::SpecError),
+    /// The relay failed.
+    #[error(transparent)]
+    Relay(#[from] crate::relay::RelayError),
 }
 
 /// Run a subcommand.
@@ -123,6 +136,24 @@ pub fn run(tool: Tool) -> Result<(), ToolError> {
             Ok(())
         }
         Tool::Console { name, port } => console(&root, &name, port.as_deref()),
+        Tool::Relay { chardevs } => {
+            let specs = chardevs
+                .iter()
+                .map(|s| chardev::ChardevSpec::parse(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let stats = crate::relay::run(&specs)?;
+            eprintln!(
+                "minivmm relay: events {} bytes {}->{} {} {}->{} {}",
+                stats.events,
+                specs[0].id,
+                specs[1].id,
+                stats.bytes_ab,
+                specs[1].id,
+                specs[0].id,
+                stats.bytes_ba
+            );
+            Ok(())
+        }
     }
 }
 
