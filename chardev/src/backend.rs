@@ -20,11 +20,11 @@
 //!
 //! This module must not depend on any device, on KVM, or on a particular event loop.
 
+use std::any::Any;
 use std::io;
 use std::time::Duration;
 
 use crate::poller::{Poller, Registrar, Token};
-use crate::vproxy::driver::VproxyControl;
 
 /// What a backend wants the event loop to watch an fd for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -127,31 +127,6 @@ pub trait Backend: Send {
     /// Events since the last call, oldest first.
     fn take_events(&mut self) -> Vec<Event>;
 
-    /// Send a break condition to the peer, where the backend has such a thing (a host tty).
-    fn send_break(&mut self) {}
-
-    /// The line parameters the guest programmed into its UART, for backends that drive a real
-    /// line (a host serial tty). Others ignore it.
-    fn set_line_params(&mut self, _params: LineParams) {}
-
-    /// Whether this frontend has the input now. Only a mux frontend can be without it (another
-    /// frontend on the mux has the focus); its output still goes out, but a monitor holds its
-    /// own until it has the focus, as QEMU's does. A mux wakes a frontend that gains the focus.
-    fn has_focus(&self) -> bool {
-        true
-    }
-
-    /// Drive the modem control outputs (DTR, RTS) the guest set in its UART, for backends
-    /// that have real ones (a host serial tty). Others ignore it.
-    fn set_modem_control(&mut self, _dtr: bool, _rts: bool) {}
-
-    /// The modem status inputs of a real line (a host serial tty). `None` for backends
-    /// without such lines: the frontend then derives them from [`Backend::is_connected`].
-    /// No event announces a change: a frontend that shows them polls.
-    fn modem_status(&mut self) -> Option<ModemStatus> {
-        None
-    }
-
     /// The size of the terminal behind the backend as (columns, rows), for backends that
     /// have one (pty, stdio on a terminal). Changes are reported with [`Event::Resized`].
     fn window_size(&self) -> Option<(u16, u16)> {
@@ -171,26 +146,82 @@ pub trait Backend: Send {
         Ok(true)
     }
 
-    /// `ringbuf-read`: consume up to `max` bytes of the ring. `Unsupported` for other backends.
-    fn ringbuf_read(&mut self, _max: usize) -> io::Result<Vec<u8>> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-
-    /// `ringbuf-write`: append `data` to the ring. `Unsupported` for other backends.
-    fn ringbuf_write(&mut self, _data: &[u8]) -> io::Result<()> {
-        Err(io::ErrorKind::Unsupported.into())
-    }
-
-    /// Whether the user asked to quit minivmm through this backend (a mux's Ctrl-A x) since
-    /// the last call.
-    fn take_exit_request(&mut self) -> bool {
-        false
-    }
-
-    /// Run-time control of a `vproxy` backend (forwards, counters). `None` for others.
-    fn vproxy(&mut self) -> Option<&mut dyn VproxyControl> {
+    /// The controls of a real serial line (break, line parameters, modem lines), for the
+    /// backends that drive one (a host `serial` tty).
+    fn line(&mut self) -> Option<&mut dyn LineControl> {
         None
     }
+
+    /// The ring of a `ringbuf` backend, for QMP's `ringbuf-read` and `ringbuf-write`.
+    fn ring(&mut self) -> Option<&mut dyn RingAccess> {
+        None
+    }
+
+    /// The focus and escapes of a mux frontend.
+    fn mux(&mut self) -> Option<&mut dyn MuxControl> {
+        None
+    }
+
+    /// What else one particular backend offers at run time, for the code that knows its type
+    /// to downcast (the vproxy backend's forwards). The core knows no such backend.
+    fn extension(&mut self) -> Option<&mut dyn Any> {
+        None
+    }
+}
+
+/// The controls of a real serial line. A frontend reaches them through [`Backend::line`];
+/// backends without a line have none.
+pub trait LineControl {
+    /// Send a break condition to the peer.
+    fn send_break(&mut self);
+
+    /// The line parameters the guest programmed into its UART.
+    fn set_line_params(&mut self, params: LineParams);
+
+    /// Drive the modem control outputs (DTR, RTS) the guest set in its UART.
+    fn set_modem_control(&mut self, dtr: bool, rts: bool);
+
+    /// The modem status inputs, or `None` where the line has none (a tty without modem
+    /// lines): the frontend then derives them from [`Backend::is_connected`]. No event
+    /// announces a change: a frontend that shows them polls.
+    fn modem_status(&mut self) -> Option<ModemStatus>;
+}
+
+/// A `ringbuf` backend's ring, as QMP reaches it.
+pub trait RingAccess {
+    /// `ringbuf-read`: consume up to `max` bytes of the ring.
+    fn ringbuf_read(&mut self, max: usize) -> io::Result<Vec<u8>>;
+
+    /// `ringbuf-write`: append `data` to the ring.
+    fn ringbuf_write(&mut self, data: &[u8]) -> io::Result<()>;
+}
+
+/// What a frontend on a mux must know besides bytes.
+pub trait MuxControl {
+    /// Whether this frontend has the input now (another frontend may have the focus); its
+    /// output still goes out, but a monitor holds its own until it has the focus, as QEMU's
+    /// does. A mux wakes a frontend that gains the focus.
+    fn has_focus(&self) -> bool;
+
+    /// Whether the user asked to quit minivmm through the mux (Ctrl-A x) since the last call.
+    fn take_exit_request(&mut self) -> bool;
+}
+
+/// Send a break to `b`'s line, if it has one.
+pub fn send_break(b: &mut dyn Backend) {
+    if let Some(l) = b.line() {
+        l.send_break();
+    }
+}
+
+/// Whether `b` has the input (always, unless it is a mux frontend without the focus).
+pub fn has_focus(b: &mut dyn Backend) -> bool {
+    b.mux().is_none_or(|m| m.has_focus())
+}
+
+/// Whether the user asked to quit through `b` (a mux's Ctrl-A x) since the last call.
+pub fn take_exit_request(b: &mut dyn Backend) -> bool {
+    b.mux().is_some_and(|m| m.take_exit_request())
 }
 
 /// Wait once for the fds of `backends`, at most `timeout_ms` (-1: forever), and hand what was

@@ -11,7 +11,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
-use crate::backend::{Backend, Event, LineParams, Readiness};
+use crate::backend::{Backend, Event, LineControl, MuxControl, Readiness, RingAccess};
 use crate::error::{Error, Result};
 use crate::fdchan::open_nonblocking;
 use crate::poller::{Registrar, Token};
@@ -89,12 +89,6 @@ impl Backend for Logged {
     fn take_events(&mut self) -> Vec<Event> {
         self.inner.take_events()
     }
-    fn send_break(&mut self) {
-        self.inner.send_break()
-    }
-    fn set_line_params(&mut self, params: LineParams) {
-        self.inner.set_line_params(params)
-    }
     fn window_size(&self) -> Option<(u16, u16)> {
         self.inner.window_size()
     }
@@ -104,16 +98,16 @@ impl Backend for Logged {
     fn wait_for_client(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         self.inner.wait_for_client(timeout)
     }
-    fn ringbuf_read(&mut self, max: usize) -> io::Result<Vec<u8>> {
-        self.inner.ringbuf_read(max)
+    fn line(&mut self) -> Option<&mut dyn LineControl> {
+        self.inner.line()
     }
-    fn ringbuf_write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.inner.ringbuf_write(data)
+    fn ring(&mut self) -> Option<&mut dyn RingAccess> {
+        self.inner.ring()
     }
-    fn take_exit_request(&mut self) -> bool {
-        self.inner.take_exit_request()
+    fn mux(&mut self) -> Option<&mut dyn MuxControl> {
+        self.inner.mux()
     }
-    fn vproxy(&mut self) -> Option<&mut dyn crate::vproxy::driver::VproxyControl> {
-        self.inner.vproxy()
+    fn extension(&mut self) -> Option<&mut dyn std::any::Any> {
+        self.inner.extension()
     }
 }

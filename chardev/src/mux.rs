@@ -5,8 +5,8 @@
 //! the one attached last (as in QEMU, where the serial device attached after the monitor of
 //! `-serial mon:stdio` gets the console first). After Ctrl-A: `c` moves the focus to the next
 //! frontend (which is woken, so a monitor can show what it held back, see
-//! [`Backend::has_focus`]), `x` asks minivmm to quit
-//! ([`Backend::take_exit_request`]), `b` sends a break to the focused frontend, `t` toggles
+//! [`MuxControl::has_focus`]), `x` asks minivmm to quit
+//! ([`MuxControl::take_exit_request`]), `b` sends a break to the focused frontend, `t` toggles
 //! `[hh:mm:ss.mmm] ` timestamps at the start of output lines, `h` or `?` prints help, and a
 //! second Ctrl-A is a literal Ctrl-A. Other bytes after Ctrl-A are swallowed, as in QEMU.
 //!
@@ -31,7 +31,10 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{Backend, Event, Interest, LineParams, Readiness};
+use crate::backend::{
+    send_break, Backend, Event, Interest, LineControl, LineParams, ModemStatus, MuxControl,
+    Readiness,
+};
 use crate::buffer::EventQueue;
 use crate::error::{Error, Result};
 use crate::poller::{FdSet, Registrar, Token};
@@ -510,10 +513,6 @@ impl Backend for MuxFrontend {
         })
     }
 
-    fn has_focus(&self) -> bool {
-        lock(&self.core).focus == self.idx
-    }
-
     fn is_connected(&self) -> bool {
         lock(&self.core).base.is_connected()
     }
@@ -529,14 +528,6 @@ impl Backend for MuxFrontend {
         })
     }
 
-    fn send_break(&mut self) {
-        self.with(|c, _| c.base.send_break())
-    }
-
-    fn set_line_params(&mut self, params: LineParams) {
-        self.with(|c, _| c.base.set_line_params(params))
-    }
-
     fn dropped_bytes(&self) -> u64 {
         lock(&self.core).base.dropped_bytes()
     }
@@ -545,11 +536,56 @@ impl Backend for MuxFrontend {
         self.with(|c, _| c.base.wait_for_client(timeout))
     }
 
+    fn line(&mut self) -> Option<&mut dyn LineControl> {
+        if lock(&self.core).base.line().is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+
+    fn mux(&mut self) -> Option<&mut dyn MuxControl> {
+        Some(self)
+    }
+}
+
+impl MuxControl for MuxFrontend {
+    fn has_focus(&self) -> bool {
+        lock(&self.core).focus == self.idx
+    }
+
     fn take_exit_request(&mut self) -> bool {
         self.with(|c, me| match c.fronts.get_mut(me) {
             Some(Some(f)) => std::mem::take(&mut f.exit),
             _ => false,
         })
+    }
+}
+
+/// The base's line, shared by every frontend of the mux.
+impl LineControl for MuxFrontend {
+    fn send_break(&mut self) {
+        self.with(|c, _| send_break(c.base.as_mut()))
+    }
+
+    fn set_line_params(&mut self, params: LineParams) {
+        self.with(|c, _| {
+            if let Some(l) = c.base.line() {
+                l.set_line_params(params);
+            }
+        })
+    }
+
+    fn set_modem_control(&mut self, dtr: bool, rts: bool) {
+        self.with(|c, _| {
+            if let Some(l) = c.base.line() {
+                l.set_modem_control(dtr, rts);
+            }
+        })
+    }
+
+    fn modem_status(&mut self) -> Option<ModemStatus> {
+        lock(&self.core).base.line().and_then(|l| l.modem_status())
     }
 }
 

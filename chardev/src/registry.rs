@@ -15,7 +15,9 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::backend::{Backend, Event, LineParams, Readiness};
+use crate::backend::{
+    send_break, Backend, Event, LineControl, LineParams, ModemStatus, Readiness, RingAccess,
+};
 use crate::error::{Error, Result};
 use crate::mux::Mux;
 use crate::poller::{Registrar, Token};
@@ -97,11 +99,8 @@ impl Backend for Handle {
             evs
         })
     }
-    fn send_break(&mut self) {
-        self.with(|s| s.backend.send_break())
-    }
-    fn set_line_params(&mut self, params: LineParams) {
-        self.with(|s| s.backend.set_line_params(params))
+    fn window_size(&self) -> Option<(u16, u16)> {
+        self.with(|s| s.backend.window_size())
     }
     fn dropped_bytes(&self) -> u64 {
         self.with(|s| s.backend.dropped_bytes())
@@ -109,14 +108,60 @@ impl Backend for Handle {
     fn wait_for_client(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         self.with(|s| s.backend.wait_for_client(timeout))
     }
+    fn line(&mut self) -> Option<&mut dyn LineControl> {
+        if self.with(|s| s.backend.line().is_some()) {
+            Some(self)
+        } else {
+            None
+        }
+    }
+    fn ring(&mut self) -> Option<&mut dyn RingAccess> {
+        if self.with(|s| s.backend.ring().is_some()) {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+/// The line of the chardev behind the handle (which a `change` may have swapped for one
+/// without: then these do nothing).
+impl LineControl for Handle {
+    fn send_break(&mut self) {
+        self.with(|s| send_break(s.backend.as_mut()))
+    }
+    fn set_line_params(&mut self, params: LineParams) {
+        self.with(|s| {
+            if let Some(l) = s.backend.line() {
+                l.set_line_params(params);
+            }
+        })
+    }
+    fn set_modem_control(&mut self, dtr: bool, rts: bool) {
+        self.with(|s| {
+            if let Some(l) = s.backend.line() {
+                l.set_modem_control(dtr, rts);
+            }
+        })
+    }
+    fn modem_status(&mut self) -> Option<ModemStatus> {
+        self.with(|s| s.backend.line().and_then(|l| l.modem_status()))
+    }
+}
+
+/// The ring of the chardev behind the handle.
+impl RingAccess for Handle {
     fn ringbuf_read(&mut self, max: usize) -> io::Result<Vec<u8>> {
-        self.with(|s| s.backend.ringbuf_read(max))
+        self.with(|s| match s.backend.ring() {
+            Some(r) => r.ringbuf_read(max),
+            None => Err(io::ErrorKind::Unsupported.into()),
+        })
     }
     fn ringbuf_write(&mut self, data: &[u8]) -> io::Result<()> {
-        self.with(|s| s.backend.ringbuf_write(data))
-    }
-    fn take_exit_request(&mut self) -> bool {
-        self.with(|s| s.backend.take_exit_request())
+        self.with(|s| match s.backend.ring() {
+            Some(r) => r.ringbuf_write(data),
+            None => Err(io::ErrorKind::Unsupported.into()),
+        })
     }
 }
 
@@ -393,7 +438,10 @@ mod tests {
         );
         // The registry still reaches it while the frontend uses it (ringbuf-read).
         h.write(b"guest said").unwrap();
-        let got = r.with("rb", |b| b.ringbuf_read(64)).unwrap().unwrap();
+        let got = r
+            .with("rb", |b| b.ring().unwrap().ringbuf_read(64))
+            .unwrap()
+            .unwrap();
         assert_eq!(got, b"guest said");
         drop(h);
         assert!(!r.in_use("rb").unwrap());
@@ -418,7 +466,7 @@ mod tests {
         // null was connected, so is the ringbuf: Closed then Opened.
         assert_eq!(h.take_events(), vec![Event::Closed, Event::Opened]);
         h.write(b"into ring").unwrap();
-        assert_eq!(h.ringbuf_read(64).unwrap(), b"into ring");
+        assert_eq!(h.ring().unwrap().ringbuf_read(64).unwrap(), b"into ring");
     }
 
     #[test]
@@ -475,7 +523,9 @@ mod tests {
         uart.write(b"u").unwrap();
         mon.write(b"m").unwrap();
         assert_eq!(
-            r.with("con-base", |b| b.ringbuf_read(8)).unwrap().unwrap(),
+            r.with("con-base", |b| b.ring().unwrap().ringbuf_read(8))
+                .unwrap()
+                .unwrap(),
             b"um"
         );
         assert_eq!(

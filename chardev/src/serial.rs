@@ -3,14 +3,14 @@
 //!
 //! The tty is opened non-blocking without becoming our controlling terminal and put in raw
 //! mode at 115200 8N1 with the modem-control lines ignored (CLOCAL). When the guest programs
-//! its UART, [`Backend::set_line_params`] sets the same speed (the nearest standard rate),
+//! its UART, [`LineControl::set_line_params`] sets the same speed (the nearest standard rate),
 //! data bits, parity (including mark and space, via CMSPAR) and stop bits on the real line. A
 //! break is `TIOCSBRK`, cleared by a timer after [`BREAK_DURATION`], because `tcsendbreak`
 //! would block. The original settings are restored on drop.
 //!
 //! Modem lines pass through where the tty has them (a pty has none): the guest's DTR and RTS
-//! are raised and lowered with `TIOCMBIS`/`TIOCMBIC` ([`Backend::set_modem_control`]), and
-//! [`Backend::modem_status`] reads DCD, DSR, CTS and RI with `TIOCMGET` for the frontend to
+//! are raised and lowered with `TIOCMBIS`/`TIOCMBIC` ([`LineControl::set_modem_control`]), and
+//! [`LineControl::modem_status`] reads DCD, DSR, CTS and RI with `TIOCMGET` for the frontend to
 //! poll (the kernel has no pollable event for them; QEMU polls too).
 //!
 //! This module must not block.
@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::backend::{Backend, Event, Interest, LineParams, ModemStatus, Readiness};
+use crate::backend::{Backend, Event, Interest, LineControl, LineParams, ModemStatus, Readiness};
 use crate::error::{Error, Result};
 use crate::fdchan::FdChannel;
 use crate::poller::{FdSet, Registrar, Token};
@@ -243,6 +243,15 @@ impl Backend for SerialBackend {
     fn take_events(&mut self) -> Vec<Event> {
         self.chan.take_events()
     }
+    fn dropped_bytes(&self) -> u64 {
+        self.chan.dropped_bytes()
+    }
+    fn line(&mut self) -> Option<&mut dyn LineControl> {
+        Some(self)
+    }
+}
+
+impl LineControl for SerialBackend {
     fn send_break(&mut self) {
         if self.breaking {
             return;
@@ -307,9 +316,6 @@ impl Backend for SerialBackend {
                 None
             }
         }
-    }
-    fn dropped_bytes(&self) -> u64 {
-        self.chan.dropped_bytes()
     }
 }
 

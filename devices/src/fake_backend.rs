@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use chardev::backend::LineControl;
 use chardev::{Backend, Event, LineParams, ModemStatus, Readiness, Registrar, Token};
 
 /// What the fake backend saw and what it will do, shared with the test.
@@ -102,6 +103,13 @@ impl Backend for FakeBackend {
     fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.state().events)
     }
+    fn line(&mut self) -> Option<&mut dyn LineControl> {
+        Some(self)
+    }
+}
+
+/// A line like a host tty's; `modem_status` is `None` unless the test gave it modem lines.
+impl LineControl for FakeBackend {
     fn send_break(&mut self) {
         self.state().breaks += 1;
     }

@@ -278,20 +278,28 @@ impl SerialPort {
             });
     }
 
+    /// Tell a backend with a real line (a host tty) what the guest set: line parameters,
+    /// break, DTR/RTS. Backends without one have nothing to tell.
     fn sync_line_state(&mut self) {
         let params = self.serial.line_params();
+        let brk = self.serial.break_active();
+        let outputs = self.serial.modem_outputs();
+        let Some(line) = self.backend.line() else {
+            self.sent_params = Some(params);
+            self.sent_break = brk;
+            self.sent_modem_control = Some(outputs);
+            return;
+        };
         if self.sent_params != Some(params) {
-            self.backend.set_line_params(params);
+            line.set_line_params(params);
             self.sent_params = Some(params);
         }
-        let brk = self.serial.break_active();
         if brk && !self.sent_break {
-            self.backend.send_break();
+            line.send_break();
         }
         self.sent_break = brk;
-        let outputs = self.serial.modem_outputs();
         if self.sent_modem_control != Some(outputs) {
-            self.backend.set_modem_control(outputs.0, outputs.1);
+            line.set_modem_control(outputs.0, outputs.1);
             self.sent_modem_control = Some(outputs);
         }
     }
@@ -364,7 +372,7 @@ impl SerialPort {
 /// A backend's modem inputs, and whether they are a real line's: its lines where it has
 /// them, else up while it has a peer.
 fn modem_for(backend: &mut dyn Backend) -> (ModemStatus, bool) {
-    match backend.modem_status() {
+    match backend.line().and_then(|l| l.modem_status()) {
         Some(status) => (status, true),
         None if backend.is_connected() => (ModemStatus::CONNECTED, false),
         None => (ModemStatus::DISCONNECTED, false),

@@ -50,7 +50,7 @@ pub struct ChardevMonitor {
     events: EventQueue,
     limits: Limits,
     dropped_output: u64,
-    /// The backend had the input when last looked at (see [`Backend::has_focus`]).
+    /// The backend had the input when last looked at (see [`chardev::backend::MuxControl::has_focus`]).
     focused: bool,
 }
 
@@ -87,7 +87,7 @@ impl ChardevMonitor {
             dropped_output: 0,
             focused: true,
         };
-        m.focused = m.backend.has_focus();
+        m.focused = chardev::backend::has_focus(m.backend.as_mut());
         m.backend.set_input_wanted(true);
         if m.backend.is_connected() {
             m.open_session();
@@ -173,7 +173,7 @@ impl ChardevMonitor {
     /// The focus came or went (a mux's Ctrl-A c). Coming back to a human monitor whose output
     /// was all shown starts a fresh line with the prompt, as QEMU's readline restarts.
     fn track_focus(&mut self) {
-        let focused = self.backend.has_focus();
+        let focused = chardev::backend::has_focus(self.backend.as_mut());
         let regained = focused && !self.focused && self.open;
         if regained && self.mode == MonitorMode::Readline && self.out.is_empty() {
             self.editor.reset();
@@ -402,7 +402,7 @@ mod tests {
         let mut mon = Monitor::new().unwrap();
         mon.attach(reg.take_for_monitor("mon").unwrap(), MonitorMode::Readline);
         let _running = Running::start(mon, FakeMachine::new());
-        assert!(device.has_focus());
+        assert!(chardev::backend::has_focus(device.as_mut()));
         device.write(b"console output").unwrap();
         // The device runs as a UART does: its event loop (it drives the mux's base fd) reads
         // its input while it has the focus.
@@ -413,7 +413,10 @@ mod tests {
             while !st.load(Ordering::Relaxed) {
                 chardev::poll_backends(&mut [&mut *device], 10).unwrap();
                 while device.read(&mut [0u8; 16]).unwrap_or(0) > 0 {}
-                f.store(device.has_focus(), Ordering::Relaxed);
+                f.store(
+                    chardev::backend::has_focus(device.as_mut()),
+                    Ordering::Relaxed,
+                );
             }
         });
         let wait_focus = |device_has_it: bool| {

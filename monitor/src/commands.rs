@@ -5,6 +5,7 @@
 //! dispatcher owns no state: what persists (named fds) lives in the [`Context`] it is given.
 //! It must not do I/O beyond what the machine and the registry do for it.
 
+use chardev::backend::RingAccess;
 use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 
@@ -472,9 +473,13 @@ pub fn query_virtio_serial(ctx: &mut Context<'_>) -> Value {
 fn ringbuf<R>(
     ctx: &mut Context<'_>,
     device: &str,
-    f: impl FnOnce(&mut dyn chardev::Backend) -> std::io::Result<R>,
+    f: impl FnOnce(&mut dyn RingAccess) -> std::io::Result<R>,
 ) -> Result<R, QmpError> {
-    match ctx.machine.chardevs().with(device, f) {
+    let on_ring = |b: &mut dyn chardev::Backend| match b.ring() {
+        Some(ring) => f(ring),
+        None => Err(std::io::ErrorKind::Unsupported.into()),
+    };
+    match ctx.machine.chardevs().with(device, on_ring) {
         Err(_) => Err(QmpError::generic(format!("Device '{device}' not found"))),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::Unsupported => Err(QmpError::generic(
             format!("{device} is not a ringbuf device"),

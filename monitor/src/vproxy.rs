@@ -5,7 +5,7 @@
 //! `NAME:unix:PATH`); a direction is `out` (an oforward: listen here, carry to the guest's
 //! service) or `in` (an iforward: the guest may open the service, connected here).
 
-use chardev::vproxy::driver::{ForwardDir, VproxyControl, VproxyInfo};
+use chardev::vproxy::driver::{control_of, ForwardDir, VproxyControl, VproxyInfo};
 use chardev::vproxy::forward::{parse_iforward, parse_oforward};
 use chardev::Registry;
 use serde_json::{json, Value};
@@ -30,7 +30,7 @@ fn with_vproxy<R>(
     f: impl FnOnce(&mut dyn VproxyControl) -> std::io::Result<R>,
 ) -> Result<R, QmpError> {
     let result = chardevs
-        .with(id, |b| b.vproxy().map(f))
+        .with(id, |b| control_of(b).map(f))
         .map_err(|_| QmpError::device_not_found(format!("Device '{id}' not found")))?;
     match result {
         None => Err(QmpError::generic(format!("{id} is not a vproxy device"))),

@@ -66,7 +66,7 @@ impl SerialHandler {
         let (deadline, quit) = {
             let mut port = lock(&self.port);
             let deadline = port.service();
-            let quit = port.backend_mut().take_exit_request();
+            let quit = chardev::backend::take_exit_request(port.backend_mut());
             (deadline, quit)
         };
         if quit {

@@ -26,7 +26,7 @@ use thiserror::Error;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::driver::VproxyBackend;
-use crate::backend::{Backend, Event, Interest, LineParams, Readiness};
+use crate::backend::{Backend, Event, Interest, LineControl, LineParams, Readiness};
 use crate::buffer::{EventQueue, OutBuf, DEFAULT_OUTBUF_SIZE};
 use crate::error::quote;
 use crate::poller::{FdSet, Poller, Registrar, Token};

@@ -88,6 +88,13 @@ pub trait VproxyControl {
     fn info(&self) -> VproxyInfo;
 }
 
+/// The vproxy control of `backend`, if it is a vproxy backend (reached through
+/// [`Backend::extension`]: the chardev core knows nothing of vproxy).
+pub fn control_of(backend: &mut dyn Backend) -> Option<&mut dyn VproxyControl> {
+    let vp = backend.extension()?.downcast_mut::<VproxyBackend>()?;
+    Some(vp)
+}
+
 /// Make the next close of socket `fd` send a TCP reset, so that a client sees an abort
 /// (ECONNRESET) rather than an orderly end. Unix sockets have no such thing: a client that must
 /// tell a truncated stream from a complete one uses a TCP forward.
@@ -771,7 +778,7 @@ impl Backend for VproxyBackend {
         self.events.take()
     }
 
-    fn vproxy(&mut self) -> Option<&mut dyn VproxyControl> {
+    fn extension(&mut self) -> Option<&mut dyn std::any::Any> {
         Some(self)
     }
 }
@@ -1052,13 +1059,10 @@ mod tests {
         let echo_fwd = format!("echo:127.0.0.1:{echo}");
         pair.with(move |a, b| {
             let o = super::super::forward::parse_oforward("echo:0").unwrap();
-            a.vproxy().unwrap().add_forward(ForwardDir::Out, o).unwrap();
+            a.add_forward(ForwardDir::Out, o).unwrap();
             let i = super::super::forward::parse_iforward(&echo_fwd).unwrap();
-            b.vproxy()
-                .unwrap()
-                .add_forward(ForwardDir::In, i.clone())
-                .unwrap();
-            let again = b.vproxy().unwrap().add_forward(ForwardDir::In, i);
+            b.add_forward(ForwardDir::In, i.clone()).unwrap();
+            let again = b.add_forward(ForwardDir::In, i);
             assert_eq!(again.unwrap_err().kind(), io::ErrorKind::AlreadyExists);
         });
         let port = pair.a_port("echo");
@@ -1070,7 +1074,7 @@ mod tests {
 
         // Removing the oforward closes the listener but not the stream it carries.
         pair.with(|a, _| {
-            let c = a.vproxy().unwrap();
+            let c = a;
             c.remove_forward(ForwardDir::Out, "echo").unwrap();
             assert_eq!(
                 c.remove_forward(ForwardDir::Out, "echo")
@@ -1090,12 +1094,9 @@ mod tests {
 
         // Without the iforward, the peer's service is gone for new streams.
         pair.with(|a, b| {
-            b.vproxy()
-                .unwrap()
-                .remove_forward(ForwardDir::In, "echo")
-                .unwrap();
+            b.remove_forward(ForwardDir::In, "echo").unwrap();
             let o = super::super::forward::parse_oforward("echo:0").unwrap();
-            a.vproxy().unwrap().add_forward(ForwardDir::Out, o).unwrap();
+            a.add_forward(ForwardDir::Out, o).unwrap();
         });
         assert_refused(pair.a_port("echo"));
         live.write_all(b"three").unwrap();
