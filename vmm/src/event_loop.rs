@@ -278,3 +278,110 @@ impl EventLoop {
         self.manager.run_with_timeout(timeout_ms)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chardev::{FdSet, Interest};
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    /// A frontend that registers the given sockets (part = index) and records what it got.
+    #[derive(Default)]
+    struct Recorder {
+        socks: Vec<UnixStream>,
+        sets: Vec<FdSet>,
+        events: Vec<(u16, Token)>,
+        batches: usize,
+    }
+
+    impl PolledFrontend for Recorder {
+        fn attach(&mut self, owners: OwnerGroup) {
+            for (i, s) in self.socks.iter().enumerate() {
+                let mut set = FdSet::new();
+                set.set(s.as_raw_fd(), Interest::READ);
+                set.attach(owners.registrar(i as u16));
+                self.sets.push(set);
+            }
+        }
+
+        fn on_fd_event(&mut self, part: u16, token: Token, readiness: Readiness) {
+            assert!(readiness.readable);
+            assert_eq!(
+                self.sets[usize::from(part)].fd_of(token),
+                Some(self.socks[usize::from(part)].as_raw_fd())
+            );
+            self.events.push((part, token));
+        }
+
+        fn after_fd_events(&mut self) {
+            self.batches += 1;
+        }
+    }
+
+    fn recorder(n: usize) -> (Arc<Mutex<Recorder>>, Vec<UnixStream>) {
+        let mut peers = Vec::new();
+        let mut r = Recorder::default();
+        for _ in 0..n {
+            let (a, b) = UnixStream::pair().unwrap();
+            r.socks.push(a);
+            peers.push(b);
+        }
+        (Arc::new(Mutex::new(r)), peers)
+    }
+
+    #[test]
+    fn events_reach_their_frontend_and_part_once_per_batch() {
+        let mut backends = BackendEvents::new().unwrap();
+        let (one, mut one_peers) = recorder(3);
+        let (two, mut two_peers) = recorder(2);
+        lock(&one).attach(backends.add(one.clone()));
+        lock(&two).attach(backends.add(two.clone()));
+        assert_eq!(backends.dispatch(0).unwrap(), 0, "nothing ready");
+        one_peers[2].write_all(b"x").unwrap();
+        two_peers[0].write_all(b"y").unwrap();
+        one_peers[0].write_all(b"z").unwrap();
+        assert_eq!(backends.dispatch(0).unwrap(), 3);
+        let mut parts: Vec<u16> = lock(&one).events.iter().map(|e| e.0).collect();
+        parts.sort_unstable();
+        assert_eq!(parts, vec![0, 2]);
+        assert_eq!(
+            lock(&two).events.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![0]
+        );
+        // One service per frontend per batch, however many of its fds fired.
+        assert_eq!((lock(&one).batches, lock(&two).batches), (1, 1));
+        drop(one_peers.remove(1));
+        drop(two_peers.remove(1));
+    }
+
+    #[test]
+    fn one_ready_fd_among_four_hundred_is_one_event() {
+        let mut backends = BackendEvents::new().unwrap();
+        let (many, mut peers) = recorder(400);
+        lock(&many).attach(backends.add(many.clone()));
+        peers[377].write_all(b"!").unwrap();
+        assert_eq!(backends.dispatch(0).unwrap(), 1);
+        assert_eq!(lock(&many).events.len(), 1);
+        assert_eq!(lock(&many).events[0].0, 377);
+        // An fd closed by its owner (unregistered first) never fires again.
+        {
+            let mut m = lock(&many);
+            let fd = m.socks[377].as_raw_fd();
+            m.sets[377].close(fd);
+        }
+        assert_eq!(backends.dispatch(0).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_event_loop_runs_a_frontend_without_kvm() {
+        let mut event_loop = EventLoop::new().unwrap();
+        let (r, mut peers) = recorder(1);
+        event_loop.add_polled(r.clone());
+        peers[0].write_all(b"go").unwrap();
+        // One wakeup of the event manager: the poller's fd, then the frontend's event.
+        assert!(event_loop.run_with_timeout(1000).unwrap() >= 1);
+        assert_eq!(lock(&r).events.len(), 1);
+        assert_eq!(lock(&r).batches, 1);
+    }
+}
