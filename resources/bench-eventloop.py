@@ -38,38 +38,11 @@ import tempfile
 import threading
 import time
 
+from benchhost import BenchError, cpu_seconds, free_port, log, proc_status_kib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MSG = 4096
 MIB = 1 << 20
-
-
-def log(msg):
-    print(f"  {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_status(pid, key):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise BenchError(f"no {key} for pid {pid}")
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
 
 
 def open_fds(pid):
@@ -198,7 +171,7 @@ class Setup:
         """Stop the relay; returns its `events` count (and strace writes its table)."""
         # To minivmm itself: strace ends when its tracee does.
         os.kill(self.pid, signal.SIGTERM)
-        _, err = self.relay.communicate(timeout=30)
+        _, err = self.relay.communicate(timeout=600)
         self.vp.terminate()
         self.vp.wait(timeout=10)
         self.echo.close()
@@ -272,13 +245,13 @@ def run_once(args, streams, with_strace):
         out = os.path.join(tmp, "strace.txt") if with_strace else None
         setup = Setup(args, tmp, out)
         try:
-            rss0 = proc_status(setup.pid, "VmRSS")
+            rss0 = proc_status_kib(setup.pid)
             at_start = {}
 
             def started():
                 # Every stream open and echoed once: memory and fds per stream now, CPU
                 # from here.
-                at_start["rss"] = proc_status(setup.pid, "VmRSS")
+                at_start["rss"] = proc_status_kib(setup.pid)
                 at_start["fds"] = open_fds(setup.pid)
                 at_start["cpu"] = cpu_seconds(setup.pid)
 

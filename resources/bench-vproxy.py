@@ -45,6 +45,8 @@ import tempfile
 import threading
 import time
 
+from benchhost import BenchError, cpu_seconds, free_port, log, rss_kib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VP = os.path.join(REPO, "target/x86_64-unknown-linux-gnu/vp/minivmm-vp")
 LINE_RATE = 11520  # bytes/s of a 115200-baud 8N1 line (10 bits a byte)
@@ -54,34 +56,6 @@ ECHO_MSG = 32
 MIB = 1 << 20
 BACKLOG = 8  # minivmm-vp's listen backlog (chardev LISTEN_BACKLOG): connects in flight at once
 
-
-def log(msg):
-    print(f"  {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    pass
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise BenchError(f"no VmRSS for pid {pid}")
-
-
-def cpu_seconds(pid):
-    """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------- relay
