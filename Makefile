@@ -59,7 +59,7 @@ build:
 # Stripped: the initramfs is unpacked by emulated ring-0 code, every MB costs seconds.
 vp:
 	@RUSTFLAGS='-C target-feature=+crt-static' \
-	    cargo build --profile vp -p chardev --bin minivmm-vp --target $(VP_TARGET)
+	    cargo build --profile vp -p vproxy --bin minivmm-vp --target $(VP_TARGET)
 	@echo $(VP)
 
 run: guest build

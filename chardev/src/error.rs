@@ -14,7 +14,7 @@ const MAX_QUOTED_VALUE: usize = 64;
 
 /// Quote a user-supplied value for a one-line message: control characters escaped, long
 /// values shortened.
-pub(crate) fn quote(value: &str) -> String {
+pub fn quote(value: &str) -> String {
     let mut out: String = value.chars().flat_map(char::escape_debug).collect();
     if out.chars().count() > MAX_QUOTED_VALUE {
         out = out.chars().take(MAX_QUOTED_VALUE).collect();
@@ -189,6 +189,9 @@ pub enum Error {
     /// A mux already has its maximum number of frontends.
     #[error("chardev '{0}': too many mux frontends")]
     MuxFull(String),
+    /// A spec of a backend kind no crate registered in this process.
+    #[error("chardev backend '{0}' is not available here")]
+    UnknownKind(String),
     /// The operation needs a registry (a mux names its base chardev).
     #[error("chardev '{0}': a mux needs the chardev registry")]
     NeedsRegistry(String),
@@ -199,7 +202,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// An [`Error::Io`] for chardev `id`.
-    pub(crate) fn io(id: &str, op: &'static str, target: impl Into<String>, e: io::Error) -> Self {
+    pub fn io(id: &str, op: &'static str, target: impl Into<String>, e: io::Error) -> Self {
         Error::Io {
             id: id.to_string(),
             op,

@@ -52,7 +52,7 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 /// A socket address in the form the kernel takes.
 #[derive(Clone, Copy)]
-pub(crate) struct SockAddr {
+pub struct SockAddr {
     storage: libc::sockaddr_storage,
     len: libc::socklen_t,
 }
@@ -66,11 +66,11 @@ impl SockAddr {
         }
     }
 
-    pub(crate) fn family(&self) -> libc::c_int {
+    pub fn family(&self) -> libc::c_int {
         self.storage.ss_family as libc::c_int
     }
 
-    pub(crate) fn unix(path: &Path, abstract_ns: bool) -> io::Result<Self> {
+    pub fn unix(path: &Path, abstract_ns: bool) -> io::Result<Self> {
         let mut a = SockAddr::empty();
         // SAFETY: sockaddr_storage is large enough and suitably aligned for a sockaddr_un.
         let sun = unsafe {
@@ -91,7 +91,7 @@ impl SockAddr {
         Ok(a)
     }
 
-    pub(crate) fn inet(addr: &SocketAddr) -> Self {
+    pub fn inet(addr: &SocketAddr) -> Self {
         let mut a = SockAddr::empty();
         match addr {
             SocketAddr::V4(v4) => {
@@ -123,7 +123,7 @@ impl SockAddr {
     }
 
     /// The inet address, if this is one.
-    pub(crate) fn to_inet(self) -> Option<SocketAddr> {
+    pub fn to_inet(self) -> Option<SocketAddr> {
         match self.family() {
             libc::AF_INET => {
                 // SAFETY: the family says the storage holds a sockaddr_in.
@@ -153,7 +153,7 @@ impl SockAddr {
 }
 
 /// A new non-blocking, close-on-exec stream socket.
-pub(crate) fn new_socket(family: libc::c_int) -> io::Result<OwnedFd> {
+pub fn new_socket(family: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: socket takes integers only and returns a new fd or -1.
     let fd = check(unsafe {
         libc::socket(
@@ -172,7 +172,7 @@ fn bind(fd: RawFd, a: &SockAddr) -> io::Result<()> {
 }
 
 /// Start connecting. `Ok(true)`: connected; `Ok(false)`: in progress.
-pub(crate) fn connect(fd: RawFd, a: &SockAddr) -> io::Result<bool> {
+pub fn connect(fd: RawFd, a: &SockAddr) -> io::Result<bool> {
     loop {
         // SAFETY: a points to a.len valid bytes of socket address, borrowed for the call.
         let r = unsafe { libc::connect(fd, a.as_ptr(), a.len) };
@@ -189,7 +189,7 @@ pub(crate) fn connect(fd: RawFd, a: &SockAddr) -> io::Result<bool> {
 }
 
 /// Accept one pending connection, non-blocking. `Ok(None)`: nobody waiting.
-pub(crate) fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
+pub fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
     loop {
         // SAFETY: null address pointers are allowed; the flags make the new fd non-blocking.
         let fd = unsafe {
@@ -219,7 +219,7 @@ pub(crate) fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
 
 /// Make the next close of socket `fd` send a TCP reset (SO_LINGER on with a zero timeout).
 /// Unix sockets have no such thing: their peer sees an abort as an ordinary end of stream.
-pub(crate) fn abort_on_close(fd: RawFd) {
+pub fn abort_on_close(fd: RawFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -279,7 +279,7 @@ fn refuse_one(listener: RawFd) {
     *spare = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
 }
 
-pub(crate) fn sockname(fd: RawFd, peer: bool) -> io::Result<SockAddr> {
+pub fn sockname(fd: RawFd, peer: bool) -> io::Result<SockAddr> {
     let mut a = SockAddr::empty();
     // SAFETY: the kernel writes at most a.len bytes into a.storage and updates a.len.
     let r = unsafe {
@@ -295,7 +295,7 @@ pub(crate) fn sockname(fd: RawFd, peer: bool) -> io::Result<SockAddr> {
 }
 
 /// Resolve a host and port; an empty host is any (server) or loopback (client).
-pub(crate) fn resolve(host: &str, port: u16, server: bool) -> io::Result<SocketAddr> {
+pub fn resolve(host: &str, port: u16, server: bool) -> io::Result<SocketAddr> {
     if host.is_empty() {
         let ip = if server {
             Ipv4Addr::UNSPECIFIED
@@ -312,7 +312,7 @@ pub(crate) fn resolve(host: &str, port: u16, server: bool) -> io::Result<SocketA
 
 /// A unix socket file we created: removed on drop if it is still the same inode.
 #[derive(Debug)]
-pub(crate) struct SocketFile {
+pub struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -357,13 +357,13 @@ fn listen(fd: RawFd, backlog: libc::c_int) -> io::Result<()> {
 }
 
 /// What failed while setting up a listener: the operation ("bind", ...) and the OS error.
-pub(crate) type SetupError = (&'static str, io::Error);
+pub type SetupError = (&'static str, io::Error);
 
 /// A non-blocking listening socket on `addr`. `unix_file` is the filesystem path of a unix
 /// address (not an abstract one): a stale socket file there is replaced, the new one gets mode
 /// 0600, and the returned [`SocketFile`] removes it on drop. Inet listeners get SO_REUSEADDR.
 /// `backlog` is the accept queue's length.
-pub(crate) fn open_listener(
+pub fn open_listener(
     addr: &SockAddr,
     unix_file: Option<&Path>,
     backlog: libc::c_int,

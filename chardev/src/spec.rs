@@ -11,15 +11,21 @@
 //! `unix:PATH[,opts]`, `tcp:HOST:PORT[,opts]`, `pty`, `null`, `none`, `chardev:ID`, plus QEMU's
 //! `pipe:PATH`, `udp:[HOST]:PORT[@[LOCALADDR]:LOCALPORT]`, `mon:FORM` and `/dev/...` (a host tty).
 //!
+//! Backend kinds that live in other crates (vproxy) register themselves with
+//! [`register_kind`]: the parser then hands them their options ([`BackendKind::parse`]) and
+//! keeps them as an [`ExtensionSpec`], and [`crate::create`] asks the kind to open one. The
+//! core knows none of them by name.
+//!
 //! This module only parses and validates; it opens nothing.
 
 use std::fmt;
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::RwLock;
 
+use crate::backend::Backend;
 use crate::error::{quote, SpecError};
-use crate::vproxy::forward::{parse_iforward, parse_oforward, Forward, IFORWARD, OFORWARD};
 
 /// Default size of a `ringbuf` chardev.
 pub const DEFAULT_RINGBUF_SIZE: usize = 64 * 1024;
@@ -31,14 +37,6 @@ pub const DEFAULT_BACKLOG: usize = 64 * 1024;
 pub const MAX_BACKLOG: usize = 1 << 30;
 /// Longest chardev id.
 pub const MAX_ID_LEN: usize = 127;
-/// Largest vproxy `rate=`, in bytes per second.
-pub const MAX_VPROXY_RATE: u64 = 1 << 30;
-/// Smallest vproxy `window=`.
-pub const MIN_VPROXY_WINDOW: u64 = 1 << 10;
-/// Largest vproxy `window=`.
-pub const MAX_VPROXY_WINDOW: u64 = 16 << 20;
-/// Options that may be given more than once; every occurrence counts.
-const REPEATABLE_OPTIONS: &[&str] = &[OFORWARD, IFORWARD];
 
 /// One chardev as given on the command line or to `chardev-add`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,8 +83,8 @@ pub enum BackendSpec {
     Serial(SerialSpec),
     /// `mux`: several frontends on the chardev named by `chardev=`.
     Mux(MuxSpec),
-    /// `vproxy`: many socket streams multiplexed over the frontend's channel.
-    Vproxy(VproxySpec),
+    /// A backend kind registered by another crate ([`register_kind`]).
+    Extension(ExtensionSpec),
 }
 
 /// `file,path=OUT[,append=on][,input-path=IN]`.
@@ -197,17 +195,57 @@ pub struct MuxSpec {
     pub chardev: String,
 }
 
-/// `vproxy[,oforward=NAME:[BIND:]PORT]...[,iforward=NAME:HOST:PORT]...[,rate=N][,window=N]`.
+/// A chardev of a kind registered by another crate: its options as the kind canonicalized them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VproxySpec {
-    /// Local listeners whose connections open the peer's service of the same name.
-    pub oforwards: Vec<Forward>,
-    /// Services the peer may open, and where each is connected.
-    pub iforwards: Vec<Forward>,
-    /// The channel's speed in bytes per second (`rate=`), to size windows and frames to it.
-    pub rate: Option<u64>,
-    /// Receive window per stream in bytes (`window=`), overriding the rate-derived one.
-    pub window: Option<u32>,
+pub struct ExtensionSpec {
+    /// The kind's name (`vproxy`).
+    pub kind: &'static str,
+    /// `(key, value)` options in canonical form and order.
+    pub options: Vec<(String, String)>,
+}
+
+/// A backend kind that lives outside this crate.
+pub trait BackendKind: Sync {
+    /// Its name in `--chardev NAME,...`.
+    fn name(&self) -> &'static str;
+
+    /// Options that may be given more than once (every occurrence counts); any other given
+    /// twice is refused.
+    fn repeatable(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Read its own options from `o` (what it leaves unread is refused as unknown) and return
+    /// them in canonical form: parsing the printed form again must give the same.
+    fn parse(&self, o: &mut Opts) -> Result<Vec<(String, String)>, SpecError>;
+
+    /// Open a backend from canonical options.
+    fn create(&self, id: &str, options: &[(String, String)]) -> crate::Result<Box<dyn Backend>>;
+}
+
+static KINDS: RwLock<Vec<&'static dyn BackendKind>> = RwLock::new(Vec::new());
+
+/// Make `kind` known to the parser and to [`crate::create`] (again: nothing happens).
+pub fn register_kind(kind: &'static dyn BackendKind) {
+    let mut kinds = KINDS.write().unwrap_or_else(|p| p.into_inner());
+    if !kinds.iter().any(|k| k.name() == kind.name()) {
+        kinds.push(kind);
+    }
+}
+
+/// The registered kind called `name`.
+pub fn backend_kind(name: &str) -> Option<&'static dyn BackendKind> {
+    let kinds = KINDS.read().unwrap_or_else(|p| p.into_inner());
+    kinds.iter().find(|k| k.name() == name).copied()
+}
+
+/// Every backend name `--chardev` accepts, canonical first (QMP's `query-chardev-backends`),
+/// registered kinds included.
+pub fn backend_names() -> Vec<&'static str> {
+    let mut names = BACKEND_NAMES.to_vec();
+    let kinds = KINDS.read().unwrap_or_else(|p| p.into_inner());
+    names.extend(kinds.iter().map(|k| k.name()));
+    names
 }
 
 /// What `--serial` resolved to.
@@ -235,15 +273,15 @@ impl BackendSpec {
             BackendSpec::Udp(_) => "udp",
             BackendSpec::Serial(_) => "serial",
             BackendSpec::Mux(_) => "mux",
-            BackendSpec::Vproxy(_) => "vproxy",
+            BackendSpec::Extension(e) => e.kind,
         }
     }
 }
 
-/// The backend names `--chardev` accepts, canonical first (QMP's `query-chardev-backends`).
+/// The built-in backend names `--chardev` accepts, canonical first; see [`backend_names`].
 pub const BACKEND_NAMES: &[&str] = &[
-    "null", "file", "stdio", "socket", "pty", "ringbuf", "pipe", "udp", "serial", "mux", "vproxy",
-    "memory", "tty",
+    "null", "file", "stdio", "socket", "pty", "ringbuf", "pipe", "udp", "serial", "mux", "memory",
+    "tty",
 ];
 
 /// Whether `id` is a valid chardev id: a letter, then letters, digits, `-`, `.`, `_`.
@@ -297,7 +335,9 @@ struct Item {
 /// The options of one chardev, consumed by the backend builders; whatever is left unused at
 /// the end is an unknown option.
 #[derive(Debug)]
-struct Opts {
+/// The options of one chardev spec as they are read: a backend kind of another crate reads
+/// its own from it ([`BackendKind::parse`]).
+pub struct Opts {
     id: String,
     items: Vec<Item>,
 }
@@ -305,7 +345,7 @@ struct Opts {
 impl Opts {
     /// Build from `key[=value]` tokens, rejecting empty tokens and duplicate keys, and pull
     /// out `id`.
-    fn new(backend: &str, tokens: &[String], id: Option<String>) -> Result<Opts, SpecError> {
+    pub fn new(backend: &str, tokens: &[String], id: Option<String>) -> Result<Opts, SpecError> {
         let mut items: Vec<Item> = Vec::with_capacity(tokens.len());
         for t in tokens {
             let (key, value) = match t.split_once('=') {
@@ -345,7 +385,8 @@ impl Opts {
             if item.key.is_empty() {
                 return Err(SpecError::EmptyOption { id });
             }
-            let repeatable = REPEATABLE_OPTIONS.contains(&item.key.as_str());
+            let repeatable =
+                backend_kind(backend).is_some_and(|k| k.repeatable().contains(&item.key.as_str()));
             if !repeatable && items[..n].iter().any(|i| i.key == item.key) {
                 return Err(SpecError::DuplicateOption {
                     id,
@@ -363,7 +404,13 @@ impl Opts {
         self.items.iter_mut().find(|i| i.key == key && !i.used)
     }
 
-    fn bad(&self, option: &str, value: &str, expected: &'static str) -> SpecError {
+    /// The chardev's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The error for a bad `value` of `option`.
+    pub fn bad(&self, option: &str, value: &str, expected: &'static str) -> SpecError {
         SpecError::BadValue {
             id: self.id.clone(),
             option: option.to_string(),
@@ -372,8 +419,8 @@ impl Opts {
         }
     }
 
-    /// A string option.
-    fn string(&mut self, key: &str) -> Result<Option<String>, SpecError> {
+    /// A string option (the next unread one, for an option that may repeat).
+    pub fn string(&mut self, key: &str) -> Result<Option<String>, SpecError> {
         let id = self.id.clone();
         match self.find(key) {
             None => Ok(None),
@@ -429,7 +476,7 @@ impl Opts {
     }
 
     /// An unsigned number with optional `K`/`M`/`G` suffix, at most `max`.
-    fn size(
+    pub fn size(
         &mut self,
         key: &str,
         max: u64,
@@ -469,8 +516,8 @@ impl Opts {
         }
     }
 
-    /// Fail on the first option nobody consumed.
-    fn finish(self) -> Result<String, SpecError> {
+    /// Fail on the first option nobody consumed; returns the id.
+    pub fn finish(self) -> Result<String, SpecError> {
         if let Some(item) = self.items.iter().find(|i| !i.used) {
             return Err(SpecError::UnknownOption {
                 id: self.id,
@@ -509,8 +556,7 @@ fn canonical_backend(name: &str) -> Option<&'static str> {
         "udp" => "udp",
         "serial" | "tty" => "serial",
         "mux" => "mux",
-        "vproxy" => "vproxy",
-        _ => return None,
+        other => return backend_kind(other).map(|k| k.name()),
     })
 }
 
@@ -626,45 +672,6 @@ fn build_udp(o: &mut Opts) -> Result<UdpSpec, SpecError> {
 }
 
 /// Every `key=` forward, parsed with `parse`; names must differ.
-fn forwards(
-    o: &mut Opts,
-    key: &'static str,
-    parse: fn(&str) -> Result<Forward, SpecError>,
-) -> Result<Vec<Forward>, SpecError> {
-    let mut out: Vec<Forward> = Vec::new();
-    while let Some(v) = o.string(key)? {
-        let f = parse(&v).map_err(|e| e.in_chardev(&o.id))?;
-        if out.iter().any(|g| g.name == f.name) {
-            return Err(o.bad(key, &v, "a service name not used by another forward"));
-        }
-        out.push(f);
-    }
-    Ok(out)
-}
-
-fn build_vproxy(o: &mut Opts) -> Result<VproxySpec, SpecError> {
-    let oforwards = forwards(o, OFORWARD, parse_oforward)?;
-    let iforwards = forwards(o, IFORWARD, parse_iforward)?;
-    const RATE: &str = "a rate in bytes per second from 1 to 1G";
-    let rate = o.size("rate", MAX_VPROXY_RATE, RATE)?;
-    if rate == Some(0) {
-        return Err(o.bad("rate", "0", RATE));
-    }
-    const WINDOW: &str = "a size from 1K to 16M";
-    let window = match o.size("window", MAX_VPROXY_WINDOW, WINDOW)? {
-        Some(w) if w < MIN_VPROXY_WINDOW => return Err(o.bad("window", &w.to_string(), WINDOW)),
-        // At most MAX_VPROXY_WINDOW, which fits.
-        Some(w) => Some(w as u32),
-        None => None,
-    };
-    Ok(VproxySpec {
-        oforwards,
-        iforwards,
-        rate,
-        window,
-    })
-}
-
 /// Build a spec for `backend` from `key[=value]` tokens. `id` comes from the tokens unless
 /// given (the `--serial` forms name their chardev themselves).
 fn build(backend: &str, tokens: &[String], id: Option<String>) -> Result<ChardevSpec, SpecError> {
@@ -702,8 +709,7 @@ fn build(backend: &str, tokens: &[String], id: Option<String>) -> Result<Chardev
         "serial" => BackendSpec::Serial(SerialSpec {
             path: o.required_path("path")?,
         }),
-        "vproxy" => BackendSpec::Vproxy(build_vproxy(&mut o)?),
-        _ => {
+        "mux" => {
             let chardev = o
                 .string("chardev")?
                 .ok_or_else(|| SpecError::MissingOption {
@@ -715,6 +721,13 @@ fn build(backend: &str, tokens: &[String], id: Option<String>) -> Result<Chardev
             }
             BackendSpec::Mux(MuxSpec { chardev })
         }
+        other => match backend_kind(other) {
+            Some(k) => BackendSpec::Extension(ExtensionSpec {
+                kind: k.name(),
+                options: k.parse(&mut o)?,
+            }),
+            None => return Err(SpecError::UnknownBackend(quote(other))),
+        },
     };
     let logfile = o.path("logfile")?;
     let logappend = o.boolean("logappend")?;
@@ -855,18 +868,9 @@ impl fmt::Display for ChardevSpec {
             }
             BackendSpec::Serial(s) => path_opt(f, "path", &s.path)?,
             BackendSpec::Mux(s) => opt(f, "chardev", &s.chardev)?,
-            BackendSpec::Vproxy(s) => {
-                for fwd in &s.oforwards {
-                    opt(f, OFORWARD, &fwd.to_string())?;
-                }
-                for fwd in &s.iforwards {
-                    opt(f, IFORWARD, &fwd.to_string())?;
-                }
-                if let Some(rate) = s.rate {
-                    write!(f, ",rate={rate}")?;
-                }
-                if let Some(window) = s.window {
-                    write!(f, ",window={window}")?;
+            BackendSpec::Extension(e) => {
+                for (key, value) in &e.options {
+                    opt(f, key, value)?;
                 }
             }
         }
@@ -1220,77 +1224,14 @@ mod tests {
     }
 
     #[test]
-    fn vproxy_repeated_forwards_and_knobs() {
-        use crate::vproxy::forward::Endpoint;
-        let s = parse(
-            "vproxy,id=vp0,oforward=web:8080,iforward=ssh:127.0.0.1:22,oforward=ctl:unix:/tmp/c,,1,rate=11520,window=4K",
-        )
-        .unwrap();
-        let BackendSpec::Vproxy(v) = &s.backend else {
-            panic!("not a vproxy: {s:?}")
-        };
-        assert_eq!(v.oforwards.len(), 2);
-        assert_eq!(v.oforwards[0].name, "web");
-        assert_eq!(
-            v.oforwards[0].endpoint,
-            Endpoint::Tcp {
-                host: "127.0.0.1".into(),
-                port: 8080
-            }
-        );
-        assert_eq!(v.oforwards[1].endpoint, Endpoint::Unix("/tmp/c,1".into()));
-        assert_eq!(v.iforwards.len(), 1);
-        assert_eq!(v.iforwards[0].to_string(), "ssh:127.0.0.1:22");
-        assert_eq!((v.rate, v.window), (Some(11520), Some(4096)));
-        assert_eq!(
-            s.to_string(),
-            "vproxy,id=vp0,oforward=web:127.0.0.1:8080,oforward=ctl:unix:/tmp/c,,1,iforward=ssh:127.0.0.1:22,rate=11520,window=4096"
-        );
-        assert_eq!(parse(&s.to_string()), Ok(s.clone()));
-        // No forwards at all is fine: they can be added at run time.
-        let s = parse("vproxy,id=vp1").unwrap();
-        assert_eq!(s.backend.kind(), "vproxy");
-        assert_eq!(s.to_string(), "vproxy,id=vp1");
-    }
-
-    #[test]
-    fn vproxy_rejections() {
-        assert_eq!(
-            err("vproxy,id=vp0,oforward=web"),
-            "chardev 'vp0': bad oforward 'web': expected NAME:[BIND:]PORT or NAME:unix:PATH"
-        );
-        assert_eq!(
-            err("vproxy,id=vp0,iforward=s/sh:h:22"),
-            "chardev 'vp0': bad iforward 's/sh:h:22': bad service name 's/sh' (1 to 64 of A-Z a-z 0-9 . _ -)"
-        );
-        assert_eq!(
-            err("vproxy,id=vp0,iforward=ssh:h:22,iforward=ssh:h:23"),
-            "chardev 'vp0': bad value 'ssh:h:23' for option 'iforward' (expected a service name not used by another forward)"
-        );
-        assert_eq!(
-            err("vproxy,id=vp0,oforward"),
-            "chardev 'vp0': option 'oforward' needs a value"
-        );
-        assert_eq!(
-            err("vproxy,id=vp0,rate=0"),
-            "chardev 'vp0': bad value '0' for option 'rate' (expected a rate in bytes per second from 1 to 1G)"
-        );
-        assert_eq!(
-            err("vproxy,id=vp0,window=100"),
-            "chardev 'vp0': bad value '100' for option 'window' (expected a size from 1K to 16M)"
-        );
-        assert_eq!(
-            err("vproxy,id=vp0,window=1G"),
-            "chardev 'vp0': bad value '1G' for option 'window' (expected a size from 1K to 16M)"
-        );
-        assert_eq!(
-            err("vproxy,id=vp0,rate=1,rate=2"),
-            "chardev 'vp0': option 'rate' given twice"
-        );
-        // Repeating is for forwards only, and only where they are options.
+    fn repeated_options_only_where_a_kind_takes_them() {
         assert_eq!(
             err("socket,id=c0,path=/x,oforward=a:1"),
             "chardev 'c0': unknown option 'oforward'"
+        );
+        assert_eq!(
+            err("nosuchkind,id=c0"),
+            "unknown chardev backend 'nosuchkind'"
         );
     }
 
@@ -1369,36 +1310,7 @@ mod tests {
                 )),
             arb_path().prop_map(|path| BackendSpec::Serial(SerialSpec { path })),
             arb_id().prop_map(|chardev| BackendSpec::Mux(MuxSpec { chardev })),
-            arb_vproxy().prop_map(BackendSpec::Vproxy),
         ]
-    }
-
-    fn arb_vproxy() -> impl Strategy<Value = VproxySpec> {
-        use crate::vproxy::forward::Endpoint;
-        let endpoint = prop_oneof![
-            ("[a-z0-9.]{1,10}", 1u16..)
-                .prop_filter("'unix' starts a path", |(h, _)| h != "unix")
-                .prop_map(|(host, port)| Endpoint::Tcp { host, port }),
-            "/[^\u{0}]{1,16}".prop_map(|p| Endpoint::Unix(PathBuf::from(p))),
-        ];
-        let forwards =
-            prop::collection::btree_map("[a-z0-9._-]{1,8}", endpoint, 0..4).prop_map(|m| {
-                m.into_iter()
-                    .map(|(name, endpoint)| Forward { name, endpoint })
-                    .collect::<Vec<_>>()
-            });
-        (
-            forwards.clone(),
-            forwards,
-            proptest::option::of(1..=MAX_VPROXY_RATE),
-            proptest::option::of(MIN_VPROXY_WINDOW as u32..=MAX_VPROXY_WINDOW as u32),
-        )
-            .prop_map(|(oforwards, iforwards, rate, window)| VproxySpec {
-                oforwards,
-                iforwards,
-                rate,
-                window,
-            })
     }
 
     fn arb_spec() -> impl Strategy<Value = ChardevSpec> {

@@ -17,7 +17,7 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// Whether `e` means "try again later".
-pub(crate) fn would_block(e: &io::Error) -> bool {
+pub fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
@@ -34,7 +34,7 @@ pub(crate) fn set_fl(fd: RawFd, flags: libc::c_int) -> io::Result<()> {
 }
 
 /// Turn `O_NONBLOCK` on or off.
-pub(crate) fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
     let flags = get_fl(fd)?;
     let new = if on {
         flags | libc::O_NONBLOCK
@@ -56,7 +56,7 @@ pub(crate) fn set_cloexec(fd: RawFd) -> io::Result<()> {
 }
 
 /// `read(2)`, retried on EINTR. `Ok(0)` is end of file.
-pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: the kernel writes at most buf.len() bytes into buf, which we borrow mutably.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
@@ -71,7 +71,7 @@ pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// `write(2)`, retried on EINTR. One attempt otherwise: callers handle short writes.
-pub(crate) fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     loop {
         // SAFETY: the kernel reads at most buf.len() bytes from buf, which we borrow.
         let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
@@ -86,7 +86,7 @@ pub(crate) fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// `send(2)` with MSG_NOSIGNAL | MSG_DONTWAIT: a gone peer is EPIPE, not SIGPIPE.
-pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     loop {
         // SAFETY: the kernel reads at most buf.len() bytes from buf, which we borrow.
         let n = unsafe {
@@ -200,7 +200,7 @@ pub(crate) fn make_raw(t: &libc::termios) -> libc::termios {
 }
 
 /// Poll one fd once for `events`, waiting at most `timeout_ms` (-1: forever). Returns revents.
-pub(crate) fn poll_one(
+pub fn poll_one(
     fd: RawFd,
     events: libc::c_short,
     timeout_ms: libc::c_int,
@@ -224,11 +224,7 @@ pub(crate) fn poll_one(
 }
 
 /// An `int` socket option.
-pub(crate) fn getsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-) -> io::Result<libc::c_int> {
+pub fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: the kernel writes at most len bytes into v, both of which we own.

@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use chardev::vproxy::wire::{Decoder, MAX_FRAME_LEN, WIRE_MAX_PAYLOAD};
-use chardev::vproxy::{Engine, EngineConfig};
+use vproxy::wire::{Decoder, MAX_FRAME_LEN, WIRE_MAX_PAYLOAD};
+use vproxy::{Engine, EngineConfig};
 use libfuzzer_sys::fuzz_target;
 
 /// Fake time advanced per chunk.
@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(decoder.buffered() <= MAX_FRAME_LEN);
         engine.receive(piece, now);
         while let Some(event) = engine.poll_event() {
-            if let chardev::vproxy::EngineEvent::OpenRequest { id, .. } = event {
+            if let vproxy::EngineEvent::OpenRequest { id, .. } = event {
                 engine.accept(id);
             }
         }

@@ -13,7 +13,7 @@ use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::Engine;
-use chardev::spec::{is_valid_id, SocketAddrSpec, BACKEND_NAMES};
+use chardev::spec::{backend_names, is_valid_id, SocketAddrSpec};
 use chardev::{BackendSpec, ChardevSpec};
 use serde_json::{json, Map, Value};
 
@@ -271,7 +271,7 @@ pub fn execute(
         "query-chardev-backends" => {
             a.finish()?;
             return Ok(Value::Array(
-                BACKEND_NAMES.iter().map(|n| json!({"name": n})).collect(),
+                backend_names().iter().map(|n| json!({"name": n})).collect(),
             ));
         }
         "chardev-add" | "chardev-change" => {
@@ -698,7 +698,7 @@ pub fn backend_to_spec(id: &str, backend: &Map<String, Value>) -> Result<Chardev
         "tty" => "serial",
         k => k,
     };
-    if !BACKEND_NAMES.contains(&canonical) {
+    if !backend_names().contains(&canonical) {
         return Err(QmpError::generic(format!(
             "Parameter 'backend.type' does not accept value '{kind}'"
         )));

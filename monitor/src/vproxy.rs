@@ -1,12 +1,12 @@
 //! The vproxy commands: `vproxy-forward-add`, `vproxy-forward-remove` and `query-vproxy`,
-//! run against a `vproxy` chardev through its [`chardev::vproxy::driver::VproxyControl`].
+//! run against a `vproxy` chardev through its [`::vproxy::driver::VproxyControl`].
 //!
 //! A forward is given in the command-line syntax (`NAME:[BIND:]PORT`, `NAME:HOST:PORT`,
 //! `NAME:unix:PATH`); a direction is `out` (an oforward: listen here, carry to the guest's
 //! service) or `in` (an iforward: the guest may open the service, connected here).
 
-use chardev::vproxy::driver::{control_of, ForwardDir, VproxyControl, VproxyInfo};
-use chardev::vproxy::forward::{parse_iforward, parse_oforward};
+use ::vproxy::driver::{control_of, ForwardDir, VproxyControl, VproxyInfo};
+use ::vproxy::forward::{parse_iforward, parse_oforward};
 use chardev::Registry;
 use serde_json::{json, Value};
 
@@ -133,6 +133,7 @@ mod tests {
     use chardev::ChardevSpec;
 
     fn registry() -> Registry {
+        ::vproxy::register();
         let mut r = Registry::new();
         r.add(&ChardevSpec::parse("vproxy,id=vp0,oforward=web:127.0.0.1:0").unwrap())
             .unwrap();

@@ -271,7 +271,7 @@ fn streams_both_ways_over_virtio_and_uart_with_forward_changes_and_a_reset() {
     let qmp_path = p("qmp.sock");
     let mut cmd = std::process::Command::new(minivmm_bin());
     // Why a stream was refused or reset is logged at debug level: a failure report shows it.
-    cmd.env("RUST_LOG", "warn,chardev::vproxy=debug");
+    cmd.env("RUST_LOG", "warn,vproxy=debug");
     cmd.args([
         // The guest's echo service forks a process per stream, 100 at once: more than the
         // default 128 MiB holds.

@@ -20,6 +20,8 @@ const USAGE_ERROR: u8 = 2;
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     raise_open_file_limit();
+    // The chardev kinds that live outside the chardev crate.
+    vproxy::register();
     let first = std::env::args().nth(1);
     if first.as_deref().is_some_and(|a| SUBCOMMANDS.contains(&a)) {
         let tool = ToolCli::parse();

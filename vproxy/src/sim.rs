@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::engine::{Engine, EngineConfig, EngineEvent, OpenError, StreamId};
-use super::wire::{encode, Frame, FrameType, FLAG_EOF_SEEN, FLAG_NEED_REPLY, FLAG_OPENER};
+use crate::engine::{Engine, EngineConfig, EngineEvent, OpenError, StreamId};
+use crate::wire::{encode, Frame, FrameType, FLAG_EOF_SEEN, FLAG_NEED_REPLY, FLAG_OPENER};
 
 /// One tick of fake time.
 const TICK: Duration = Duration::from_millis(1);

@@ -7,15 +7,15 @@
 //! ```
 //!
 //! This file only parses arguments and sets up logging; the loop is
-//! `chardev::vproxy::agent::run`. Bad arguments exit 2 with a one-line message.
+//! `vproxy::agent::run`. Bad arguments exit 2 with a one-line message.
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
-use chardev::spec::VproxySpec;
-use chardev::vproxy::agent::{self, AgentConfig, ChannelSpec};
-use chardev::vproxy::forward::{parse_iforward, parse_oforward};
+use vproxy::agent::{self, AgentConfig, ChannelSpec};
+use vproxy::forward::{parse_iforward, parse_oforward};
+use vproxy::VproxySpec;
 
 /// Exit status for bad arguments.
 const EXIT_USAGE: u8 = 2;
@@ -111,17 +111,15 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--rate" | "--window" => {
                 // The same syntax and limits as the vproxy chardev's rate= and window=.
                 let key = &flag[2..];
-                let opt = format!("vproxy,id=minivmm-vp,{key}={}", value()?);
-                let parsed = chardev::ChardevSpec::parse(&opt).map_err(|e| {
+                let option = [(key.to_string(), value()?)];
+                let v = VproxySpec::from_options("minivmm-vp", &option).map_err(|e| {
                     format!(
                         "option '{flag}': {}",
                         e.to_string().replace("chardev 'minivmm-vp': ", "")
                     )
                 })?;
-                if let chardev::BackendSpec::Vproxy(v) = parsed.backend {
-                    spec.rate = v.rate.or(spec.rate);
-                    spec.window = v.window.or(spec.window);
-                }
+                spec.rate = v.rate.or(spec.rate);
+                spec.window = v.window.or(spec.window);
             }
             other => return Err(format!("unknown argument '{}'", other.escape_debug())),
         }

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::wire::{
+use crate::wire::{
     encode, Decoder, Frame, FrameType, FLAG_EOF_SEEN, FLAG_NEED_REPLY, FLAG_OPENER,
     WIRE_MAX_PAYLOAD,
 };

@@ -25,15 +25,16 @@ use std::time::Duration;
 use thiserror::Error;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::driver::VproxyBackend;
-use crate::backend::{Backend, Event, Interest, LineControl, LineParams, Readiness};
-use crate::buffer::{EventQueue, OutBuf, DEFAULT_OUTBUF_SIZE};
-use crate::error::quote;
-use crate::poller::{FdSet, Poller, Registrar, Token};
-use crate::serial::{SerialBackend, DEFAULT_BAUD};
-use crate::socket::{SocketBackend, MAX_RECONNECT_BACKOFF};
-use crate::spec::{SerialSpec, SocketAddrSpec, SocketSpec, VproxySpec};
-use crate::sys;
+use crate::driver::VproxyBackend;
+use crate::spec::VproxySpec;
+use chardev::backend::{Backend, Event, Interest, LineControl, LineParams, Readiness};
+use chardev::buffer::{EventQueue, OutBuf, DEFAULT_OUTBUF_SIZE};
+use chardev::error::quote;
+use chardev::poller::{FdSet, Poller, Registrar, Token};
+use chardev::serial::{SerialBackend, DEFAULT_BAUD};
+use chardev::socket::{SocketBackend, MAX_RECONNECT_BACKOFF};
+use chardev::spec::{SerialSpec, SocketAddrSpec, SocketSpec};
+use chardev::sys;
 
 /// The poller owner of the channel's fds.
 const OWNER_CHANNEL: u32 = 0;
@@ -63,7 +64,7 @@ pub enum AgentError {
     BadChannel(String),
     /// Setting up a backend failed.
     #[error(transparent)]
-    Setup(#[from] crate::Error),
+    Setup(#[from] chardev::Error),
     /// poll(2) failed.
     #[error("poll failed")]
     Poll(#[source] io::Error),
@@ -218,10 +219,11 @@ impl DeviceChannel {
     /// Open `path`; if that fails now, keep retrying with backoff (the device may appear
     /// later, e.g. before the port is named).
     pub fn open(path: PathBuf) -> Result<Self, AgentError> {
-        let timer = TimerFd::new()
-            .map_err(|e| crate::Error::io(ENDPOINT_ID, "create timer for", "channel", e.into()))?;
+        let timer = TimerFd::new().map_err(|e| {
+            chardev::Error::io(ENDPOINT_ID, "create timer for", "channel", e.into())
+        })?;
         sys::set_nonblocking(timer.as_raw_fd(), true)
-            .map_err(|e| crate::Error::io(ENDPOINT_ID, "create timer for", "channel", e))?;
+            .map_err(|e| chardev::Error::io(ENDPOINT_ID, "create timer for", "channel", e))?;
         let mut d = DeviceChannel {
             fds: FdSet::new(),
             path,
@@ -510,9 +512,9 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<(), AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::DEADLINE;
-    use crate::vproxy::driver::VproxyControl;
-    use crate::vproxy::forward::{parse_iforward, parse_oforward};
+    use crate::driver::VproxyControl;
+    use crate::forward::{parse_iforward, parse_oforward};
+    use chardev::testutil::DEADLINE;
     use std::io::{Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
     use std::sync::Arc;
@@ -545,7 +547,7 @@ mod tests {
                 chan.write_all(&buf[..n]).unwrap();
                 chan.set_nonblocking(true).unwrap();
             }
-            crate::poll_backends(&mut [vp], 5).unwrap();
+            chardev::poll_backends(&mut [vp], 5).unwrap();
         }
         client.join().unwrap()
     }

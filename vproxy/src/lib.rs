@@ -1,6 +1,8 @@
-//! vproxy: many byte streams between a host and a guest over one serial channel.
+//! vproxy: many byte streams between a host and a guest over one serial channel. This crate
+//! builds on `chardev` (which knows it only as a registered backend kind, see [`spec`]) and
+//! holds the `minivmm-vp` endpoint.
 //!
-//! This module is the protocol, sans-IO: bytes and stream operations go in, bytes and events
+//! The protocol is sans-IO: bytes and stream operations go in, bytes and events
 //! come out, no fd and no clock are touched inside, so both ends (the `vproxy` chardev in the
 //! VMM and the `minivmm-vp` endpoint) share it and tests drive it with a simulated channel.
 //!
@@ -9,6 +11,7 @@
 //! - [`engine`]: the session engine: HELLO handshake and session ids, streams with credit flow
 //!   control, control-first round-robin transmission, bounded memory, keepalive;
 //! - [`forward`]: forward specs (`NAME:[BIND:]PORT`, `NAME:HOST:PORT`, unix paths);
+//! - [`spec`]: the `vproxy` chardev kind's options and its registration ([`spec::register`]);
 //! - [`driver`]: the `vproxy` chardev backend, the sockets and timer around the engine;
 //! - [`agent`]: the `minivmm-vp` endpoint loop over a char device, tty or socket channel.
 //!
@@ -18,7 +21,10 @@ pub mod agent;
 pub mod driver;
 pub mod engine;
 pub mod forward;
+pub mod spec;
 pub mod wire;
+
+pub use spec::{register, VproxySpec};
 
 #[cfg(test)]
 mod sim;

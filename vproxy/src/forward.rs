@@ -15,7 +15,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::error::{quote, SpecError};
+use chardev::error::{quote, SpecError};
 
 /// The longest service name, in bytes.
 pub const MAX_SERVICE_NAME: usize = 64;

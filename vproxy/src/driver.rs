@@ -26,16 +26,16 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::engine::{Engine, EngineConfig, EngineEvent, SessionStats, StreamId, StreamStats};
-use super::forward::{Endpoint, Forward};
-use crate::backend::{Backend, Event, Interest, Readiness};
-use crate::buffer::{EventQueue, OutBuf};
-use crate::error::{Error, Result};
-use crate::poller::{FdSet, Registrar, Token};
-use crate::socket::is_out_of_fds;
-use crate::socket::{self, SockAddr, SocketFile};
+use crate::engine::{Engine, EngineConfig, EngineEvent, SessionStats, StreamId, StreamStats};
+use crate::forward::{Endpoint, Forward};
 use crate::spec::VproxySpec;
-use crate::sys;
+use chardev::backend::{Backend, Event, Interest, Readiness};
+use chardev::buffer::{EventQueue, OutBuf};
+use chardev::error::{Error, Result};
+use chardev::poller::{FdSet, Registrar, Token};
+use chardev::socket::is_out_of_fds;
+use chardev::socket::{self, SockAddr, SocketFile};
+use chardev::sys;
 
 /// Bytes buffered per stream between the engine and a socket that is not taking them.
 pub const STREAM_PENDING_CAP: usize = 16 * 1024;
@@ -786,8 +786,8 @@ impl Backend for VproxyBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::poll_backends;
-    use crate::testutil::{pseudo_random, DEADLINE};
+    use chardev::backend::poll_backends;
+    use chardev::testutil::{pseudo_random, DEADLINE};
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener, TcpStream};
     use std::os::unix::net::{UnixListener, UnixStream};
