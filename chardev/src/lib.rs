@@ -9,7 +9,9 @@
 //! - [`Registry`] keeps named chardevs, hands them to frontends and refuses to remove busy ones;
 //! - [`mux::Mux`] shares one backend between several frontends (Ctrl-A escapes);
 //! - [`vproxy`] multiplexes many socket streams over one channel (the `vproxy` backend and the
-//!   `minivmm-vp` endpoint).
+//!   `minivmm-vp` endpoint);
+//! - [`term`] is the terminal helper (termios, raw mode, window size) the tty backends share,
+//!   also used by `minivmm console`.
 //!
 //! # Driving a backend
 //!
@@ -43,6 +45,7 @@ pub mod spec;
 pub mod stdio;
 mod stream;
 mod sys;
+pub mod term;
 pub mod udp;
 pub mod vproxy;
 

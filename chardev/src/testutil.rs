@@ -135,3 +135,15 @@ fn tail(seen: &[Event]) -> String {
     let from = seen.len().saturating_sub(SHOWN);
     format!("{} events, last {:?}", seen.len(), &seen[from..])
 }
+
+/// The terminal settings of `fd` as the C library reads them (`tcgetattr(3)`, `TCGETS`): the
+/// tests check what [`crate::term`] (rustix, `TCSETS2`) set through a path of their own.
+pub fn tcgetattr(fd: std::os::unix::io::RawFd) -> std::io::Result<libc::termios> {
+    let mut t = std::mem::MaybeUninit::<libc::termios>::zeroed();
+    // SAFETY: tcgetattr writes one termios into t, which we own and which is sized for it.
+    if unsafe { libc::tcgetattr(fd, t.as_mut_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: tcgetattr succeeded, so t is initialised (and all-zero was valid anyway).
+    Ok(unsafe { t.assume_init() })
+}
