@@ -69,14 +69,6 @@ pub(crate) fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Set `FD_CLOEXEC` (for inherited fds).
-pub(crate) fn set_cloexec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFD/F_SETFD on an fd we own; integer arguments only.
-    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
-    // SAFETY: as above.
-    check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) }).map(drop)
-}
-
 /// `read(2)`, retried on EINTR. `Ok(0)` is end of file.
 pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     loop {
@@ -185,40 +177,6 @@ pub(crate) fn poll_one(
             return Err(e);
         }
     }
-}
-
-/// An `int` socket option.
-pub(crate) fn getsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most len bytes into v, both of which we own.
-    check(unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(v)
-}
-
-/// Set an `int` socket option.
-pub(crate) fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    v: libc::c_int,
-) -> io::Result<()> {
-    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: the kernel reads len bytes from v, which we borrow.
-    check(unsafe { libc::setsockopt(fd, level, name, (&v as *const libc::c_int).cast(), len) })
-        .map(drop)
 }
 
 /// Ignore SIGPIPE process-wide, so a write to a pipe whose reader left is EPIPE instead of
