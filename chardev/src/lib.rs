@@ -9,7 +9,9 @@
 //! - [`Registry`] keeps named chardevs, hands them to frontends and refuses to remove busy ones;
 //! - [`mux::Mux`] shares one backend between several frontends (Ctrl-A escapes);
 //! - [`spec::register_kind`] lets another crate add a backend kind (the `vproxy` crate does),
-//!   which the core knows by nothing but its name.
+//!   which the core knows by nothing but its name;
+//! - [`term`] is the terminal helper (termios, raw mode, window size) the tty backends share,
+//!   also used by `minivmm console`.
 //!
 //! # Driving a backend
 //!
@@ -43,6 +45,7 @@ pub mod spec;
 pub mod stdio;
 mod stream;
 pub mod sys;
+pub mod term;
 pub mod udp;
 
 /// Helpers for the tests of this crate and of crates with backends of their own (feature

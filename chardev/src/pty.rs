@@ -17,9 +17,10 @@
 //!
 //! This module must not keep the slave open.
 
-use std::ffi::CStr;
+use std::ffi::OsString;
 use std::io;
-use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,36 +33,25 @@ use crate::poller::{FdSet, Registrar, Token};
 use crate::spec::PtySpec;
 use crate::stream::Link;
 use crate::sys;
+use crate::term::{self, RawMode};
 
 /// How often the master is checked for a peer opening or closing the slave.
 pub const PTY_POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// Room for the slave's name (`/dev/pts/NNN`).
+/// Room for the slave's name (`/dev/pts/NNN`); a longer one still fits (the buffer grows).
 const PTS_NAME_LEN: usize = 128;
 
 /// Allocate a pty: returns the non-blocking master and the slave path.
 pub(crate) fn open_master() -> io::Result<(OwnedFd, PathBuf)> {
-    // SAFETY: posix_openpt takes flags only and returns a new fd or -1.
-    let fd = unsafe {
-        libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC)
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh fd that nothing else owns.
-    let master = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: grantpt and unlockpt act on the master fd we own.
-    if unsafe { libc::grantpt(fd) } < 0 || unsafe { libc::unlockpt(fd) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut name = [0 as libc::c_char; PTS_NAME_LEN];
-    // SAFETY: ptsname_r writes a NUL-terminated name of at most name.len() bytes into name.
-    let r = unsafe { libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
-    // SAFETY: ptsname_r succeeded, so name holds a NUL-terminated string.
-    let path = unsafe { CStr::from_ptr(name.as_ptr()) };
-    Ok((master, PathBuf::from(path.to_string_lossy().into_owned())))
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let flags = OpenptFlags::RDWR
+        | OpenptFlags::NOCTTY
+        | OpenptFlags::CLOEXEC
+        | OpenptFlags::from_bits_retain(libc::O_NONBLOCK as u32);
+    let master = openpt(flags)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname(&master, Vec::with_capacity(PTS_NAME_LEN))?;
+    Ok((master, PathBuf::from(OsString::from_vec(name.into_bytes()))))
 }
 
 /// Open the slave at `path` (without becoming its controlling terminal).
@@ -119,9 +109,7 @@ impl PtyBackend {
             // Raw mode is set through the slave; closing it leaves the master reporting HUP
             // until a peer opens it.
             let slave = open_slave(&pts).map_err(|e| Error::io(id, "open", pts_name.clone(), e))?;
-            let t = sys::tcgetattr(slave.as_raw_fd())
-                .map_err(|e| Error::io(id, "configure", pts_name.clone(), e))?;
-            sys::tcsetattr(slave.as_raw_fd(), &sys::make_raw(&t))
+            term::set_raw(slave.as_raw_fd(), RawMode::default())
                 .map_err(|e| Error::io(id, "configure", pts_name.clone(), e))?;
         }
         let mut timer = TimerFd::new()
@@ -153,7 +141,7 @@ impl PtyBackend {
             timer,
             size: None,
         };
-        b.size = sys::window_size(b.master.as_raw_fd());
+        b.size = term::window_size(b.master.as_raw_fd());
         b.check_peer();
         Ok(b)
     }
@@ -190,7 +178,7 @@ impl PtyBackend {
         self.link.take_lost();
         // Whoever holds the slave may resize the terminal; nothing tells the master, so the
         // same tick looks.
-        let size = sys::window_size(self.master.as_raw_fd());
+        let size = term::window_size(self.master.as_raw_fd());
         if size != self.size {
             self.size = size;
             if let Some((cols, rows)) = size {

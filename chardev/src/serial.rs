@@ -28,86 +28,52 @@ use crate::error::{Error, Result};
 use crate::fdchan::FdChannel;
 use crate::poller::{FdSet, Registrar, Token};
 use crate::spec::SerialSpec;
-use crate::sys;
+use crate::term::{self, ControlModes, RawMode, RawTerminal, Termios};
 
 /// How long a break condition lasts.
 pub const BREAK_DURATION: Duration = Duration::from_millis(250);
 /// The line speed before the guest programs one.
 pub const DEFAULT_BAUD: u32 = 115_200;
 
-/// The standard rates termios knows.
-const SPEEDS: &[(u32, libc::speed_t)] = &[
-    (50, libc::B50),
-    (75, libc::B75),
-    (110, libc::B110),
-    (134, libc::B134),
-    (150, libc::B150),
-    (200, libc::B200),
-    (300, libc::B300),
-    (600, libc::B600),
-    (1200, libc::B1200),
-    (1800, libc::B1800),
-    (2400, libc::B2400),
-    (4800, libc::B4800),
-    (9600, libc::B9600),
-    (19200, libc::B19200),
-    (38400, libc::B38400),
-    (57600, libc::B57600),
-    (115_200, libc::B115200),
-    (230_400, libc::B230400),
-    (460_800, libc::B460800),
-    (500_000, libc::B500000),
-    (576_000, libc::B576000),
-    (921_600, libc::B921600),
-    (1_000_000, libc::B1000000),
-    (1_152_000, libc::B1152000),
-    (1_500_000, libc::B1500000),
-    (2_000_000, libc::B2000000),
-    (2_500_000, libc::B2500000),
-    (3_000_000, libc::B3000000),
-    (3_500_000, libc::B3500000),
-    (4_000_000, libc::B4000000),
+/// The standard rates termios knows (the `B*` speeds).
+const SPEEDS: &[u32] = &[
+    50, 75, 110, 134, 150, 200, 300, 600, 1200, 1800, 2400, 4800, 9600, 19200, 38400, 57600,
+    115_200, 230_400, 460_800, 500_000, 576_000, 921_600, 1_000_000, 1_152_000, 1_500_000,
+    2_000_000, 2_500_000, 3_000_000, 3_500_000, 4_000_000,
 ];
 
 /// The standard rate nearest to `baud`.
-pub fn nearest_speed(baud: u32) -> (u32, libc::speed_t) {
-    *SPEEDS
+pub fn nearest_speed(baud: u32) -> u32 {
+    SPEEDS
         .iter()
-        .min_by_key(|(b, _)| b.abs_diff(baud))
-        .unwrap_or(&(DEFAULT_BAUD, libc::B115200))
+        .copied()
+        .min_by_key(|b| b.abs_diff(baud))
+        .unwrap_or(DEFAULT_BAUD)
 }
 
-/// Set both line speeds of `t` to the standard rate `speed`, as `cfsetispeed` and
-/// `cfsetospeed` do. Done by hand because the libc crate binds those to their pre-2.42 glibc
-/// symbol versions, which a static (`crt-static`) link cannot resolve.
-fn set_speed(t: &mut libc::termios, speed: libc::speed_t) {
-    // CIBAUD zero: the input speed follows the output speed.
-    t.c_cflag &= !(libc::CBAUD | libc::CBAUDEX | libc::CIBAUD);
-    t.c_cflag |= speed;
-    t.c_ispeed = speed;
-    t.c_ospeed = speed;
-}
-
-/// Apply `p` to termios `t`.
-pub(crate) fn apply_params(t: &mut libc::termios, p: LineParams) -> io::Result<()> {
-    let (_, speed) = nearest_speed(p.baud);
-    set_speed(t, speed);
-    t.c_cflag &= !(libc::CSIZE | libc::PARENB | libc::PARODD | libc::CMSPAR | libc::CSTOPB);
-    t.c_cflag |= match p.data_bits {
-        5 => libc::CS5,
-        6 => libc::CS6,
-        7 => libc::CS7,
-        _ => libc::CS8,
+/// Apply `p` to termios `t`: the nearest standard speed, both ways, and the character format.
+pub(crate) fn apply_params(t: &mut Termios, p: LineParams) -> io::Result<()> {
+    t.set_speed(nearest_speed(p.baud))?;
+    t.control_modes -= ControlModes::CSIZE
+        | ControlModes::PARENB
+        | ControlModes::PARODD
+        | ControlModes::CMSPAR
+        | ControlModes::CSTOPB;
+    t.control_modes |= match p.data_bits {
+        5 => ControlModes::CS5,
+        6 => ControlModes::CS6,
+        7 => ControlModes::CS7,
+        _ => ControlModes::CS8,
     };
-    t.c_cflag |= match p.parity {
-        'E' => libc::PARENB,
-        'O' => libc::PARENB | libc::PARODD,
-        'M' => libc::PARENB | libc::PARODD | libc::CMSPAR,
-        'S' => libc::PARENB | libc::CMSPAR,
-        _ => 0,
+    t.control_modes |= match p.parity {
+        'E' => ControlModes::PARENB,
+        'O' => ControlModes::PARENB | ControlModes::PARODD,
+        'M' => ControlModes::PARENB | ControlModes::PARODD | ControlModes::CMSPAR,
+        'S' => ControlModes::PARENB | ControlModes::CMSPAR,
+        _ => ControlModes::empty(),
     };
     if p.stop_bits == 2 {
-        t.c_cflag |= libc::CSTOPB;
+        t.control_modes |= ControlModes::CSTOPB;
     }
     Ok(())
 }
@@ -119,7 +85,8 @@ pub struct SerialBackend {
     fds: FdSet,
     chan: FdChannel,
     fd: RawFd,
-    saved: libc::termios,
+    /// Puts the tty's own settings back on drop, before `_tty` closes.
+    _term: RawTerminal,
     timer: TimerFd,
     breaking: bool,
     /// Whether the tty has modem lines (a pty, for one, has none: TIOCMGET fails).
@@ -140,23 +107,25 @@ impl SerialBackend {
             .map_err(|e| err("open", e))?;
         let tty: OwnedFd = f.into();
         let fd = tty.as_raw_fd();
-        if !sys::isatty(fd) {
+        if !term::isatty(fd) {
             return Err(Error::Unsupported {
                 id: id.to_string(),
                 reason: "path is not a tty",
             });
         }
-        let saved = sys::tcgetattr(fd).map_err(|e| err("configure", e))?;
-        let mut raw = sys::make_raw(&saved);
-        raw.c_cflag |= libc::CLOCAL | libc::CREAD;
         let defaults = LineParams {
             baud: DEFAULT_BAUD,
             data_bits: 8,
             parity: 'N',
             stop_bits: 1,
         };
-        apply_params(&mut raw, defaults).map_err(|e| err("configure", e))?;
-        sys::tcsetattr(fd, &raw).map_err(|e| err("configure", e))?;
+        let term = RawTerminal::enter_with(fd, |saved| {
+            let mut raw = term::make_raw(saved, RawMode::default());
+            raw.control_modes |= ControlModes::CLOCAL | ControlModes::CREAD;
+            apply_params(&mut raw, defaults)?;
+            Ok(raw)
+        })
+        .map_err(|e| err("configure", e))?;
         let timer = TimerFd::new().map_err(|e| err("create timer for", e.into()))?;
         let chan = FdChannel::new(
             "serial",
@@ -170,26 +139,21 @@ impl SerialBackend {
             fds: FdSet::new(),
             chan,
             fd,
-            saved,
+            _term: term,
             timer,
             breaking: false,
-            has_modem_lines: sys::tiocmget(fd).is_ok(),
+            has_modem_lines: term::tiocmget(fd).is_ok(),
             _tty: tty,
         })
     }
 
     fn set_break(&mut self, on: bool) -> io::Result<()> {
-        let req = if on { libc::TIOCSBRK } else { libc::TIOCCBRK };
-        // SAFETY: TIOCSBRK/TIOCCBRK take no argument and act on the tty we own.
-        if unsafe { libc::ioctl(self.fd, req) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        term::set_break(self.fd, on)
     }
 
     /// The tty's current termios (for tests and diagnostics).
-    pub fn termios(&self) -> io::Result<libc::termios> {
-        sys::tcgetattr(self.fd)
+    pub fn termios(&self) -> io::Result<Termios> {
+        term::tcgetattr(self.fd)
     }
 }
 
@@ -198,7 +162,7 @@ impl Drop for SerialBackend {
         if self.breaking {
             let _ = self.set_break(false);
         }
-        let _ = sys::tcsetattr(self.fd, &self.saved);
+        // `_term` restores the settings when it drops, next.
     }
 }
 
@@ -271,9 +235,9 @@ impl LineControl for SerialBackend {
         }
     }
     fn set_line_params(&mut self, params: LineParams) {
-        let r = sys::tcgetattr(self.fd).and_then(|mut t| {
+        let r = term::tcgetattr(self.fd).and_then(|mut t| {
             apply_params(&mut t, params)?;
-            sys::tcsetattr(self.fd, &t)
+            term::tcsetattr(self.fd, &t)
         });
         if let Err(e) = r {
             log::warn!(
@@ -287,7 +251,7 @@ impl LineControl for SerialBackend {
             return;
         }
         for (bit, on) in [(libc::TIOCM_DTR, dtr), (libc::TIOCM_RTS, rts)] {
-            if let Err(e) = sys::tiocm_change(self.fd, bit, on) {
+            if let Err(e) = term::tiocm_change(self.fd, bit, on) {
                 log::warn!(
                     "chardev {}: cannot set modem lines: {e}",
                     self.chan.filename()
@@ -300,7 +264,7 @@ impl LineControl for SerialBackend {
         if !self.has_modem_lines {
             return None;
         }
-        match sys::tiocmget(self.fd) {
+        match term::tiocmget(self.fd) {
             Ok(bits) => Some(ModemStatus {
                 dcd: bits & libc::TIOCM_CAR != 0,
                 dsr: bits & libc::TIOCM_DSR != 0,
@@ -323,13 +287,13 @@ impl LineControl for SerialBackend {
 mod tests {
     use super::*;
     use crate::pty::open_master;
-    use crate::testutil::read_n;
+    use crate::testutil::{read_n, tcgetattr};
 
     #[test]
     fn serial_on_a_pty_both_ways_and_line_params() {
         let (master, path) = open_master().unwrap();
         let mut b = SerialBackend::open("s", &SerialSpec { path: path.clone() }).unwrap();
-        let t = b.termios().unwrap();
+        let t = tcgetattr(b.fd).unwrap();
         assert_eq!(t.c_lflag & (libc::ICANON | libc::ECHO), 0, "not raw");
         // SAFETY: cfgetospeed only reads the termios we own.
         assert_eq!(unsafe { libc::cfgetospeed(&t) }, libc::B115200);
@@ -351,7 +315,7 @@ mod tests {
             parity: 'E',
             stop_bits: 2,
         });
-        let t = b.termios().unwrap();
+        let t = tcgetattr(b.fd).unwrap();
         // SAFETY: cfgetospeed only reads the termios we own.
         assert_eq!(unsafe { libc::cfgetospeed(&t) }, libc::B9600);
         // (A pty forces CS8 without parity; apply_params is checked on its own below.)
@@ -370,40 +334,36 @@ mod tests {
     #[test]
     fn line_params_to_termios() {
         let (master, _) = open_master().unwrap();
-        let mut t = sys::tcgetattr(master.as_raw_fd()).unwrap();
+        let mut t = term::tcgetattr(master.as_raw_fd()).unwrap();
         let p = |data_bits, parity, stop_bits| LineParams {
             baud: 2400,
             data_bits,
             parity,
             stop_bits,
         };
+        let bits = |t: &Termios, mask: ControlModes| t.control_modes & mask;
+        let parity = ControlModes::PARENB | ControlModes::PARODD | ControlModes::CMSPAR;
         apply_params(&mut t, p(7, 'E', 2)).unwrap();
-        assert_eq!(t.c_cflag & libc::CSIZE, libc::CS7);
-        assert_eq!(
-            t.c_cflag & (libc::PARENB | libc::PARODD | libc::CMSPAR),
-            libc::PARENB
-        );
-        assert_ne!(t.c_cflag & libc::CSTOPB, 0);
-        // SAFETY: cfgetispeed only reads the termios we own.
-        assert_eq!(unsafe { libc::cfgetispeed(&t) }, libc::B2400);
+        assert_eq!(bits(&t, ControlModes::CSIZE), ControlModes::CS7);
+        assert_eq!(bits(&t, parity), ControlModes::PARENB);
+        assert!(t.control_modes.contains(ControlModes::CSTOPB));
+        assert_eq!(t.input_speed(), 2400);
+        assert_eq!(t.output_speed(), 2400);
         apply_params(&mut t, p(5, 'M', 1)).unwrap();
-        assert_eq!(t.c_cflag & libc::CSIZE, libc::CS5);
-        assert_eq!(
-            t.c_cflag & (libc::PARENB | libc::PARODD | libc::CMSPAR),
-            libc::PARENB | libc::PARODD | libc::CMSPAR
-        );
-        assert_eq!(t.c_cflag & libc::CSTOPB, 0);
+        assert_eq!(bits(&t, ControlModes::CSIZE), ControlModes::CS5);
+        assert_eq!(bits(&t, parity), parity);
+        assert!(!t.control_modes.contains(ControlModes::CSTOPB));
         apply_params(&mut t, p(8, 'N', 1)).unwrap();
-        assert_eq!(t.c_cflag & libc::CSIZE, libc::CS8);
-        assert_eq!(t.c_cflag & libc::PARENB, 0);
+        assert_eq!(bits(&t, ControlModes::CSIZE), ControlModes::CS8);
+        assert!(!t.control_modes.contains(ControlModes::PARENB));
     }
 
     #[test]
     fn nearest_standard_speed() {
-        assert_eq!(nearest_speed(115_200).0, 115_200);
-        assert_eq!(nearest_speed(3500).0, 2400);
-        assert_eq!(nearest_speed(9000).0, 9600);
-        assert_eq!(nearest_speed(0).0, 50);
+        assert_eq!(nearest_speed(115_200), 115_200);
+        assert_eq!(nearest_speed(3500), 2400);
+        assert_eq!(nearest_speed(9000), 9600);
+        assert_eq!(nearest_speed(0), 50);
     }
 
     #[test]

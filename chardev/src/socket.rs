@@ -14,17 +14,25 @@
 //!   `bind`, so there is no window with a wider mode), a stale file left by a dead process is
 //!   replaced, a live one is refused, and the file is removed on drop if it is still ours.
 //!
+//! Sockets and their addresses are socket2's; the helpers at the top of this module (also used
+//! by the vproxy driver) add the crate's conventions: non-blocking and close-on-exec from
+//! creation, `EINPROGRESS` as a connect in progress, unix paths and abstract names, listeners
+//! with the file handling above, and `accept` refusing clients when no fd is left.
+//!
 //! Nothing here blocks except [`Backend::wait_for_client`]. Writes use `MSG_NOSIGNAL`.
 
+use std::ffi::OsStr;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use rustix::fs::Mode;
+use socket2::{Domain, SockRef, Socket, Type};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::backend::{Backend, Event, Interest, Readiness};
@@ -40,176 +48,82 @@ pub const LISTEN_BACKLOG: libc::c_int = 8;
 /// Longest delay between client reconnect attempts (unless `reconnect-ms` is longer).
 pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
 /// Mode of unix socket files.
-const SOCKET_FILE_MODE: libc::mode_t = 0o600;
+const SOCKET_FILE_MODE: u32 = 0o600;
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// A socket address in the form the kernel takes.
-#[derive(Clone, Copy)]
-pub struct SockAddr {
-    storage: libc::sockaddr_storage,
-    len: libc::socklen_t,
-}
+/// A socket address in the form the kernel takes (socket2's, with this crate's constructors).
+#[derive(Clone, Debug)]
+pub struct SockAddr(socket2::SockAddr);
 
 impl SockAddr {
-    fn empty() -> Self {
-        SockAddr {
-            // SAFETY: an all-zero sockaddr_storage is a valid (AF_UNSPEC) value.
-            storage: unsafe { std::mem::zeroed() },
-            len: std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
-        }
-    }
-
+    /// The address family (`AF_UNIX`, `AF_INET`, `AF_INET6`).
     pub fn family(&self) -> libc::c_int {
-        self.storage.ss_family as libc::c_int
+        libc::c_int::from(self.0.family())
     }
 
+    /// A unix address: the filesystem path `path`, or with `abstract_ns` the name `path` in
+    /// Linux's abstract namespace. An empty or too long path is `ENAMETOOLONG`.
     pub fn unix(path: &Path, abstract_ns: bool) -> io::Result<Self> {
-        let mut a = SockAddr::empty();
-        // SAFETY: sockaddr_storage is large enough and suitably aligned for a sockaddr_un.
-        let sun = unsafe {
-            &mut *(&mut a.storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_un>()
-        };
-        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
         let bytes = path.as_os_str().as_bytes();
-        let offset = usize::from(abstract_ns);
-        // Leave room for the terminating NUL of a filesystem path.
-        if bytes.is_empty() || bytes.len() + offset >= sun.sun_path.len() {
-            return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        let too_long = || io::Error::from_raw_os_error(libc::ENAMETOOLONG);
+        if bytes.is_empty() {
+            return Err(too_long());
         }
-        for (dst, &src) in sun.sun_path[offset..].iter_mut().zip(bytes) {
-            *dst = src as libc::c_char;
-        }
-        let path_offset = std::mem::size_of::<libc::sa_family_t>();
-        a.len = (path_offset + offset + bytes.len() + usize::from(!abstract_ns)) as libc::socklen_t;
-        Ok(a)
+        // socket2 takes a leading NUL for an abstract name and leaves no terminating NUL.
+        let addr = if abstract_ns {
+            let name = [&[0u8][..], bytes].concat();
+            socket2::SockAddr::unix(OsStr::from_bytes(&name))
+        } else {
+            socket2::SockAddr::unix(path)
+        };
+        addr.map(SockAddr).map_err(|_| too_long())
     }
 
     pub fn inet(addr: &SocketAddr) -> Self {
-        let mut a = SockAddr::empty();
-        match addr {
-            SocketAddr::V4(v4) => {
-                // SAFETY: sockaddr_storage is large enough and aligned for a sockaddr_in.
-                let sin = unsafe {
-                    &mut *(&mut a.storage as *mut libc::sockaddr_storage)
-                        .cast::<libc::sockaddr_in>()
-                };
-                sin.sin_family = libc::AF_INET as libc::sa_family_t;
-                sin.sin_port = v4.port().to_be();
-                sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
-                a.len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            }
-            SocketAddr::V6(v6) => {
-                // SAFETY: sockaddr_storage is large enough and aligned for a sockaddr_in6.
-                let sin6 = unsafe {
-                    &mut *(&mut a.storage as *mut libc::sockaddr_storage)
-                        .cast::<libc::sockaddr_in6>()
-                };
-                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                sin6.sin6_port = v6.port().to_be();
-                sin6.sin6_addr.s6_addr = v6.ip().octets();
-                sin6.sin6_flowinfo = v6.flowinfo();
-                sin6.sin6_scope_id = v6.scope_id();
-                a.len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-            }
-        }
-        a
+        SockAddr(socket2::SockAddr::from(*addr))
     }
 
     /// The inet address, if this is one.
+    // By value: callers chain it after `sockname(..).ok()` in `Option::and_then`.
+    #[allow(clippy::wrong_self_convention)]
     pub fn to_inet(self) -> Option<SocketAddr> {
-        match self.family() {
-            libc::AF_INET => {
-                // SAFETY: the family says the storage holds a sockaddr_in.
-                let sin = unsafe {
-                    &*(&self.storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-                };
-                let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-                Some(SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: the family says the storage holds a sockaddr_in6.
-                let sin6 = unsafe {
-                    &*(&self.storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-                };
-                Some(SocketAddr::new(
-                    IpAddr::V6(sin6.sin6_addr.s6_addr.into()),
-                    u16::from_be(sin6.sin6_port),
-                ))
-            }
-            _ => None,
-        }
-    }
-
-    fn as_ptr(&self) -> *const libc::sockaddr {
-        (&self.storage as *const libc::sockaddr_storage).cast()
+        self.0.as_socket()
     }
 }
 
 /// A new non-blocking, close-on-exec stream socket.
 pub fn new_socket(family: libc::c_int) -> io::Result<OwnedFd> {
-    // SAFETY: socket takes integers only and returns a new fd or -1.
-    let fd = check(unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
-    // SAFETY: fd is a fresh fd nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn bind(fd: RawFd, a: &SockAddr) -> io::Result<()> {
-    // SAFETY: a points to a.len valid bytes of socket address, borrowed for the call.
-    check(unsafe { libc::bind(fd, a.as_ptr(), a.len) }).map(drop)
+    let ty = Type::STREAM.nonblocking().cloexec();
+    Ok(Socket::new(Domain::from(family), ty, None)?.into())
 }
 
 /// Start connecting. `Ok(true)`: connected; `Ok(false)`: in progress.
-pub fn connect(fd: RawFd, a: &SockAddr) -> io::Result<bool> {
+pub fn connect(fd: impl AsFd, a: &SockAddr) -> io::Result<bool> {
+    let sock = SockRef::from(&fd);
     loop {
-        // SAFETY: a points to a.len valid bytes of socket address, borrowed for the call.
-        let r = unsafe { libc::connect(fd, a.as_ptr(), a.len) };
-        if r == 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EINPROGRESS) => return Ok(false),
-            _ => return Err(e),
+        match sock.connect(&a.0) {
+            Ok(()) => return Ok(true),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EINPROGRESS) => return Ok(false),
+                _ => return Err(e),
+            },
         }
     }
 }
 
 /// Accept one pending connection, non-blocking. `Ok(None)`: nobody waiting.
-pub fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
+pub fn accept(listener: impl AsFd) -> io::Result<Option<OwnedFd>> {
+    let sock = SockRef::from(&listener);
     loop {
-        // SAFETY: null address pointers are allowed; the flags make the new fd non-blocking.
-        let fd = unsafe {
-            libc::accept4(
-                listener,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
+        let e = match sock.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) {
+            Ok((conn, _)) => return Ok(Some(conn.into())),
+            Err(e) => e,
         };
-        if fd >= 0 {
-            // SAFETY: fd is a fresh fd nothing else owns.
-            return Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }));
-        }
-        let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
             _ if sys::would_block(&e) => return Ok(None),
             _ if is_out_of_fds(&e) => {
-                refuse_one(listener);
+                refuse_one(&sock);
                 return Err(e);
             }
             _ => return Err(e),
@@ -219,21 +133,8 @@ pub fn accept(listener: RawFd) -> io::Result<Option<OwnedFd>> {
 
 /// Make the next close of socket `fd` send a TCP reset (SO_LINGER on with a zero timeout).
 /// Unix sockets have no such thing: their peer sees an abort as an ordinary end of stream.
-pub fn abort_on_close(fd: RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads one linger struct, which lives on this frame, on an fd we own.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::addr_of!(linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
+pub fn abort_on_close(fd: impl AsFd) {
+    let _ = SockRef::from(&fd).set_linger(Some(Duration::ZERO));
 }
 
 /// Whether `e` says the process or the system has no fd left (`EMFILE`, `ENFILE`).
@@ -257,41 +158,29 @@ pub fn reserve_spare_fd() {
 
 /// Out of fds with a connection pending on `listener`: free the spare, accept the connection
 /// and close it at once with a reset, take the spare back.
-fn refuse_one(listener: RawFd) {
+fn refuse_one(listener: &SockRef<'_>) {
     let mut spare = SPARE_FD.lock().unwrap_or_else(|p| p.into_inner());
     if spare.take().is_none() {
         return;
     }
-    // SAFETY: as in `accept`; the fd is closed right away by the OwnedFd.
-    let fd = unsafe {
-        libc::accept4(
-            listener,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: fd is a fresh fd nothing else owns.
-        let client = unsafe { OwnedFd::from_raw_fd(fd) };
-        abort_on_close(client.as_raw_fd());
+    // Blocking is fine: the connection is known to be pending, and it is closed right away.
+    if let Ok((client, _)) = listener.accept4(libc::SOCK_CLOEXEC) {
+        abort_on_close(&client);
     }
     *spare = std::fs::File::open("/dev/null").ok().map(OwnedFd::from);
 }
 
+/// The local (or with `peer` the remote) address of socket `fd`.
 pub fn sockname(fd: RawFd, peer: bool) -> io::Result<SockAddr> {
-    let mut a = SockAddr::empty();
-    // SAFETY: the kernel writes at most a.len bytes into a.storage and updates a.len.
-    let r = unsafe {
-        let p = (&mut a.storage as *mut libc::sockaddr_storage).cast();
-        if peer {
-            libc::getpeername(fd, p, &mut a.len)
+    sys::with_fd(fd, |fd| {
+        let sock = SockRef::from(&fd);
+        let addr = if peer {
+            sock.peer_addr()
         } else {
-            libc::getsockname(fd, p, &mut a.len)
-        }
-    };
-    check(r)?;
-    Ok(a)
+            sock.local_addr()
+        };
+        addr.map(SockAddr)
+    })
 }
 
 /// Resolve a host and port; an empty host is any (server) or loopback (client).
@@ -339,21 +228,10 @@ fn clear_stale_socket(path: &Path, addr: &SockAddr) -> io::Result<()> {
         return Err(io::Error::from_raw_os_error(libc::EADDRINUSE));
     }
     let probe = new_socket(libc::AF_UNIX)?;
-    match connect(probe.as_raw_fd(), addr) {
+    match connect(&probe, addr) {
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => std::fs::remove_file(path),
         _ => Err(io::Error::from_raw_os_error(libc::EADDRINUSE)),
     }
-}
-
-/// Set the mode a unix socket file will get at bind time (Linux takes it from the socket inode).
-fn fchmod(fd: RawFd, mode: libc::mode_t) -> io::Result<()> {
-    // SAFETY: fchmod on an fd we own, integer arguments.
-    check(unsafe { libc::fchmod(fd, mode) }).map(drop)
-}
-
-fn listen(fd: RawFd, backlog: libc::c_int) -> io::Result<()> {
-    // SAFETY: listen on an fd we own.
-    check(unsafe { libc::listen(fd, backlog) }).map(drop)
 }
 
 /// What failed while setting up a listener: the operation ("bind", ...) and the OS error.
@@ -369,14 +247,20 @@ pub fn open_listener(
     backlog: libc::c_int,
 ) -> std::result::Result<(OwnedFd, Option<SocketFile>), SetupError> {
     reserve_spare_fd();
-    let fd = new_socket(addr.family()).map_err(|e| ("create socket for", e))?;
-    let raw = fd.as_raw_fd();
+    let sock = Socket::new(
+        Domain::from(addr.family()),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )
+    .map_err(|e| ("create socket for", e))?;
     let file = match unix_file {
         Some(path) => {
             let bind_err = |e| ("bind", e);
             clear_stale_socket(path, addr).map_err(bind_err)?;
-            fchmod(raw, SOCKET_FILE_MODE).map_err(bind_err)?;
-            bind(raw, addr).map_err(bind_err)?;
+            // Linux gives the socket file the mode of the socket inode: set it before bind.
+            rustix::fs::fchmod(&sock, Mode::from_raw_mode(SOCKET_FILE_MODE))
+                .map_err(|e| bind_err(e.into()))?;
+            sock.bind(&addr.0).map_err(bind_err)?;
             // Belt and braces where fchmod before bind is not honoured.
             std::fs::set_permissions(
                 path,
@@ -392,15 +276,14 @@ pub fn open_listener(
         }
         None => {
             if addr.family() != libc::AF_UNIX {
-                sys::setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
-                    .map_err(|e| ("bind", e))?;
+                sock.set_reuse_address(true).map_err(|e| ("bind", e))?;
             }
-            bind(raw, addr).map_err(|e| ("bind", e))?;
+            sock.bind(&addr.0).map_err(|e| ("bind", e))?;
             None
         }
     };
-    listen(raw, backlog).map_err(|e| ("listen on", e))?;
-    Ok((fd, file))
+    sock.listen(backlog).map_err(|e| ("listen on", e))?;
+    Ok((sock.into(), file))
 }
 
 /// How this socket finds peers.
@@ -423,12 +306,6 @@ struct Client {
     timer: TimerFd,
     timer_armed: bool,
     connecting: Option<OwnedFd>,
-}
-
-impl std::fmt::Debug for SockAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SockAddr(family {}, len {})", self.family(), self.len)
-    }
 }
 
 /// The `socket` backend.
@@ -555,8 +432,8 @@ impl SocketBackend {
             return Err(err("use", io::Error::from_raw_os_error(libc::EBADF)));
         }
         if sys::fd_kind(n).map_err(|e| err("use", e))? != FdKind::Socket
-            || sys::getsockopt_int(n, libc::SOL_SOCKET, libc::SO_TYPE).map_err(|e| err("use", e))?
-                != libc::SOCK_STREAM
+            || sys::with_fd(n, |fd| SockRef::from(&fd).r#type()).map_err(|e| err("use", e))?
+                != Type::STREAM
         {
             return Err(Error::Unsupported {
                 id,
@@ -566,11 +443,10 @@ impl SocketBackend {
         // SAFETY: the fd is open (F_GETFL succeeded) and was handed to us on the command line
         // to own: nothing else in the process uses it.
         let fd = unsafe { OwnedFd::from_raw_fd(n) };
-        sys::set_nonblocking(n, true).map_err(|e| err("use", e))?;
-        sys::set_cloexec(n).map_err(|e| err("use", e))?;
-        let listening = sys::getsockopt_int(n, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
-            .map_err(|e| err("use", e))?
-            != 0;
+        let sock = SockRef::from(&fd);
+        sock.set_nonblocking(true).map_err(|e| err("use", e))?;
+        sock.set_cloexec(true).map_err(|e| err("use", e))?;
+        let listening = sock.is_listener().map_err(|e| err("use", e))?;
         self.tcp = sockname(n, false)
             .map(|a| a.to_inet().is_some())
             .unwrap_or(false);
@@ -596,7 +472,7 @@ impl SocketBackend {
 
     fn connected(&mut self, fd: OwnedFd) {
         if self.tcp && self.nodelay {
-            let _ = sys::setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+            let _ = SockRef::from(&fd).set_tcp_nodelay(true);
         }
         match self.link.attach(fd.as_raw_fd()) {
             Ok(()) => {
@@ -637,7 +513,7 @@ impl SocketBackend {
             return Ok(());
         };
         let fd = new_socket(c.addr.family())?;
-        if connect(fd.as_raw_fd(), &c.addr)? {
+        if connect(&fd, &c.addr)? {
             self.connected(fd);
         } else {
             c.connecting = Some(fd);
@@ -680,10 +556,9 @@ impl SocketBackend {
         let Some(fd) = c.connecting.take() else {
             return;
         };
-        let error = match sys::getsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR) {
-            Ok(0) => return self.connected(fd),
-            Ok(errno) => io::Error::from_raw_os_error(errno),
-            Err(e) => e,
+        let error = match SockRef::from(&fd).take_error() {
+            Ok(None) => return self.connected(fd),
+            Ok(Some(e)) | Err(e) => e,
         };
         self.fds.close(fd.as_raw_fd());
         drop(fd);
@@ -694,7 +569,7 @@ impl SocketBackend {
         let Role::Server { listener, .. } = &self.role else {
             return;
         };
-        match accept(listener.as_raw_fd()) {
+        match accept(listener) {
             Ok(Some(fd)) => self.connected(fd),
             Ok(None) => {}
             Err(e) => log::warn!("chardev '{}': accept failed: {e}", self.id),
@@ -859,7 +734,7 @@ impl Backend for SocketBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{pump, read_n, wait_closed, wait_event, DEADLINE};
+    use crate::testutil::{getsockopt_int, pump, read_n, wait_closed, wait_event, DEADLINE};
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::unix::fs::PermissionsExt;
@@ -1101,7 +976,7 @@ mod tests {
         assert!(b.filename().contains(" <-> 127.0.0.1:"));
         let conn = b.conn.as_ref().unwrap().as_raw_fd();
         assert_eq!(
-            sys::getsockopt_int(conn, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap(),
+            getsockopt_int(conn, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap(),
             1
         );
         c.write_all(b"over tcp").unwrap();
@@ -1156,7 +1031,7 @@ mod tests {
         assert_eq!(b.filename(), format!("unix:@{name},server=on"));
         let addr = SockAddr::unix(Path::new(&name), true).unwrap();
         let c = new_socket(libc::AF_UNIX).unwrap();
-        let _ = connect(c.as_raw_fd(), &addr);
+        let _ = connect(&c, &addr);
         wait_event(&mut b, |e| *e == Event::Opened);
     }
 

@@ -34,6 +34,7 @@ use crate::fdchan::FdChannel;
 use crate::poller::{FdSet, Registrar, Token};
 use crate::spec::StdioSpec;
 use crate::sys::{self, FdKind};
+use crate::term::{self, RawMode, Termios};
 
 const STDIN: RawFd = libc::STDIN_FILENO;
 const STDOUT: RawFd = libc::STDOUT_FILENO;
@@ -43,7 +44,7 @@ const NO_FLAGS: i32 = -1;
 /// Whether a stdio backend exists.
 static IN_USE: AtomicBool = AtomicBool::new(false);
 /// The terminal settings found before the first stdio backend changed them.
-static SAVED_TERMIOS: OnceLock<libc::termios> = OnceLock::new();
+static SAVED_TERMIOS: OnceLock<Termios> = OnceLock::new();
 /// Whether the terminal is currently changed and must be restored.
 static TERMIOS_CHANGED: AtomicBool = AtomicBool::new(false);
 /// File status flags of fds 0 and 1 before we set O_NONBLOCK on them, or [`NO_FLAGS`].
@@ -52,13 +53,15 @@ static SAVED_FLAGS: [AtomicI32; 2] = [AtomicI32::new(NO_FLAGS), AtomicI32::new(N
 static ATEXIT: Once = Once::new();
 
 /// Put the terminal and the stdio file flags back as they were before the stdio backend
-/// changed them. Idempotent, and async-signal-safe (atomics, `tcsetattr`, `fcntl` only): call
-/// it from a signal handler or before any exit that skips destructors. Also runs at `exit()`.
+/// changed them. Idempotent, and async-signal-safe (atomics, [`term::tcsetattr`], `fcntl`
+/// only): call it from a signal handler or before any exit that skips destructors. Also runs
+/// at `exit()`.
 pub fn restore_terminal() {
     if TERMIOS_CHANGED.swap(false, Ordering::SeqCst) {
         if let Some(t) = SAVED_TERMIOS.get() {
-            // SAFETY: tcsetattr reads one termios that lives in a static; it is async-signal-safe.
-            unsafe { libc::tcsetattr(STDIN, libc::TCSANOW, t) };
+            // One TCSETS2 ioctl on a termios that lives in a static: no allocation, no lock
+            // (see `term`), so this stays async-signal-safe.
+            let _ = term::tcsetattr(STDIN, t);
         }
     }
     for (fd, slot) in [STDIN, STDOUT].into_iter().zip(&SAVED_FLAGS) {
@@ -118,16 +121,16 @@ fn register_atexit() {
 
 /// Put stdin's terminal in raw mode, remembering the original settings.
 fn make_raw(signal: bool) -> io::Result<()> {
-    let current = sys::tcgetattr(STDIN)?;
-    let original = *SAVED_TERMIOS.get_or_init(|| current);
-    let mut raw = sys::make_raw(&original);
-    raw.c_oflag |= libc::OPOST;
-    if signal {
-        raw.c_lflag |= libc::ISIG;
-    }
+    let current = term::tcgetattr(STDIN)?;
+    let original = SAVED_TERMIOS.get_or_init(|| current);
+    let mode = RawMode {
+        signals: signal,
+        output_processing: true,
+    };
+    let raw = term::make_raw(original, mode);
     ATEXIT.call_once(register_atexit);
     TERMIOS_CHANGED.store(true, Ordering::SeqCst);
-    sys::tcsetattr(STDIN, &raw)
+    term::tcsetattr(STDIN, &raw)
 }
 
 /// A non-blocking signalfd for `SIGWINCH`.
@@ -189,13 +192,13 @@ impl StdioBackend {
         let err = |op, e| Error::io(id, op, "stdio", e);
         let (rfd, rown) = private_fd(STDIN, false, 0).map_err(|e| err("use", e))?;
         let (wfd, wown) = private_fd(STDOUT, true, 1).map_err(|e| err("use", e))?;
-        if sys::isatty(STDIN) {
+        if term::isatty(STDIN) {
             make_raw(spec.signal).map_err(|e| err("set raw mode on", e))?;
         }
         let owned = rown.into_iter().chain(wown).collect();
         let chan = FdChannel::new("stdio", "stdio".to_string(), Some(rfd), Some(wfd), owned)
             .map_err(|e| err("use", e))?;
-        let winch = if sys::isatty(STDOUT) {
+        let winch = if term::isatty(STDOUT) {
             winch_signalfd()
                 .map_err(|e| log::warn!("stdio: no terminal size changes: {e}"))
                 .ok()
@@ -210,7 +213,7 @@ impl StdioBackend {
             fds,
             chan,
             _winch: winch,
-            size: sys::window_size(STDOUT),
+            size: term::window_size(STDOUT),
             resized: None,
         })
     }
@@ -243,7 +246,7 @@ impl Backend for StdioBackend {
             return self.chan.on_ready(token, readiness);
         };
         drain_signalfd(fd);
-        let size = sys::window_size(STDOUT);
+        let size = term::window_size(STDOUT);
         if size != self.size {
             self.size = size;
             self.resized = size;
@@ -282,7 +285,7 @@ mod tests {
     //! stdin and stdout on a real pty whose settings and flags the parent checks afterwards.
     use super::*;
     use crate::pty::open_pty_pair;
-    use crate::testutil::{pump, DEADLINE};
+    use crate::testutil::{pump, tcgetattr, DEADLINE};
     use std::process::{Command, Stdio};
     use std::time::Instant;
 
@@ -299,7 +302,7 @@ mod tests {
             StdioBackend::open("t", &StdioSpec { signal: true }),
             Err(Error::StdioInUse(_))
         ));
-        let t = sys::tcgetattr(STDIN).unwrap();
+        let t = tcgetattr(STDIN).unwrap();
         assert_eq!(t.c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG), 0);
         b.write(b"ready\n").unwrap();
         let end = Instant::now() + DEADLINE;
@@ -323,7 +326,7 @@ mod tests {
 
     fn run_child(mode: &str) {
         let (master, slave) = open_pty_pair().unwrap();
-        let before = sys::tcgetattr(slave.as_raw_fd()).unwrap();
+        let before = tcgetattr(slave.as_raw_fd()).unwrap();
         assert_ne!(before.c_lflag & libc::ICANON, 0);
         let fl_before = sys::get_fl(slave.as_raw_fd()).unwrap();
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -363,7 +366,7 @@ mod tests {
         sys::write(mfd, b"q").unwrap();
         read_until(&mut seen, b"bye");
         assert!(child.wait().unwrap().success());
-        let after = sys::tcgetattr(slave.as_raw_fd()).unwrap();
+        let after = tcgetattr(slave.as_raw_fd()).unwrap();
         assert_eq!(after.c_lflag, before.c_lflag, "local modes not restored");
         assert_eq!(after.c_iflag, before.c_iflag, "input modes not restored");
         assert_eq!(after.c_oflag, before.c_oflag, "output modes not restored");

@@ -1,11 +1,13 @@
 //! Small safe wrappers over the libc calls the backends share: file status flags, non-blocking
-//! read/write/send, fd classification, termios, one-shot poll.
+//! read/write/send, fd classification, one-shot poll; and [`with_fd`], the bridge from this
+//! crate's fd numbers to the I/O-safe APIs of rustix and socket2. The terminal helpers live in
+//! [`crate::term`].
 //!
 //! Every function here is non-blocking on a non-blocking fd (the one-shot `poll_one` blocks
 //! at most for the timeout it is given). This module must not keep state.
 
 use std::io;
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{BorrowedFd, RawFd};
 
 /// Return `Err(last_os_error)` when a libc call returned -1.
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -14,6 +16,19 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     } else {
         Ok(ret)
     }
+}
+
+/// Run `f` on `fd`, borrowed for the length of the call: how this crate, which passes fds by
+/// number, calls the rustix and socket2 functions that take a `BorrowedFd` or `AsFd`.
+/// A negative fd is `EBADF`. Async-signal-safe when `f` is.
+pub fn with_fd<R>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> io::Result<R>) -> io::Result<R> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: fd is not -1 (the one value a BorrowedFd cannot hold), and the borrow ends with
+    // `f`, while the caller, which passed the fd to use, keeps it open. A closed fd could only
+    // make the system call in `f` fail with EBADF: nothing reads memory through an fd number.
+    f(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
 /// Whether `e` means "try again later".
@@ -45,14 +60,6 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
         set_fl(fd, new)?;
     }
     Ok(())
-}
-
-/// Set `FD_CLOEXEC` (for inherited fds).
-pub(crate) fn set_cloexec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFD/F_SETFD on an fd we own; integer arguments only.
-    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
-    // SAFETY: as above.
-    check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) }).map(drop)
 }
 
 /// `read(2)`, retried on EINTR. `Ok(0)` is end of file.
@@ -141,64 +148,6 @@ pub(crate) fn fd_kind(fd: RawFd) -> io::Result<FdKind> {
     })
 }
 
-/// Whether `fd` is a terminal.
-pub(crate) fn isatty(fd: RawFd) -> bool {
-    // SAFETY: isatty only inspects the fd.
-    unsafe { libc::isatty(fd) == 1 }
-}
-
-/// `tcgetattr`.
-pub(crate) fn tcgetattr(fd: RawFd) -> io::Result<libc::termios> {
-    // SAFETY: an all-zero termios is a valid value of this plain C struct.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: tcgetattr writes one termios into t, which we own.
-    check(unsafe { libc::tcgetattr(fd, &mut t) })?;
-    Ok(t)
-}
-
-/// `tcsetattr(TCSANOW)`.
-pub(crate) fn tcsetattr(fd: RawFd, t: &libc::termios) -> io::Result<()> {
-    // SAFETY: tcsetattr reads one termios from t, which we borrow.
-    check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, t) }).map(drop)
-}
-
-/// The tty's modem lines (`TIOCMGET`): a mask of `TIOCM_*` bits.
-pub(crate) fn tiocmget(fd: RawFd) -> io::Result<libc::c_int> {
-    let mut bits: libc::c_int = 0;
-    // SAFETY: TIOCMGET writes one int into bits, which we own.
-    check(unsafe { libc::ioctl(fd, libc::TIOCMGET, &mut bits) })?;
-    Ok(bits)
-}
-
-/// Raise (`TIOCMBIS`) or lower (`TIOCMBIC`) the tty's modem lines in `bits`.
-pub(crate) fn tiocm_change(fd: RawFd, bits: libc::c_int, on: bool) -> io::Result<()> {
-    let req = if on { libc::TIOCMBIS } else { libc::TIOCMBIC };
-    // SAFETY: TIOCMBIS/TIOCMBIC read one int from bits, which we borrow.
-    check(unsafe { libc::ioctl(fd, req, &bits) }).map(drop)
-}
-
-/// The window size of the terminal `fd` as (columns, rows); `None` if it is no terminal or
-/// its size was never set (0x0).
-pub(crate) fn window_size(fd: RawFd) -> Option<(u16, u16)> {
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one winsize into ws, which we own.
-    let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
-    (rc == 0 && ws.ws_col != 0 && ws.ws_row != 0).then_some((ws.ws_col, ws.ws_row))
-}
-
-/// `cfmakeraw` on a copy of `t`.
-pub(crate) fn make_raw(t: &libc::termios) -> libc::termios {
-    let mut raw = *t;
-    // SAFETY: cfmakeraw only edits the termios we pass, which we own.
-    unsafe { libc::cfmakeraw(&mut raw) };
-    raw
-}
-
 /// Poll one fd once for `events`, waiting at most `timeout_ms` (-1: forever). Returns revents.
 pub fn poll_one(
     fd: RawFd,
@@ -221,36 +170,6 @@ pub fn poll_one(
             return Err(e);
         }
     }
-}
-
-/// An `int` socket option.
-pub fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most len bytes into v, both of which we own.
-    check(unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(v)
-}
-
-/// Set an `int` socket option.
-pub(crate) fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    v: libc::c_int,
-) -> io::Result<()> {
-    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: the kernel reads len bytes from v, which we borrow.
-    check(unsafe { libc::setsockopt(fd, level, name, (&v as *const libc::c_int).cast(), len) })
-        .map(drop)
 }
 
 /// Ignore SIGPIPE process-wide, so a write to a pipe whose reader left is EPIPE instead of

@@ -135,3 +135,32 @@ fn tail(seen: &[Event]) -> String {
     let from = seen.len().saturating_sub(SHOWN);
     format!("{} events, last {:?}", seen.len(), &seen[from..])
 }
+
+/// The terminal settings of `fd` as the C library reads them (`tcgetattr(3)`, `TCGETS`): the
+/// tests check what [`crate::term`] (rustix, `TCSETS2`) set through a path of their own.
+pub fn tcgetattr(fd: std::os::unix::io::RawFd) -> std::io::Result<libc::termios> {
+    let mut t = std::mem::MaybeUninit::<libc::termios>::zeroed();
+    // SAFETY: tcgetattr writes one termios into t, which we own and which is sized for it.
+    if unsafe { libc::tcgetattr(fd, t.as_mut_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: tcgetattr succeeded, so t is initialised (and all-zero was valid anyway).
+    Ok(unsafe { t.assume_init() })
+}
+
+/// An `int` socket option, read with libc (an independent check of what socket2 set).
+pub fn getsockopt_int(
+    fd: std::os::unix::io::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> std::io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most len bytes into v, both of which we own.
+    let r =
+        unsafe { libc::getsockopt(fd, level, name, std::ptr::addr_of_mut!(v).cast(), &mut len) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}

@@ -13,6 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use chardev::term::{RawMode, RawTerminal};
 use clap::{Parser, Subcommand};
 use monitor::instance::{self, ConsoleInfo, InstanceInfo};
 use thiserror::Error;
@@ -309,7 +310,8 @@ pub fn console(root: &Path, name: &str, port: Option<&str>) -> Result<(), ToolEr
     } else {
         Box::new(UnixStream::connect(&path).map_err(|e| ToolError::Io("connect", e))?)
     };
-    let _raw = RawTerminal::enter(libc::STDIN_FILENO);
+    // Raw while relaying; a no-op when stdin is no terminal.
+    let _raw = RawTerminal::enter(libc::STDIN_FILENO, RawMode::default()).ok();
     eprint!(
         "minivmm: connected to {name} {} ({}); Ctrl-] detaches\r\n",
         target.name,
@@ -377,41 +379,6 @@ fn relay(input: RawFd, conn: &mut dyn ReadWriteFd, out: &mut dyn Write) -> Resul
             if detach {
                 return Ok(());
             }
-        }
-    }
-}
-
-/// The terminal in raw mode while this lives (a no-op when the fd is not a terminal).
-struct RawTerminal {
-    fd: RawFd,
-    saved: Option<libc::termios>,
-}
-
-impl RawTerminal {
-    fn enter(fd: RawFd) -> RawTerminal {
-        let mut t = std::mem::MaybeUninit::<libc::termios>::zeroed();
-        // SAFETY: tcgetattr fills the termios it is given; `t` is writable and sized for it.
-        let saved = if unsafe { libc::tcgetattr(fd, t.as_mut_ptr()) } == 0 {
-            // SAFETY: tcgetattr succeeded, so `t` is initialised.
-            Some(unsafe { t.assume_init() })
-        } else {
-            None
-        };
-        if let Some(mut raw) = saved {
-            // SAFETY: `raw` is a valid termios copied from the terminal's.
-            unsafe { libc::cfmakeraw(&mut raw) };
-            // SAFETY: setting a valid termios on the fd it came from.
-            unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) };
-        }
-        RawTerminal { fd, saved }
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        if let Some(t) = &self.saved {
-            // SAFETY: restoring the termios read from this fd in `enter`.
-            unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, t) };
         }
     }
 }

@@ -98,7 +98,7 @@ pub fn control_of(backend: &mut dyn Backend) -> Option<&mut dyn VproxyControl> {
 /// Make the next close of socket `fd` send a TCP reset, so that a client sees an abort
 /// (ECONNRESET) rather than an orderly end. Unix sockets have no such thing: a client that must
 /// tell a truncated stream from a complete one uses a TCP forward.
-fn abort_socket(fd: RawFd) {
+fn abort_socket(fd: &OwnedFd) {
     socket::abort_on_close(fd);
 }
 
@@ -404,9 +404,9 @@ impl VproxyBackend {
             self.engine.refuse(id, NO_SUCH_SERVICE);
             return;
         };
-        let addr = target.addr;
+        let addr = &target.addr;
         let attempt = socket::new_socket(addr.family()).and_then(|fd| {
-            let done = socket::connect(fd.as_raw_fd(), &addr)?;
+            let done = socket::connect(&fd, addr)?;
             Ok((fd, done))
         });
         match attempt {
@@ -435,7 +435,7 @@ impl VproxyBackend {
     /// sees an abort (ECONNRESET), never an orderly end after truncated data.
     fn abort(&mut self, id: StreamId) {
         if let Some(c) = self.remove_conn(id) {
-            abort_socket(c.fd.as_raw_fd());
+            abort_socket(&c.fd);
         }
     }
 
@@ -505,14 +505,13 @@ impl VproxyBackend {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };
-        let error = match sys::getsockopt_int(c.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR) {
-            Ok(0) => {
+        let error = match socket2::SockRef::from(&c.fd).take_error() {
+            Ok(None) => {
                 c.phase = Phase::Open;
                 self.engine.accept(id);
                 return self.update_conn(id);
             }
-            Ok(errno) => io::Error::from_raw_os_error(errno),
-            Err(e) => e,
+            Ok(Some(e)) | Err(e) => e,
         };
         self.remove_conn(id);
         self.engine.refuse(id, &format!("connect failed: {error}"));
@@ -522,7 +521,7 @@ impl VproxyBackend {
     fn accept_on(&mut self, index: usize) {
         for _ in 0..ACCEPTS_PER_WAKEUP {
             let l = &self.listeners[index];
-            let fd = match socket::accept(l.fd.as_raw_fd()) {
+            let fd = match socket::accept(&l.fd) {
                 Ok(Some(fd)) => fd,
                 Ok(None) => return,
                 // The client was refused (see `socket::accept`): look for the next one.
@@ -541,7 +540,7 @@ impl VproxyBackend {
                 }
                 // Aborting the connection closes it: the client sees the refusal at once.
                 Err(e) => {
-                    abort_socket(fd.as_raw_fd());
+                    abort_socket(&fd);
                     log::warn!(
                         "chardev '{}': vproxy cannot open '{}': {e}",
                         self.id,
