@@ -286,6 +286,7 @@ impl LineControl for SerialBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys;
     use crate::pty::open_master;
     use crate::testutil::{read_n, tcgetattr};
 
