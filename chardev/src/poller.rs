@@ -284,6 +284,9 @@ struct Entry {
     interest: Interest,
     /// The token while the fd is registered (attached and interest not empty).
     token: Option<Token>,
+    /// epoll refused the fd (`/dev/null`, a regular file: EPERM): not tried again for the
+    /// same interest.
+    refused: bool,
 }
 
 /// A backend's fds and what it wants each watched for, registered while attached.
@@ -314,6 +317,9 @@ impl FdSet {
     pub fn attach(&mut self, reg: Registrar) {
         self.detach();
         self.reg = Some(reg);
+        for e in self.entries.values_mut() {
+            e.refused = false;
+        }
         let fds: Vec<RawFd> = self.entries.keys().copied().collect();
         for fd in fds {
             self.register(fd);
@@ -341,7 +347,10 @@ impl FdSet {
                 e.token = Some(token);
                 self.by_token.insert(token, fd);
             }
-            Err(err) => log::warn!("cannot watch fd {fd}: {err}"),
+            Err(err) => {
+                e.refused = true;
+                log::warn!("cannot watch fd {fd}: {err}");
+            }
         }
     }
 
@@ -365,11 +374,14 @@ impl FdSet {
         let e = self.entries.entry(fd).or_insert(Entry {
             interest: Interest::NONE,
             token: None,
+            refused: false,
         });
-        if e.interest == interest && (e.token.is_some() || interest.is_none() || self.reg.is_none())
+        if e.interest == interest
+            && (e.token.is_some() || e.refused || interest.is_none() || self.reg.is_none())
         {
             return;
         }
+        e.refused = false;
         let old = e.interest;
         e.interest = interest;
         match (e.token, interest.is_none()) {
@@ -513,6 +525,25 @@ mod tests {
             drain(&p).is_empty(),
             "a dropped set leaves nothing registered"
         );
+    }
+
+    #[test]
+    fn an_fd_epoll_refuses_is_not_tried_again_for_the_same_interest() {
+        let p = Poller::new().unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let mut set = FdSet::new();
+        set.attach(p.registrar(4));
+        set.set(null.as_raw_fd(), Interest::READ);
+        assert_eq!(set.registered(), 0, "epoll refuses /dev/null");
+        assert!(set.entries[&null.as_raw_fd()].refused);
+        set.set(null.as_raw_fd(), Interest::READ);
+        assert!(set.entries[&null.as_raw_fd()].refused, "no second try");
+        set.set(null.as_raw_fd(), Interest::BOTH);
+        assert!(
+            set.entries[&null.as_raw_fd()].refused,
+            "tried again, refused again"
+        );
+        set.close(null.as_raw_fd());
     }
 
     #[test]

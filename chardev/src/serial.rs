@@ -286,8 +286,8 @@ impl LineControl for SerialBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys;
     use crate::pty::open_master;
+    use crate::sys;
     use crate::testutil::{read_n, tcgetattr};
 
     #[test]
