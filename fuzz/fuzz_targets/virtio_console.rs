@@ -19,9 +19,12 @@ use devices::virtio::mmio::*;
 use devices::virtio::{VirtioMmio, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
 use devices::IrqLine;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Guest memory size: small, so random addresses often land inside it.
+
+#[path = "common/guest_ops.rs"]
+mod guest_ops;
 const MEM_SIZE: u64 = 0x10_0000;
 /// Where the driver puts queue `i`'s rings: table, avail and used 0x800 apart.
 const RING_BASE: u64 = 0x1_0000;
@@ -72,14 +75,6 @@ fn start(dev: &mut VirtioMmio<VirtioConsole>) {
     w32(dev, REG_STATUS, ok | STATUS_DRIVER_OK);
 }
 
-/// A register access: the offset in the slot (and a little past it) from the first two bytes
-/// of `rest`, the size (1, 2, 4 or 8 bytes) from bits 3-4 of the opcode.
-fn access(op: u8, rest: &[u8]) -> Option<(u64, usize)> {
-    let off = rest.get(..2)?;
-    let off = u64::from(u16::from_le_bytes([off[0], off[1]])) & 0x1ff;
-    Some((off, [1usize, 2, 4, 8][usize::from(op >> 3) % 4]))
-}
-
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
         .expect("guest memory");
@@ -105,37 +100,24 @@ fuzz_target!(|data: &[u8]| {
         match op % 5 {
             // Write guest memory: address (3 bytes), length (1 byte), bytes.
             0 | 1 => {
-                if rest.len() < 4 {
+                let Some(left) = guest_ops::write_memory(&mem, MEM_SIZE, rest) else {
                     break;
-                }
-                let addr = u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], 0])) % MEM_SIZE;
-                let len = usize::from(rest[3]).min(rest.len() - 4);
-                let bytes = &rest[4..4 + len];
-                let room = (MEM_SIZE - addr) as usize;
-                let _ = mem.write_slice(&bytes[..len.min(room)], GuestAddress(addr));
-                rest = &rest[4 + len..];
+                };
+                rest = left;
             }
             // Register write: access (2 bytes), value (4 bytes).
             2 => {
-                let Some((off, size)) = access(op, rest) else {
+                let Some(left) = guest_ops::write_register(&mut dev, op, rest) else {
                     break;
                 };
-                let Some(value) = rest.get(2..6) else {
-                    break;
-                };
-                let mut v = [0u8; 8];
-                v[..4].copy_from_slice(value);
-                dev.write(off, &v[..size]);
-                rest = &rest[6..];
+                rest = left;
             }
             // Register read: access (2 bytes).
             3 => {
-                let Some((off, size)) = access(op, rest) else {
+                let Some(left) = guest_ops::read_register(&mut dev, op, rest) else {
                     break;
                 };
-                let mut b = [0u8; 8];
-                dev.read(off, &mut b[..size]);
-                rest = &rest[2..];
+                rest = left;
             }
             // Let the device work (as the event loop does after a notification).
             _ => {
