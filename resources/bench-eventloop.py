@@ -35,10 +35,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-from benchhost import BenchError, cpu_seconds, free_port, log, proc_status_kib
+from benchhost import BenchError, Echo, cpu_seconds, free_port, log, proc_status_kib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MSG = 4096
@@ -47,69 +46,6 @@ MIB = 1 << 20
 
 def open_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-class Echo:
-    """A TCP echo server on one selector thread."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4096)
-        self.sock.setblocking(False)
-        self.port = self.sock.getsockname()[1]
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.sock, selectors.EVENT_READ)
-        self.stop = False
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        pending = {}
-        while not self.stop:
-            for key, ev in self.sel.select(0.1):
-                s = key.fileobj
-                if s is self.sock:
-                    try:
-                        c, _ = s.accept()
-                    except OSError:
-                        continue
-                    c.setblocking(False)
-                    pending[c] = b""
-                    self.sel.register(c, selectors.EVENT_READ)
-                    continue
-                if ev & selectors.EVENT_READ:
-                    try:
-                        d = s.recv(65536)
-                    except BlockingIOError:
-                        d = None
-                    except OSError:
-                        d = b""
-                    if d == b"":
-                        self.sel.unregister(s)
-                        pending.pop(s, None)
-                        s.close()
-                        continue
-                    if d:
-                        pending[s] += d
-                if pending.get(s):
-                    try:
-                        n = s.send(pending[s])
-                        pending[s] = pending[s][n:]
-                    except BlockingIOError:
-                        pass
-                    except OSError:
-                        pass
-                    mask = selectors.EVENT_READ
-                    if pending[s]:
-                        mask |= selectors.EVENT_WRITE
-                    self.sel.modify(s, mask)
-
-    def close(self):
-        self.stop = True
-        self.thread.join(timeout=2)
-        self.sock.close()
 
 
 class Setup:

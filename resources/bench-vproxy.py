@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 
-from benchhost import BenchError, cpu_seconds, free_port, log, rss_kib
+from benchhost import BenchError, Echo, cpu_seconds, free_port, log, rss_kib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VP = os.path.join(REPO, "target/x86_64-unknown-linux-gnu/vp/minivmm-vp")
@@ -228,62 +228,6 @@ class Sink:
 
     def close(self):
         self.sock.close()
-
-
-class Echo:
-    """TCP echo server, one thread and a selector for any number of connections."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1024)
-        self.sock.setblocking(False)
-        self.port = self.sock.getsockname()[1]
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.sock, selectors.EVENT_READ)
-        self.conns = set()
-        self.stop = False
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while not self.stop:
-            for key, _ in self.sel.select(timeout=0.2):
-                s = key.fileobj
-                if s is self.sock:
-                    try:
-                        c, _ = s.accept()
-                    except OSError:
-                        continue
-                    c.setblocking(False)
-                    self.conns.add(c)
-                    self.sel.register(c, selectors.EVENT_READ)
-                    continue
-                try:
-                    data = s.recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if data:
-                    try:
-                        s.setblocking(True)
-                        s.sendall(data)
-                        s.setblocking(False)
-                        continue
-                    except OSError:
-                        pass
-                self.sel.unregister(s)
-                self.conns.discard(s)
-                s.close()
-
-    def close(self):
-        self.stop = True
-        self.thread.join(timeout=2)
-        for c in list(self.conns):
-            c.close()
-        self.sock.close()
-        self.sel.close()
 
 
 # ---------------------------------------------------------------- endpoints

@@ -63,7 +63,7 @@ impl FdChannel {
 
     /// Register what the stream wants polled now (at most two fds).
     fn update_fds(&mut self) {
-        let wanted = self.stream.poll_fds();
+        let wanted = self.stream.wanted_fds();
         self.fds.sync(&wanted);
     }
 

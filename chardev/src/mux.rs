@@ -769,7 +769,7 @@ mod tests {
         assert_eq!(fb.len(), 1, "others only their eventfd");
         let kick_b = fb[0].0;
         drop(a);
-        // b is the driver and the focus now, and was woken to re-read its fds.
+        // b is the driver and the focus now (the base is attached to its registrar), and was woken.
         assert_ne!(
             sys::poll_one(kick_b, libc::POLLIN, 0).unwrap() & libc::POLLIN,
             0

@@ -156,7 +156,7 @@ impl PtyBackend {
         let master = self.master.as_raw_fd();
         let interest = self
             .link
-            .poll_fds()
+            .wanted_fds()
             .iter()
             .find(|(fd, _)| *fd == master)
             .map_or(Interest::NONE, |(_, i)| *i);

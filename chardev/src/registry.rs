@@ -322,7 +322,8 @@ impl Registry {
     }
 
     /// Replace the backend of `id` (`chardev-change`), in place under its frontend, which
-    /// sees `Closed`/`Opened` as the connection state changes and must re-read `poll_fds`.
+    /// sees `Closed`/`Opened` as the connection state changes; the old backend is detached from the
+    /// frontend's registrar and the new one attached to it.
     /// Returns the old backend. Muxes cannot be changed.
     pub fn change(&mut self, id: &str, backend: Box<dyn Backend>) -> Result<Box<dyn Backend>> {
         match self.entries.get_mut(id) {

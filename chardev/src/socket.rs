@@ -580,7 +580,7 @@ impl SocketBackend {
 impl SocketBackend {
     fn wanted_fds(&self) -> Vec<(RawFd, Interest)> {
         if self.conn.is_some() {
-            return self.link.poll_fds();
+            return self.link.wanted_fds();
         }
         match &self.role {
             Role::Server { listener, .. } => vec![(listener.as_raw_fd(), Interest::READ)],

@@ -92,8 +92,8 @@ impl Stream {
         self.announce_input(ev);
     }
 
-    /// The fds to poll and for what.
-    pub(crate) fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
+    /// The fds to watch and for what (the owning backend registers them).
+    pub(crate) fn wanted_fds(&self) -> Vec<(RawFd, Interest)> {
         let read = self.input_wanted && self.input_open() && !self.hup && self.rkind.pollable();
         let write = !self.out.is_empty() && self.wkind.pollable();
         let mut v = Vec::with_capacity(2);
@@ -289,11 +289,11 @@ impl Link {
         }
     }
 
-    /// The fds to poll while connected.
-    pub(crate) fn poll_fds(&self) -> Vec<(RawFd, Interest)> {
+    /// The fds to watch while connected.
+    pub(crate) fn wanted_fds(&self) -> Vec<(RawFd, Interest)> {
         self.stream
             .as_ref()
-            .map(Stream::poll_fds)
+            .map(Stream::wanted_fds)
             .unwrap_or_default()
     }
 

@@ -3,7 +3,8 @@
 //!
 //! The monitor talks to the VM only through the [`Machine`] trait, which the VMM implements;
 //! it never sees KVM, a device model or the event loop. Like a chardev backend, every
-//! endpoint is driven by the VMM's event loop through `poll_fds()` / `on_ready()`.
+//! endpoint registers its own fds with the registrar the VMM's event loop gives it
+//! ([`Monitor::register`]) and is driven through `on_ready(part, token, ..)`.
 //!
 //! - [`json`]: QEMU-compatible streaming JSON splitter and writer;
 //! - [`protocol`]: the sans-IO QMP session (greeting, negotiation, replies, events);

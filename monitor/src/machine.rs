@@ -150,7 +150,8 @@ pub trait Machine {
     fn chardevs(&mut self) -> &mut Registry;
 
     /// `chardev-add`: create and register. Named fds are already resolved to numbers. The
-    /// default registers in [`Machine::chardevs`]; the VMM re-reads poll fds afterwards.
+    /// default registers in [`Machine::chardevs`]; a frontend that takes it later attaches it to
+    /// the event loop.
     fn chardev_add(&mut self, spec: &ChardevSpec) -> Result<(), MachineError> {
         self.chardevs().add(spec).map_err(MachineError::from)
     }

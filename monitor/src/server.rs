@@ -1,8 +1,9 @@
 //! The QMP unix-socket server: several clients at once, each with its own negotiation state
 //! and event stream, driven by the VMM's event loop.
 //!
-//! The server is sans-event-loop like a chardev backend: [`QmpServer::poll_fds`] says which
-//! fds to watch for what, [`QmpServer::on_ready`] does the I/O. All fds are non-blocking;
+//! The server is sans-event-loop like a chardev backend: once attached to a registrar
+//! ([`QmpServer::attach`]) it registers its listener and clients itself, with the interest each
+//! needs, and [`QmpServer::on_ready`] does the I/O for a token. All fds are non-blocking;
 //! nothing here blocks except [`QmpServer::flush_blocking`], meant for the way out.
 //!
 //! Memory stays bounded per client: input is read only while the client's pending output is

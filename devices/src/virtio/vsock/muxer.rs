@@ -8,12 +8,14 @@
 //! ([`VsockMuxer::on_ready`]). What each fd must be polled for is decided in one place,
 //! [`Connection::interest`] (plus "readable" for the listener and waiting clients), and every
 //! change to it is reported incrementally:
-//! - with [`Registration::Explicit`], [`VsockMuxer::take_fd_changes`] returns the
-//!   [`FdChange`]s since the last call (register, modify, deregister, close). A closed fd
-//!   travels inside its [`FdChange::Close`] so it stays open until the registrar removed it
-//!   from its epoll set (deregister before close, so a reused fd number cannot be confused);
-//! - with [`Registration::PollFds`], nothing is queued: [`VsockMuxer::poll_fds`] lists the
-//!   fds currently wanted and a closed fd is closed at once.
+//! - with [`Registration::Explicit`] (what the device uses: `VirtioVsock` applies the changes
+//!   to the event loop's poller), [`VsockMuxer::take_fd_changes`] returns the [`FdChange`]s
+//!   since the last call (register, modify, deregister, close). A closed fd travels inside its
+//!   [`FdChange::Close`] so it stays open until the registrar removed it from its epoll set
+//!   (deregister before close, so a reused fd number cannot be confused);
+//! - with [`Registration::PollFds`] (the muxer's own unit tests, which poll directly),
+//!   nothing is queued: [`VsockMuxer::poll_fds`] lists the fds currently wanted and a closed
+//!   fd is closed at once.
 //!
 //! Time-outs (a REQUEST the guest never answers, a shutdown that does not drain, a client
 //! that never finishes its CONNECT line, a paused listener) sit in one ordered set:
@@ -26,8 +28,8 @@
 //!
 //! This module must not block (every fd is non-blocking, the guest-side connect included),
 //! must not touch guest memory or virtqueues, must not dispatch on fd numbers except through
-//! the [`VsockMuxer::token_of`] shim for today's `poll_fds` trait, and must not panic on what
-//! the guest or a host client sends.
+//! [`VsockMuxer::token_of`] in the `PollFds` mode, and must not panic on what the guest or a
+//! host client sends.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs::File;
