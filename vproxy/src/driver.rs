@@ -222,7 +222,7 @@ impl VproxyBackend {
             .rate
             .map_or_else(EngineConfig::default, EngineConfig::for_rate);
         if let Some(window) = spec.window {
-            config.stream_window = window;
+            config = config.with_fixed_window(window);
         }
         let timer =
             TimerFd::new().map_err(|e| Error::io(id, "create timer for", "vproxy", e.into()))?;
@@ -390,6 +390,15 @@ impl VproxyBackend {
                     c.engine_done = true;
                 }
                 self.flush(id);
+            }
+            EngineEvent::VersionMismatch { peer_version } => {
+                log::error!(
+                    "chardev '{}': the vproxy peer speaks wire version {peer_version}, this end \
+                     version {}: no session until both ends run the same vproxy (update \
+                     minivmm-vp in the guest, or minivmm)",
+                    self.id,
+                    crate::wire::VERSION
+                );
             }
         }
     }

@@ -2,8 +2,11 @@
 //!
 //! An [`Engine`] is fed channel bytes with [`Engine::receive`] (always all of them: the reader
 //! never waits for anything, which is what makes the virtproxy deadlock impossible) and gives
-//! channel bytes back with [`Engine::transmit`], one short frame at a time, control frames
-//! first and stream data round-robin. Streams are driven with [`Engine::open`],
+//! channel bytes back with [`Engine::transmit`], one frame at a time, control frames
+//! first and stream data round-robin, keeping no more bytes in flight in the channel than
+//! keep it busy ([`crate::path`]). Every frame is numbered; the peer's ACKs name the lost
+//! ones and lost DATA is sent again ([`crate::arq`]), so a damaged frame costs a
+//! retransmission, never the stream. Streams are driven with [`Engine::open`],
 //! [`Engine::send`], [`Engine::recv`], [`Engine::shutdown`] and [`Engine::reset`]; what
 //! happened comes out of [`Engine::poll_event`]. Time comes in as `Instant`s: the engine
 //! asks for a wake-up with [`Engine::poll_timeout`] and does its timed work in
@@ -11,8 +14,9 @@
 //!
 //! The protocol rules (handshake, credit, loss healing, unknown streams) are
 //! `docs/vproxy.md`; this file follows it section by section. Memory is bounded by the
-//! configuration: per-stream send buffers and granted receive windows, a session cap checked
-//! by `send` and OPEN, a maximum stream count, and capped control queues.
+//! configuration: per-stream send buffers and granted receive windows (which grow with the
+//! measured throughput x round trip up to a cap), a session cap checked by `send` and OPEN,
+//! a maximum stream count, and capped control queues.
 //!
 //! The driver's loop: after `receive`, `handle_timeout` or any stream call, drain
 //! `poll_event`, then call `transmit` while the channel takes bytes, and sleep until the
@@ -21,8 +25,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::arq::{Ack, Outcome, RxTracker, TxLog};
+use crate::path::PathModel;
 use crate::wire::{
-    encode, Decoder, Frame, FrameType, FLAG_EOF_SEEN, FLAG_NEED_REPLY, FLAG_OPENER,
+    encode, encode_parts, Decoder, Frame, FrameType, FLAG_EOF_SEEN, FLAG_NEED_REPLY, FLAG_OPENER,
     WIRE_MAX_PAYLOAD,
 };
 
@@ -30,15 +36,23 @@ use crate::wire::{
 pub type StreamId = u32;
 
 /// Default [`EngineConfig::max_streams`].
-pub const DEFAULT_MAX_STREAMS: u32 = 1024;
-/// Default [`EngineConfig::stream_window`].
+pub const DEFAULT_MAX_STREAMS: u32 = 16 * 1024;
+/// Default [`EngineConfig::stream_window`]: the window a stream starts with.
 pub const DEFAULT_STREAM_WINDOW: u32 = 64 * 1024;
+/// Default [`EngineConfig::max_stream_window`]: how far a stream's window may grow.
+pub const DEFAULT_MAX_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Default [`EngineConfig::stream_send_buffer`].
-pub const DEFAULT_STREAM_SEND_BUFFER: usize = 64 * 1024;
+pub const DEFAULT_STREAM_SEND_BUFFER: usize = 256 * 1024;
 /// Default [`EngineConfig::session_buffer_cap`].
-pub const DEFAULT_SESSION_BUFFER_CAP: usize = 16 * 1024 * 1024;
-/// Default [`EngineConfig::max_payload`].
-pub const DEFAULT_MAX_PAYLOAD: usize = 1024;
+pub const DEFAULT_SESSION_BUFFER_CAP: usize = 32 * 1024 * 1024;
+/// Default [`EngineConfig::max_payload`]: the wire's limit; the frames actually sent are
+/// sized to the measured channel (`crate::path`).
+pub const DEFAULT_MAX_PAYLOAD: usize = WIRE_MAX_PAYLOAD;
+/// Default [`EngineConfig::initial_payload`]: DATA payload before the channel is measured.
+pub const DEFAULT_INITIAL_PAYLOAD: usize = 1024;
+/// Default [`EngineConfig::initial_in_flight`]: bytes in flight before the channel is
+/// measured.
+pub const DEFAULT_INITIAL_IN_FLIGHT: usize = 16 * 1024;
 /// Default [`EngineConfig::keepalive`].
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
 
@@ -57,6 +71,8 @@ const RATE_WINDOW_MIN: u64 = 1024;
 const RATE_FRAME_DIVISOR: u64 = 50;
 /// `for_rate`: bounds of the DATA payload.
 const RATE_PAYLOAD_MIN: u64 = 64;
+/// `for_rate`: bytes in flight before measuring are this fraction (1/n) of a second.
+const RATE_IN_FLIGHT_DIVISOR: u64 = 20;
 /// `for_rate`: payloads are rounded down to a multiple of this.
 const RATE_PAYLOAD_ALIGN: u64 = 16;
 /// `for_rate`: the send buffer holds this many windows.
@@ -64,7 +80,8 @@ const RATE_SEND_BUFFER_WINDOWS: usize = 2;
 
 /// How often an engine that is not up repeats its HELLO.
 const HELLO_RETRY: Duration = Duration::from_secs(1);
-/// First retransmit delay of a stream's unconfirmed state (OPEN, EOF, in-flight DATA).
+/// First retransmit delay of a stream's unconfirmed state (OPEN, EOF, in-flight DATA): a
+/// backstop behind the ACKs, which find lost frames within a round trip.
 const RETX_INITIAL: Duration = Duration::from_secs(1);
 /// Longest retransmit delay (the backoff doubles up to it).
 const RETX_MAX: Duration = Duration::from_secs(30);
@@ -79,10 +96,17 @@ const RECENT_STREAMS: usize = 256;
 const REPLY_QUEUE_CAP: usize = 256;
 /// Cap of the queue of PONGs owed.
 const PONG_QUEUE_CAP: usize = 4;
+/// The tail-loss PING backs off to at most 2^n times the retransmission timeout.
+const TLP_BACKOFF_MAX_SHIFT: u32 = 6;
 /// Size of the HELLO payload: peer session, max payload, stream window, max streams.
 const HELLO_PAYLOAD_LEN: usize = 20;
 /// Size of the window field that starts OPEN, OPEN_OK and CREDIT payloads.
 const WINDOW_LEN: usize = 4;
+/// A stream's window doubles when half of it was read within this many smoothed round
+/// trips of the previous credit (it settles near four times the path's bytes per round trip).
+const WINDOW_GROW_RTTS: u32 = 2;
+/// A stream's window grows to at most this fraction (1/n) of the session cap.
+const SESSION_WINDOW_SHARE: usize = 4;
 
 // Per-stream control frames owed, one bit each (`docs/vproxy.md` §8, item 3).
 const CTL_OPEN: u8 = 0x01;
@@ -100,7 +124,6 @@ const R_BAD_NAME: &str = "bad service name";
 const R_MALFORMED: &str = "malformed open";
 const R_STALE: &str = "stale open";
 const R_UNKNOWN: &str = "unknown stream";
-const R_LOST: &str = "data lost";
 const R_CREDIT: &str = "credit exceeded";
 const R_AFTER_EOF: &str = "data after eof";
 const R_PROTOCOL: &str = "protocol error";
@@ -112,15 +135,22 @@ const R_CHANNEL: &str = "channel reset";
 pub struct EngineConfig {
     /// Most streams at once; OPEN beyond it is refused ("too many streams").
     pub max_streams: u32,
-    /// Bytes of receive credit granted per stream.
+    /// Bytes of receive credit a stream starts with.
     pub stream_window: u32,
-    /// Bytes `send` buffers per stream before returning 0.
+    /// How far a stream's receive window may grow while its consumer keeps up (at least
+    /// `stream_window`).
+    pub max_stream_window: u32,
+    /// Bytes `send` buffers per stream, not yet sent, before returning 0.
     pub stream_send_buffer: usize,
-    /// Total buffered bytes (all streams, rx + tx) at or above which `send` accepts nothing
-    /// and OPEN is refused.
+    /// Total buffered bytes (all streams: unsent, sent but not yet consumed by the peer, and
+    /// received) at or above which `send` accepts nothing and OPEN is refused.
     pub session_buffer_cap: usize,
-    /// Largest DATA payload per frame (short frames keep control latency low).
+    /// Largest DATA payload per frame; the payload actually used follows the channel.
     pub max_payload: usize,
+    /// DATA payload before the channel is measured.
+    pub initial_payload: usize,
+    /// Bytes in flight before the channel is measured.
+    pub initial_in_flight: usize,
     /// PING interval when nothing else is sent.
     pub keepalive: Duration,
 }
@@ -130,42 +160,63 @@ impl Default for EngineConfig {
         EngineConfig {
             max_streams: DEFAULT_MAX_STREAMS,
             stream_window: DEFAULT_STREAM_WINDOW,
+            max_stream_window: DEFAULT_MAX_STREAM_WINDOW,
             stream_send_buffer: DEFAULT_STREAM_SEND_BUFFER,
             session_buffer_cap: DEFAULT_SESSION_BUFFER_CAP,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            initial_payload: DEFAULT_INITIAL_PAYLOAD,
+            initial_in_flight: DEFAULT_INITIAL_IN_FLIGHT,
             keepalive: DEFAULT_KEEPALIVE,
         }
     }
 }
 
 impl EngineConfig {
-    /// Windows and frame size for a channel of `bytes_per_sec` (115200 baud 8N1 is 11520):
-    /// a window of a quarter second of line time (1 KiB to 64 KiB), DATA frames of about
-    /// 20 ms of line time (64 to 1024 bytes), a send buffer of two windows.
+    /// Starting points for a channel known to run at `bytes_per_sec` (115200 baud 8N1 is
+    /// 11520): a window of a quarter second of line time (1 KiB to 64 KiB), DATA frames of
+    /// at most about 20 ms of line time (at least 64 bytes), 50 ms of line in flight until
+    /// measured, a send buffer of two windows. The engine measures the channel anyway; the
+    /// hint only spares the first seconds of a slow line a too-large first guess.
     pub fn for_rate(bytes_per_sec: u64) -> Self {
         let window = (bytes_per_sec / RATE_WINDOW_DIVISOR)
             .clamp(RATE_WINDOW_MIN, u64::from(DEFAULT_STREAM_WINDOW));
         let payload = (bytes_per_sec / RATE_FRAME_DIVISOR)
-            .clamp(RATE_PAYLOAD_MIN, DEFAULT_MAX_PAYLOAD as u64)
+            .clamp(RATE_PAYLOAD_MIN, WIRE_MAX_PAYLOAD as u64)
             / RATE_PAYLOAD_ALIGN
             * RATE_PAYLOAD_ALIGN;
         // Both fit: bounded by the u32/usize defaults above.
         let window = u32::try_from(window).unwrap_or(DEFAULT_STREAM_WINDOW);
+        let payload = usize::try_from(payload).unwrap_or(DEFAULT_INITIAL_PAYLOAD);
+        let in_flight = usize::try_from(bytes_per_sec / RATE_IN_FLIGHT_DIVISOR)
+            .unwrap_or(DEFAULT_INITIAL_IN_FLIGHT)
+            .min(DEFAULT_INITIAL_IN_FLIGHT);
         EngineConfig {
             stream_window: window,
             stream_send_buffer: (window as usize)
                 .saturating_mul(RATE_SEND_BUFFER_WINDOWS)
                 .min(DEFAULT_STREAM_SEND_BUFFER),
-            max_payload: usize::try_from(payload).unwrap_or(DEFAULT_MAX_PAYLOAD),
+            max_payload: payload,
+            initial_payload: payload.min(DEFAULT_INITIAL_PAYLOAD),
+            initial_in_flight: in_flight,
             ..EngineConfig::default()
         }
+    }
+
+    /// A fixed window of `window` bytes per stream (the `window=` option): it starts there
+    /// and does not grow.
+    pub fn with_fixed_window(mut self, window: u32) -> Self {
+        self.stream_window = window;
+        self.max_stream_window = window;
+        self
     }
 
     /// The same limits made usable: a payload of 1..=`WIRE_MAX_PAYLOAD`, a window of at
     /// least `MIN_STREAM_WINDOW`, a keepalive of at least a millisecond.
     fn normalized(mut self) -> Self {
         self.max_payload = self.max_payload.clamp(1, WIRE_MAX_PAYLOAD);
+        self.initial_payload = self.initial_payload.clamp(1, self.max_payload);
         self.stream_window = self.stream_window.max(MIN_STREAM_WINDOW);
+        self.max_stream_window = self.max_stream_window.max(self.stream_window);
         self.keepalive = self.keepalive.max(Duration::from_millis(1));
         self
     }
@@ -194,6 +245,9 @@ pub enum EngineEvent {
     Reset { id: StreamId, reason: String },
     /// Both directions finished and drained; the id is freed.
     Closed { id: StreamId },
+    /// Frames of another protocol version arrive: the peer cannot be talked to until one
+    /// side is upgraded (once per version seen).
+    VersionMismatch { peer_version: u8 },
 }
 
 /// Why [`Engine::open`] refused.
@@ -231,6 +285,19 @@ pub struct SessionStats {
     /// (addition) Frames that were CRC-valid but broke the protocol (unknown version or type,
     /// malformed payload, a frame that cannot apply), and replies dropped at a full queue.
     pub protocol_errors: u64,
+    /// Frames the peer sent that never arrived whole (seen as gaps in its numbering).
+    pub frames_lost: u64,
+    /// DATA frames we sent again because the peer's ACK said they were lost.
+    pub retransmits: u64,
+    /// Bytes in flight in the channel now, and the cap on them.
+    pub in_flight: usize,
+    pub in_flight_cap: usize,
+    /// The channel as measured: delivery rate (bytes/s), min round trip (µs), DATA payload.
+    pub rate: u64,
+    pub min_rtt_us: u64,
+    pub payload: usize,
+    /// The version of the frames of another protocol version seen, if any.
+    pub foreign_version: Option<u8>,
 }
 
 /// Stream counters for the monitor.
@@ -248,6 +315,8 @@ pub struct StreamStats {
     pub recv_buffered: usize,
     /// Bytes the peer lets us send now.
     pub credit: u64,
+    /// The receive window we grant it now (grows with its throughput).
+    pub window: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,27 +338,54 @@ struct Stream {
     state: State,
     /// The peer knows the stream (our OPEN went out, or it is the peer's).
     announced: bool,
+    /// Bytes from stream offset `tx_base`: sent but not yet reported consumed by the peer
+    /// (kept for retransmission), then not yet sent.
     tx: VecDeque<u8>,
+    tx_base: u64,
+    /// Offset of the next byte never sent.
     tx_sent: u64,
+    /// Ranges `(offset, len)` to send again (the peer's ACK said they were lost).
+    retx: VecDeque<(u64, usize)>,
     peer_consumed: u64,
     peer_window: u32,
     shutdown: bool,
     eof_sent: bool,
     eof_acked: bool,
+    /// Received in order, not yet read by the user.
     rx: VecDeque<u8>,
     rx_received: u64,
     rx_consumed: u64,
+    /// Received beyond a gap (a lost frame being sent again), by offset.
+    ooo: BTreeMap<u64, Vec<u8>>,
+    ooo_bytes: usize,
     credit_reported: u64,
+    /// The window we grant (grows, see `Engine::recv`), and when we last reported credit.
+    window: u32,
+    credit_at: Option<Instant>,
+    /// The peer's EOF offset, once its EOF arrived (maybe before all its data).
+    peer_eof_at: Option<u64>,
+    /// All the peer's data up to its EOF arrived.
     peer_eof: bool,
     eof_delivered: bool,
     ctl: u8,
     queued: bool,
+    /// In `Engine::ready`.
+    ready: bool,
     retx_at: Option<Instant>,
+    /// The deadline under which the stream is in `Engine::timers`.
+    timer_key: Option<Instant>,
     retx_backoff: Duration,
 }
 
 impl Stream {
-    fn new(service: String, outgoing: bool, wire: u32, state: State, peer_window: u32) -> Self {
+    fn new(
+        service: String,
+        outgoing: bool,
+        wire: u32,
+        state: State,
+        peer_window: u32,
+        window: u32,
+    ) -> Self {
         Stream {
             service,
             outgoing,
@@ -297,7 +393,9 @@ impl Stream {
             state,
             announced: !outgoing,
             tx: VecDeque::new(),
+            tx_base: 0,
             tx_sent: 0,
+            retx: VecDeque::new(),
             peer_consumed: 0,
             peer_window,
             shutdown: false,
@@ -306,14 +404,68 @@ impl Stream {
             rx: VecDeque::new(),
             rx_received: 0,
             rx_consumed: 0,
+            ooo: BTreeMap::new(),
+            ooo_bytes: 0,
             credit_reported: 0,
+            window,
+            credit_at: None,
+            peer_eof_at: None,
             peer_eof: false,
             eof_delivered: false,
             ctl: 0,
             queued: false,
+            ready: false,
             retx_at: None,
+            timer_key: None,
             retx_backoff: RETX_INITIAL,
         }
+    }
+
+    /// Bytes queued by `send` and never sent.
+    fn unsent(&self) -> usize {
+        let end = self.tx_base + self.tx.len() as u64;
+        usize::try_from(end - self.tx_sent).unwrap_or(usize::MAX)
+    }
+
+    /// The two slices of `tx` holding stream bytes `offset .. offset + len` (within `tx`).
+    fn tx_slices(&self, offset: u64, len: usize) -> [&[u8]; 2] {
+        let start = usize::try_from(offset - self.tx_base).unwrap_or(usize::MAX);
+        let (a, b) = self.tx.as_slices();
+        if start >= a.len() {
+            let from = start - a.len();
+            [&b[from..from + len], &[]]
+        } else {
+            let first = len.min(a.len() - start);
+            [&a[start..start + first], &b[..len - first]]
+        }
+    }
+
+    /// Move what was received beyond a gap into `rx` once the gap is filled (dropping what
+    /// overlaps bytes already there).
+    fn fill_from_ooo(&mut self) {
+        while let Some(entry) = self.ooo.first_entry() {
+            let offset = *entry.key();
+            if offset > self.rx_received {
+                break;
+            }
+            let seg = entry.remove();
+            self.ooo_bytes -= seg.len();
+            let skip = usize::try_from(self.rx_received - offset).unwrap_or(usize::MAX);
+            let fresh = seg.get(skip..).unwrap_or(&[]);
+            self.rx.extend(fresh);
+            self.rx_received += fresh.len() as u64;
+        }
+    }
+
+    /// The peer consumed up to `consumed`: what it read need not be kept to send again.
+    /// Returns the bytes freed.
+    fn release(&mut self, consumed: u64) -> usize {
+        let n = usize::try_from(consumed.saturating_sub(self.tx_base))
+            .unwrap_or(usize::MAX)
+            .min(self.tx.len());
+        self.tx.drain(..n);
+        self.tx_base += n as u64;
+        n
     }
 
     /// Flags of a frame we send about this stream.
@@ -332,7 +484,8 @@ impl Stream {
     }
 
     fn sendable(&self) -> bool {
-        self.state == State::Open && !self.tx.is_empty() && self.credit() > 0
+        self.state == State::Open
+            && (!self.retx.is_empty() || (self.unsent() > 0 && self.credit() > 0))
     }
 
     /// Something we sent is not confirmed yet (`docs/vproxy.md` §7).
@@ -360,7 +513,7 @@ impl Stream {
     }
 
     fn buffered(&self) -> usize {
-        self.tx.len() + self.rx.len()
+        self.tx.len() + self.rx.len() + self.ooo_bytes
     }
 
     fn state_name(&self) -> &'static str {
@@ -388,6 +541,33 @@ struct Recent {
     peer_opened: bool,
     wire: u32,
     ended: Ended,
+}
+
+/// What a tracked frame carried, to act on its loss (`docs/vproxy.md` §7).
+#[derive(Debug)]
+enum Carried {
+    /// Stream bytes `offset .. offset + len` of local stream `id`.
+    Data {
+        id: StreamId,
+        offset: u64,
+        len: usize,
+    },
+    /// One of stream `id`'s control frames (a `CTL_*` bit).
+    Ctl { id: StreamId, bit: u8 },
+    /// A RESET, OPEN_FAIL or acknowledgement reply, sent again as it was.
+    Reply(Box<Frame>),
+}
+
+/// The next frame to send, from `Engine::next_frame`.
+enum Next {
+    /// A built frame, and what to track it as (None: not tracked).
+    Frame(Frame, Option<Carried>),
+    /// A DATA frame of stream bytes, built straight from the stream's buffer.
+    Data {
+        id: StreamId,
+        offset: u64,
+        len: usize,
+    },
 }
 
 /// The HELLO payload.
@@ -474,8 +654,26 @@ pub struct Engine {
     incoming: HashMap<u32, StreamId>,
     next_id: StreamId,
     recent: VecDeque<Recent>,
-    rr_next: StreamId,
+    /// Streams that have something to send, in round-robin order (entries may be stale:
+    /// checked when taken).
+    ready: VecDeque<StreamId>,
+    /// Streams' retransmit deadlines.
+    timers: BTreeSet<(Instant, StreamId)>,
     writers: BTreeSet<StreamId>,
+    /// Numbering and tracking of the frames we send, and of those we receive.
+    log: TxLog<Carried>,
+    rx_seq: RxTracker,
+    /// The channel as measured.
+    path: PathModel,
+    /// When to send a PING if no ACK came (a lost tail shows only once a later frame
+    /// arrives), and how many times it fired without an ACK.
+    tlp_at: Option<Instant>,
+    tlp_fired: u32,
+    /// DATA waited for room in flight since the last ACK (the ACK's rate sample is then
+    /// the channel's, not the application's).
+    in_flight_limited: bool,
+    retransmits: u64,
+    foreign_reported: Option<u8>,
     out: Vec<u8>,
     out_pos: usize,
     decoder: Decoder,
@@ -494,6 +692,7 @@ impl Engine {
     /// wire). Its HELLO is queued.
     pub fn new(config: EngineConfig, session_id: u64, now: Instant) -> Engine {
         let cfg = config.normalized();
+        let path = PathModel::new(cfg.max_payload, cfg.initial_payload, cfg.initial_in_flight);
         Engine {
             peer_max_payload: cfg.max_payload,
             peer_window: cfg.stream_window,
@@ -521,8 +720,17 @@ impl Engine {
             incoming: HashMap::new(),
             next_id: 1,
             recent: VecDeque::new(),
-            rr_next: 0,
+            ready: VecDeque::new(),
+            timers: BTreeSet::new(),
             writers: BTreeSet::new(),
+            log: TxLog::new(0, now),
+            rx_seq: RxTracker::default(),
+            path,
+            tlp_at: None,
+            tlp_fired: 0,
+            in_flight_limited: false,
+            retransmits: 0,
+            foreign_reported: None,
             out: Vec::new(),
             out_pos: 0,
             decoder: Decoder::new(),
@@ -568,7 +776,21 @@ impl Engine {
         }
         for f in frames {
             self.frames_rx = self.frames_rx.wrapping_add(1);
+            let (seq, kind) = (f.seq, f.kind);
             self.handle_frame(f);
+            // A frame ignored before the session is up counts as missing, so the peer
+            // sends it again (session frames are retried on their own).
+            let session_frame =
+                matches!(kind, FrameType::Hello | FrameType::Ping | FrameType::Pong);
+            if self.up || session_frame {
+                self.rx_seq.on_frame(seq, kind != FrameType::Ack);
+            }
+        }
+        let foreign = self.decoder.stats().foreign_version;
+        if let Some(v) = foreign.filter(|&v| self.foreign_reported != Some(v)) {
+            self.foreign_reported = Some(v);
+            self.events
+                .push_back(EngineEvent::VersionMismatch { peer_version: v });
         }
         // Streams the peer reset freed memory that other writers may be waiting for.
         self.wake_writers();
@@ -608,9 +830,22 @@ impl Engine {
             || !self.pongs.is_empty()
             || (self.up
                 && (self.ping_due
+                    || self.rx_seq.ack_due()
                     || !self.replies.is_empty()
                     || !self.ctl_queue.is_empty()
-                    || self.streams.values().any(Stream::sendable)))
+                    || (self.data_room() && self.has_ready())))
+    }
+
+    /// Whether DATA may go out now (the bytes in flight are under the cap).
+    fn data_room(&self) -> bool {
+        self.log.inflight() < self.path.in_flight_cap(self.now)
+    }
+
+    /// Whether a stream has something to send (the ready queue's live entries).
+    fn has_ready(&self) -> bool {
+        self.ready
+            .iter()
+            .any(|id| self.streams.get(id).is_some_and(Stream::sendable))
     }
 
     /// The channel was reconnected (or replaced): every stream the peer knows is reset
@@ -624,6 +859,8 @@ impl Engine {
         self.session_id = mix64(self.session_id);
         self.session_resets = self.session_resets.wrapping_add(1);
         self.drop_session(R_CHANNEL);
+        // Maybe another path now: measure it afresh.
+        self.path.reset();
         self.last_rx = now;
         self.last_tx = now;
         self.idle = false;
@@ -643,7 +880,14 @@ impl Engine {
             return Err(OpenError::OverMemoryCap);
         }
         let id = self.alloc_id().ok_or(OpenError::TooManyStreams)?;
-        let stream = Stream::new(service.to_string(), true, id, State::Opening, 0);
+        let stream = Stream::new(
+            service.to_string(),
+            true,
+            id,
+            State::Opening,
+            0,
+            self.cfg.stream_window,
+        );
         self.streams.insert(id, stream);
         self.queue_ctl(id, CTL_OPEN);
         Ok(id)
@@ -660,6 +904,7 @@ impl Engine {
         s.state = State::Open;
         self.queue_ctl(id, CTL_OPEN_OK);
         self.check_eof(id);
+        self.mark_ready(id);
     }
 
     /// Refuse the peer's stream `id` (after `OpenRequest`) with `reason`; the id is freed.
@@ -687,6 +932,9 @@ impl Engine {
             s.tx.extend(&data[..n]);
             self.buffered += n;
         }
+        if n > 0 {
+            self.mark_ready(id);
+        }
         n
     }
 
@@ -709,25 +957,39 @@ impl Engine {
         }
         self.cfg
             .stream_send_buffer
-            .saturating_sub(s.tx.len())
+            .saturating_sub(s.unsent())
             .min(self.cfg.session_buffer_cap.saturating_sub(self.buffered))
     }
 
     /// Take up to `buf.len()` received bytes of stream `id`; credit goes back to the peer as
     /// they are consumed.
     pub fn recv(&mut self, id: StreamId, buf: &mut [u8]) -> usize {
-        let half_window = u64::from(self.cfg.stream_window / 2);
+        let grow_within = self.path.srtt().map(|rtt| rtt * WINDOW_GROW_RTTS);
+        let max_window = self.max_window();
+        let now = self.now;
         let Some(s) = self.streams.get_mut(&id) else {
             return 0;
         };
         let n = buf.len().min(s.rx.len());
-        for (dst, src) in buf.iter_mut().zip(s.rx.drain(..n)) {
-            *dst = src;
-        }
+        let (a, b) = s.rx.as_slices();
+        let from_a = n.min(a.len());
+        buf[..from_a].copy_from_slice(&a[..from_a]);
+        buf[from_a..n].copy_from_slice(&b[..n - from_a]);
+        s.rx.drain(..n);
         s.rx_consumed = s.rx_consumed.wrapping_add(n as u64);
         self.buffered -= n;
+        let half_window = u64::from(s.window / 2);
         let owe_credit =
             !s.peer_eof && s.rx_consumed.wrapping_sub(s.credit_reported) >= half_window;
+        // Half the window read within a few round trips of the last credit: the window, not
+        // the channel, limits the stream. Grant more (docs/vproxy.md §7).
+        let window_limited = s
+            .credit_at
+            .zip(grow_within)
+            .is_some_and(|(at, within)| now.saturating_duration_since(at) < within);
+        if owe_credit && window_limited {
+            s.window = s.window.saturating_mul(2).min(max_window).max(s.window);
+        }
         let eof_now = s.rx.is_empty() && s.peer_eof && !s.eof_delivered;
         if eof_now {
             s.eof_delivered = true;
@@ -743,6 +1005,16 @@ impl Engine {
             self.wake_writers();
         }
         n
+    }
+
+    /// The largest window a stream may grow to: the configured cap, and a share of the
+    /// session's memory.
+    fn max_window(&self) -> u32 {
+        let share = self.cfg.session_buffer_cap / SESSION_WINDOW_SHARE;
+        self.cfg
+            .max_stream_window
+            .min(u32::try_from(share).unwrap_or(u32::MAX))
+            .max(self.cfg.stream_window)
     }
 
     /// Received bytes waiting for `recv`.
@@ -788,10 +1060,14 @@ impl Engine {
         if !self.idle {
             consider(self.last_rx + self.idle_after());
         }
-        for s in self.streams.values() {
-            if let Some(at) = s.retx_at {
-                consider(at);
-            }
+        if let Some(&(at, _)) = self.timers.first() {
+            consider(at);
+        }
+        if let Some(at) = self.tlp_at.filter(|_| self.up && !self.ping_due) {
+            consider(at);
+        }
+        if let Some(at) = self.path.next_tick() {
+            consider(at);
         }
         t
     }
@@ -810,18 +1086,53 @@ impl Engine {
         if now >= self.last_rx + self.idle_after() {
             self.idle = true;
         }
-        let due: Vec<StreamId> = self
-            .streams
-            .iter_mut()
-            .filter(|(_, s)| s.retx_at.is_some_and(|at| at <= now))
-            .map(|(&id, s)| {
+        if self.up && self.tlp_at.is_some_and(|at| now >= at) {
+            // No ACK for a while with frames in flight: a PING shows the peer any lost
+            // tail (as a gap before it) and asks for an ACK.
+            self.ping_due = true;
+            self.tlp_fired = self.tlp_fired.saturating_add(1);
+            let backoff = 1u32 << self.tlp_fired.min(TLP_BACKOFF_MAX_SHIFT);
+            self.tlp_at = Some(now + self.path.rto() * backoff);
+        }
+        self.path.tick(now);
+        while let Some(&(at, id)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.timer_key = None;
                 s.retx_at = None;
                 s.retx_backoff = (s.retx_backoff * 2).min(RETX_MAX);
-                id
-            })
-            .collect();
-        for id in due {
+            }
             self.queue_ctl(id, CTL_RETX);
+        }
+    }
+
+    /// Keep `timers` in step with stream `id`'s retransmit deadline.
+    fn sync_timer(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.timer_key == s.retx_at {
+            return;
+        }
+        if let Some(old) = s.timer_key.take() {
+            self.timers.remove(&(old, id));
+        }
+        if let Some(at) = s.retx_at {
+            s.timer_key = Some(at);
+            self.timers.insert((at, id));
+        }
+    }
+
+    /// Put stream `id` in the ready queue if it has something to send and is not there.
+    fn mark_ready(&mut self, id: StreamId) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.ready && s.sendable() {
+                s.ready = true;
+                self.ready.push_back(id);
+            }
         }
     }
 
@@ -843,6 +1154,17 @@ impl Engine {
             buffered: self.buffered,
             idle: self.idle,
             protocol_errors: self.protocol_errors.wrapping_add(d.rejected),
+            frames_lost: self.rx_seq.lost(),
+            retransmits: self.retransmits,
+            in_flight: self.log.inflight(),
+            in_flight_cap: self.path.in_flight_cap(self.now),
+            rate: self.path.rate(self.now).map_or(0, |r| r as u64),
+            min_rtt_us: self
+                .path
+                .min_rtt()
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            payload: self.effective_payload(),
+            foreign_version: d.foreign_version,
         }
     }
 
@@ -858,8 +1180,9 @@ impl Engine {
                 bytes_tx: s.tx_sent,
                 bytes_rx: s.rx_received,
                 send_buffered: s.tx.len(),
-                recv_buffered: s.rx.len(),
+                recv_buffered: s.rx.len() + s.ooo_bytes,
                 credit: s.credit(),
+                window: s.window,
             })
             .collect()
     }
@@ -927,6 +1250,9 @@ impl Engine {
 
     fn remove_stream(&mut self, id: StreamId) -> Option<Stream> {
         let s = self.streams.remove(&id)?;
+        if let Some(at) = s.timer_key {
+            self.timers.remove(&(at, id));
+        }
         self.buffered -= s.buffered();
         self.writers.remove(&id);
         if s.buffered() > 0 {
@@ -980,6 +1306,15 @@ impl Engine {
         self.recent.clear();
         self.replies.clear();
         self.pongs.clear();
+        // What was in flight belonged to the old session; the new one numbers afresh.
+        self.log.clear().for_each(drop);
+        self.rx_seq.reset();
+        self.tlp_at = None;
+        self.tlp_fired = 0;
+        self.ready.clear();
+        for s in self.streams.values_mut() {
+            s.ready = false;
+        }
         self.ping_due = false;
         self.up = false;
         self.hello_due = true;
@@ -1005,7 +1340,7 @@ impl Engine {
     /// Queue our EOF once the stream is open, shut down, and all its data framed.
     fn check_eof(&mut self, id: StreamId) {
         if let Some(s) = self.streams.get(&id) {
-            if s.shutdown && !s.eof_sent && s.state == State::Open && s.tx.is_empty() {
+            if s.shutdown && !s.eof_sent && s.state == State::Open && s.unsent() == 0 {
                 self.queue_ctl(id, CTL_EOF);
             }
         }
@@ -1015,7 +1350,7 @@ impl Engine {
         let done = self
             .streams
             .get(&id)
-            .is_some_and(|s| s.eof_acked && s.eof_delivered && s.tx.is_empty() && s.rx.is_empty());
+            .is_some_and(|s| s.eof_acked && s.eof_delivered && s.unsent() == 0 && s.rx.is_empty());
         if done {
             if let Some(s) = self.remove_stream(id) {
                 self.remember(!s.outgoing, s.wire, Ended::Closed);
@@ -1024,8 +1359,14 @@ impl Engine {
         }
     }
 
+    /// The DATA payload now: what the channel measurements suggest, within both sides'
+    /// limits.
     fn effective_payload(&self) -> usize {
-        self.cfg.max_payload.min(self.peer_max_payload).max(1)
+        self.path
+            .payload(self.now)
+            .min(self.cfg.max_payload)
+            .min(self.peer_max_payload)
+            .max(1)
     }
 
     // ----- internals: receiving -----
@@ -1041,6 +1382,7 @@ impl Engine {
             FrameType::Pong => {}
             // Before the handshake completes the peer retries whatever matters.
             _ if !self.up => {}
+            FrameType::Ack => self.on_ack(&f),
             FrameType::Open => self.on_open(f),
             _ => self.on_stream_frame(f),
         }
@@ -1062,6 +1404,8 @@ impl Engine {
         }
         self.peer_session = Some(peer);
         self.peer_max_payload = (h.max_payload as usize).clamp(1, WIRE_MAX_PAYLOAD);
+        self.path
+            .set_max_payload(self.cfg.max_payload.min(self.peer_max_payload));
         self.peer_window = h.stream_window;
         let _ = h.max_streams;
         let echoed = h.peer_session == self.session_id;
@@ -1131,7 +1475,14 @@ impl Engine {
         let service = service.to_string();
         self.streams.insert(
             id,
-            Stream::new(service.clone(), false, wire, State::Accepting, window),
+            Stream::new(
+                service.clone(),
+                false,
+                wire,
+                State::Accepting,
+                window,
+                self.cfg.stream_window,
+            ),
         );
         self.incoming.insert(wire, id);
         self.events
@@ -1172,7 +1523,11 @@ impl Engine {
             FrameType::Data => self.on_data(id, f),
             FrameType::Eof => self.on_eof(id, f.value),
             FrameType::Credit => self.on_credit(id, &f),
-            FrameType::Hello | FrameType::Ping | FrameType::Pong | FrameType::Open => {}
+            FrameType::Hello
+            | FrameType::Ping
+            | FrameType::Pong
+            | FrameType::Open
+            | FrameType::Ack => {}
         }
     }
 
@@ -1211,8 +1566,10 @@ impl Engine {
         s.state = State::Open;
         s.peer_window = window;
         s.progress(now);
+        self.sync_timer(id);
         self.events.push_back(EngineEvent::Opened { id });
         self.check_eof(id);
+        self.mark_ready(id);
     }
 
     /// Make sure our stream `id` is open before the peer's DATA/EOF applies to it; false if
@@ -1233,16 +1590,15 @@ impl Engine {
             self.protocol_errors = self.protocol_errors.wrapping_add(1);
             return self.kill(id, R_PROTOCOL, true);
         }
-        let window = u64::from(self.cfg.stream_window);
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
         let len = f.payload.len() as u64;
-        let verdict = if f.value != s.rx_received {
-            Err(R_LOST)
-        } else if s.peer_eof && len > 0 {
+        let offset = f.value;
+        let end = offset.saturating_add(len);
+        let verdict = if s.peer_eof_at.is_some_and(|eof| end > eof) {
             Err(R_AFTER_EOF)
-        } else if s.rx_received.saturating_add(len) > s.rx_consumed.saturating_add(window) {
+        } else if end > s.rx_consumed.saturating_add(u64::from(s.window)) {
             Err(R_CREDIT)
         } else {
             Ok(())
@@ -1251,16 +1607,32 @@ impl Engine {
             return self.kill(id, reason, true);
         }
         if len == 0 {
-            // A probe: restate our consumption (and EOF_SEEN if it applies).
+            // A probe: restate our consumption (and EOF_SEEN if it applies). A probe beyond
+            // what arrived shows lost DATA, which the ACKs have the peer send again.
             return self.queue_ctl(id, CTL_CREDIT);
         }
         let was_empty = s.rx.is_empty();
-        s.rx.extend(&f.payload);
-        s.rx_received = s.rx_received.wrapping_add(len);
-        self.buffered += f.payload.len();
-        if was_empty {
+        let before = s.buffered();
+        if offset > s.rx_received {
+            // Beyond a gap: keep it until the lost frame is sent again.
+            let slot = s.ooo.entry(offset).or_default();
+            if f.payload.len() > slot.len() {
+                s.ooo_bytes += f.payload.len() - slot.len();
+                *slot = f.payload;
+            }
+        } else {
+            // In order, or overlapping what we have (a retransmission): take the new part.
+            let skip = usize::try_from(s.rx_received - offset).unwrap_or(usize::MAX);
+            let fresh = f.payload.get(skip..).unwrap_or(&[]);
+            s.rx.extend(fresh);
+            s.rx_received += fresh.len() as u64;
+            s.fill_from_ooo();
+        }
+        self.buffered = self.buffered + s.buffered() - before;
+        if was_empty && !s.rx.is_empty() {
             self.events.push_back(EngineEvent::Readable { id });
         }
+        self.check_peer_eof(id);
     }
 
     fn on_eof(&mut self, id: StreamId, offset: u64) {
@@ -1271,12 +1643,32 @@ impl Engine {
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        if offset != s.rx_received {
-            return self.kill(id, R_LOST, true);
+        let below = offset < s.rx_received;
+        let moved = s.peer_eof_at.is_some_and(|at| at != offset);
+        if below || moved {
+            self.protocol_errors = self.protocol_errors.wrapping_add(1);
+            return self.kill(id, R_PROTOCOL, true);
         }
-        let first = !s.peer_eof;
+        let repeated = s.peer_eof;
+        s.peer_eof_at = Some(offset);
+        if repeated {
+            // Our acknowledgement was lost: give it again.
+            return self.queue_ctl(id, CTL_CREDIT);
+        }
+        self.check_peer_eof(id);
+    }
+
+    /// Once every byte before the peer's EOF arrived: acknowledge it, and deliver it if the
+    /// user has read them all.
+    fn check_peer_eof(&mut self, id: StreamId) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.peer_eof || s.peer_eof_at != Some(s.rx_received) {
+            return;
+        }
         s.peer_eof = true;
-        let deliver = first && s.rx.is_empty();
+        let deliver = s.rx.is_empty();
         if deliver {
             s.eof_delivered = true;
         }
@@ -1296,6 +1688,8 @@ impl Engine {
         let consumed = f.value.min(s.tx_sent);
         if consumed > s.peer_consumed {
             s.peer_consumed = consumed;
+            let freed = s.release(consumed);
+            self.buffered -= freed;
             progressed = true;
         }
         if let Some(w) = window_of(&f.payload) {
@@ -1307,24 +1701,121 @@ impl Engine {
         }
         if progressed {
             s.progress(now);
+            self.sync_timer(id);
         }
+        self.mark_ready(id);
         self.maybe_close(id);
+    }
+
+    /// The peer's ACK: resolve what it covers; send the lost frames' contents again.
+    fn on_ack(&mut self, f: &Frame) {
+        let Some(ack) = Ack::parse(f.value, &f.payload) else {
+            self.protocol_errors = self.protocol_errors.wrapping_add(1);
+            return;
+        };
+        let now = self.now;
+        let mut lost = Vec::new();
+        let mut frames = 0u32;
+        let sample = self.log.on_ack(&ack, now, |o| {
+            frames += 1;
+            if let Outcome::Lost(c) = o {
+                lost.push(c);
+            }
+        });
+        if let Some(sample) = &sample {
+            let app_limited = !self.in_flight_limited;
+            self.path.on_sample(sample, app_limited, now);
+            self.path.on_resolved(
+                frames,
+                u32::try_from(lost.len()).unwrap_or(u32::MAX),
+                sample.delivered + sample.lost,
+            );
+        } else if frames > 0 {
+            self.path.on_resolved(frames, frames, 0);
+        }
+        if frames > 0 {
+            self.in_flight_limited = false;
+            self.tlp_fired = 0;
+            self.tlp_at = self.log.oldest().map(|_| now + self.path.rto());
+        }
+        for c in lost {
+            self.resend(c);
+        }
+    }
+
+    /// What a lost frame carried goes out again, if it still matters.
+    fn resend(&mut self, c: Carried) {
+        match c {
+            Carried::Data { id, offset, len } => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                let end = offset + len as u64;
+                if s.state != State::Open || end <= s.peer_consumed {
+                    return;
+                }
+                let start = offset.max(s.peer_consumed);
+                s.retx
+                    .push_back((start, usize::try_from(end - start).unwrap_or(0)));
+                self.mark_ready(id);
+            }
+            Carried::Ctl { id, bit } => {
+                let Some(s) = self.streams.get(&id) else {
+                    return;
+                };
+                let matters = match bit {
+                    CTL_OPEN => s.state == State::Opening,
+                    CTL_OPEN_OK => !s.outgoing && s.state == State::Open,
+                    CTL_CREDIT => true,
+                    CTL_EOF => s.eof_sent && !s.eof_acked,
+                    _ => false,
+                };
+                if matters {
+                    self.queue_ctl(id, bit);
+                }
+            }
+            Carried::Reply(frame) => self.reply(*frame),
+        }
     }
 
     // ----- internals: transmitting -----
 
-    /// Build the next frame into `self.out`; false if there is nothing to send.
+    /// Build the next frame into `self.out`, numbered and, if it matters when lost,
+    /// tracked; false if there is nothing to send.
     fn build_next(&mut self) -> bool {
-        if let Some(frame) = self.next_frame() {
-            encode(&frame, &mut self.out);
-            true
-        } else {
-            false
+        let Some(next) = self.next_frame() else {
+            return false;
+        };
+        let seq = self.log.take_seq();
+        let start = self.out.len();
+        let carried = match next {
+            Next::Frame(mut frame, carried) => {
+                frame.seq = seq;
+                encode(&frame, &mut self.out);
+                carried
+            }
+            Next::Data { id, offset, len } => {
+                let Some(s) = self.streams.get(&id) else {
+                    return false;
+                };
+                let mut header = Frame::new(FrameType::Data, s.flags(), s.wire, offset);
+                header.seq = seq;
+                encode_parts(&header, s.tx_slices(offset, len), &mut self.out);
+                Some(Carried::Data { id, offset, len })
+            }
+        };
+        if let Some(c) = carried {
+            let bytes = self.out.len() - start;
+            self.log.track(seq, c, bytes, self.now);
+            if self.tlp_at.is_none() {
+                self.tlp_at = Some(self.now + self.path.rto());
+            }
         }
+        true
     }
 
     /// The next frame in priority order (`docs/vproxy.md` §8).
-    fn next_frame(&mut self) -> Option<Frame> {
+    fn next_frame(&mut self) -> Option<Next> {
         if self.hello_due {
             self.hello_due = false;
             let hello = Hello {
@@ -1334,37 +1825,44 @@ impl Engine {
                 max_streams: self.cfg.max_streams,
             };
             let flags = if self.up { 0 } else { FLAG_NEED_REPLY };
-            return Some(
-                Frame::new(FrameType::Hello, flags, 0, self.session_id)
-                    .with_payload(hello.encode()),
-            );
+            let hello = Frame::new(FrameType::Hello, flags, 0, self.session_id)
+                .with_payload(hello.encode());
+            return Some(Next::Frame(hello, None));
         }
         if let Some(nonce) = self.pongs.pop_front() {
-            return Some(Frame::new(FrameType::Pong, 0, 0, nonce));
+            return Some(Next::Frame(Frame::new(FrameType::Pong, 0, 0, nonce), None));
         }
         if !self.up {
             return None;
         }
+        if let Some(ack) = self.rx_seq.take_ack() {
+            let frame =
+                Frame::new(FrameType::Ack, 0, 0, u64::from(ack.high)).with_payload(ack.payload());
+            return Some(Next::Frame(frame, None));
+        }
         if self.ping_due {
             self.ping_due = false;
             self.ping_nonce = self.ping_nonce.wrapping_add(1);
-            return Some(Frame::new(FrameType::Ping, 0, 0, self.ping_nonce));
+            let ping = Frame::new(FrameType::Ping, 0, 0, self.ping_nonce);
+            return Some(Next::Frame(ping, None));
         }
         if let Some(frame) = self.replies.pop_front() {
-            return Some(frame);
+            let again = Carried::Reply(Box::new(frame.clone()));
+            return Some(Next::Frame(frame, Some(again)));
         }
         while let Some(id) = self.ctl_queue.pop_front() {
-            if let Some(frame) = self.stream_control(id) {
-                return Some(frame);
+            if let Some((frame, bit)) = self.stream_control(id) {
+                self.sync_timer(id);
+                return Some(Next::Frame(frame, Some(Carried::Ctl { id, bit })));
             }
         }
         self.next_data()
     }
 
-    /// One owed control frame of stream `id`; the stream stays queued if it owes more.
-    fn stream_control(&mut self, id: StreamId) -> Option<Frame> {
+    /// One owed control frame of stream `id` and its `CTL_*` bit; the stream stays queued
+    /// if it owes more.
+    fn stream_control(&mut self, id: StreamId) -> Option<(Frame, u8)> {
         let now = self.now;
-        let window = self.cfg.stream_window;
         let s = self.streams.get_mut(&id)?;
         loop {
             let Some(bit) = CTL_ORDER.iter().copied().find(|&b| s.ctl & b != 0) else {
@@ -1372,6 +1870,7 @@ impl Engine {
                 return None;
             };
             s.ctl &= !bit;
+            let window = s.window;
             let frame = match bit {
                 CTL_OPEN => Some(open_frame(s, window)),
                 CTL_OPEN_OK => Some(
@@ -1380,13 +1879,15 @@ impl Engine {
                 ),
                 CTL_CREDIT => {
                     s.credit_reported = s.rx_consumed;
+                    s.credit_at = Some(now);
                     let flags = s.flags() | if s.peer_eof { FLAG_EOF_SEEN } else { 0 };
                     Some(
                         Frame::new(FrameType::Credit, flags, s.wire, s.rx_consumed)
                             .with_payload(window.to_le_bytes().to_vec()),
                     )
                 }
-                CTL_EOF if !s.eof_sent => {
+                // First sent, or sent again after the ACK said it was lost.
+                CTL_EOF if !s.eof_acked && s.unsent() == 0 => {
                     s.eof_sent = true;
                     Some(Frame::new(FrameType::Eof, s.flags(), s.wire, s.tx_sent))
                 }
@@ -1406,32 +1907,72 @@ impl Engine {
                 } else {
                     self.ctl_queue.push_front(id);
                 }
-                return Some(frame);
+                return Some((frame, bit));
             }
         }
     }
 
-    /// One DATA frame from the next stream in round-robin order that has data and credit.
-    fn next_data(&mut self) -> Option<Frame> {
-        let id = self
-            .streams
-            .range(self.rr_next..)
-            .chain(self.streams.range(..self.rr_next))
-            .find(|(_, s)| s.sendable())
-            .map(|(&id, _)| id)?;
-        self.rr_next = id.wrapping_add(1);
+    /// One DATA frame from the next ready stream (round robin): bytes the peer lost first,
+    /// then new bytes within the peer's credit. None while the bytes in flight are at the
+    /// cap: what waits then is scheduled when the channel has drained, not queued in it.
+    fn next_data(&mut self) -> Option<Next> {
+        if !self.data_room() {
+            if self.has_ready() {
+                self.in_flight_limited = true;
+            }
+            return None;
+        }
         let max = self.effective_payload();
         let now = self.now;
-        let s = self.streams.get_mut(&id)?;
-        let credit = usize::try_from(s.credit()).unwrap_or(usize::MAX);
-        let n = s.tx.len().min(credit).min(max);
-        let payload: Vec<u8> = s.tx.drain(..n).collect();
-        let frame = Frame::new(FrameType::Data, s.flags(), s.wire, s.tx_sent).with_payload(payload);
-        s.tx_sent = s.tx_sent.wrapping_add(n as u64);
-        s.arm(now);
-        self.buffered -= n;
-        self.check_eof(id);
-        Some(frame)
+        while let Some(id) = self.ready.pop_front() {
+            let Some(s) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            s.ready = false;
+            if !s.sendable() {
+                continue;
+            }
+            let mut again = None;
+            while let Some((off, len)) = s.retx.pop_front() {
+                let end = off + len as u64;
+                let start = off.max(s.peer_consumed).max(s.tx_base);
+                if end <= start {
+                    continue;
+                }
+                let left = usize::try_from(end - start).unwrap_or(usize::MAX);
+                let n = left.min(max);
+                if n < left {
+                    s.retx.push_front((start + n as u64, left - n));
+                }
+                again = Some((start, n));
+                break;
+            }
+            let (offset, n) = match again {
+                Some(range) => {
+                    self.retransmits = self.retransmits.wrapping_add(1);
+                    range
+                }
+                None => {
+                    let credit = usize::try_from(s.credit()).unwrap_or(usize::MAX);
+                    let n = s.unsent().min(credit).min(max);
+                    if n == 0 {
+                        continue;
+                    }
+                    let offset = s.tx_sent;
+                    s.tx_sent += n as u64;
+                    (offset, n)
+                }
+            };
+            s.arm(now);
+            if s.sendable() {
+                s.ready = true;
+                self.ready.push_back(id);
+            }
+            self.sync_timer(id);
+            self.check_eof(id);
+            return Some(Next::Data { id, offset, len: n });
+        }
+        None
     }
 }
 

@@ -18,9 +18,11 @@
 //! The wire format and its rules are written down in `docs/vproxy.md`.
 
 pub mod agent;
+pub mod arq;
 pub mod driver;
 pub mod engine;
 pub mod forward;
+pub mod path;
 pub mod spec;
 pub mod wire;
 

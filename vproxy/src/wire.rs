@@ -1,9 +1,12 @@
 //! The vproxy frame codec: [`encode`] and the incremental, resynchronising [`Decoder`].
 //!
 //! The layout is `docs/vproxy.md` §1: magic, version/type, flags, stream id, a 64-bit value,
-//! payload length and a header CRC-32, then the payload and its own CRC-32 (absent for an
-//! empty payload). The decoder accepts byte chunks of any size, keeps at most one maximal
-//! frame buffered, and recovers from garbage or lost bytes by scanning for the magic (§2).
+//! the frame's sequence number, payload length and a header CRC-32, then the payload and its
+//! own CRC-32 (absent for an empty payload). The decoder accepts byte chunks of any size,
+//! keeps at most one maximal frame buffered, and recovers from garbage or lost bytes by
+//! scanning for the magic (§2). A CRC-valid frame of another protocol version (the 22-byte
+//! header of version 1, or this layout with another version) is skipped whole and reported,
+//! so that a peer of another version is named in the log instead of looking like noise.
 //! Nothing here panics on any input.
 
 use std::fmt;
@@ -11,13 +14,13 @@ use std::fmt;
 /// The two bytes every frame starts with.
 pub const MAGIC: [u8; 2] = [0xA7, 0x5C];
 /// The protocol version carried in the high nibble of byte 2.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Header size in bytes, header CRC included.
-pub const HEADER_LEN: usize = 22;
+pub const HEADER_LEN: usize = 26;
 /// Size of the payload CRC that follows a non-empty payload.
 pub const TRAILER_LEN: usize = 4;
-/// The largest payload the wire format allows.
-pub const WIRE_MAX_PAYLOAD: usize = 4096;
+/// The largest payload the wire format allows (the length field is 16 bits).
+pub const WIRE_MAX_PAYLOAD: usize = u16::MAX as usize;
 /// The largest frame on the wire.
 pub const MAX_FRAME_LEN: usize = HEADER_LEN + WIRE_MAX_PAYLOAD + TRAILER_LEN;
 
@@ -33,8 +36,15 @@ const OFF_VERSION_TYPE: usize = 2;
 const OFF_FLAGS: usize = 3;
 const OFF_STREAM: usize = 4;
 const OFF_VALUE: usize = 8;
-const OFF_LENGTH: usize = 16;
-const OFF_HEADER_CRC: usize = 18;
+const OFF_SEQ: usize = 16;
+const OFF_LENGTH: usize = 20;
+const OFF_HEADER_CRC: usize = 22;
+/// Version 1's header (22 bytes: no sequence number), recognised only to name the peer's
+/// version: its length and header CRC offsets, and its largest payload.
+const V1_HEADER_LEN: usize = 22;
+const V1_OFF_LENGTH: usize = 16;
+const V1_OFF_HEADER_CRC: usize = 18;
+const V1_MAX_PAYLOAD: usize = 4096;
 /// Shift of the version in the version/type byte.
 const VERSION_SHIFT: u8 = 4;
 /// Mask of the type in the version/type byte.
@@ -63,6 +73,8 @@ pub enum FrameType {
     Reset = 9,
     /// Cumulative consumed count and window.
     Credit = 10,
+    /// The highest sequence number received and the ones found missing below it.
+    Ack = 11,
 }
 
 impl FrameType {
@@ -79,6 +91,7 @@ impl FrameType {
             8 => FrameType::Eof,
             9 => FrameType::Reset,
             10 => FrameType::Credit,
+            11 => FrameType::Ack,
             _ => return None,
         })
     }
@@ -95,6 +108,9 @@ pub struct Frame {
     pub stream: u32,
     /// Offset, consumed count, session id or nonce, per type.
     pub value: u64,
+    /// The sender's sequence number of this frame: one more for every frame it sends in a
+    /// session (set by the engine when it sends the frame).
+    pub seq: u32,
     /// At most [`WIRE_MAX_PAYLOAD`] bytes.
     pub payload: Vec<u8>,
 }
@@ -106,6 +122,7 @@ impl fmt::Debug for Frame {
             .field("flags", &self.flags)
             .field("stream", &self.stream)
             .field("value", &self.value)
+            .field("seq", &self.seq)
             .field("len", &self.payload.len())
             .finish()
     }
@@ -119,6 +136,7 @@ impl Frame {
             flags,
             stream,
             value,
+            seq: 0,
             payload: Vec::new(),
         }
     }
@@ -151,19 +169,38 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         .payload
         .get(..WIRE_MAX_PAYLOAD)
         .unwrap_or(&frame.payload);
+    encode_parts(frame, [payload, &[]], out);
+}
+
+/// Append a frame whose payload is the two slices `parts` one after the other (a ring
+/// buffer's two halves), without copying them anywhere else first; `header.payload` is not
+/// used. The parts together must be at most [`WIRE_MAX_PAYLOAD`] bytes (the engine's DATA
+/// frames are); longer ones are cut to it.
+pub fn encode_parts(header: &Frame, parts: [&[u8]; 2], out: &mut Vec<u8>) {
+    let first = parts[0].get(..WIRE_MAX_PAYLOAD).unwrap_or(parts[0]);
+    let second = parts[1]
+        .get(..WIRE_MAX_PAYLOAD - first.len())
+        .unwrap_or(parts[1]);
+    let len = first.len() + second.len();
     let start = out.len();
+    out.reserve(wire_len(len));
     out.extend_from_slice(&MAGIC);
-    out.push((VERSION << VERSION_SHIFT) | (frame.kind as u8 & TYPE_MASK));
-    out.push(frame.flags);
-    out.extend_from_slice(&frame.stream.to_le_bytes());
-    out.extend_from_slice(&frame.value.to_le_bytes());
-    // Fits: payload.len() <= WIRE_MAX_PAYLOAD < u16::MAX.
-    out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+    out.push((VERSION << VERSION_SHIFT) | (header.kind as u8 & TYPE_MASK));
+    out.push(header.flags);
+    out.extend_from_slice(&header.stream.to_le_bytes());
+    out.extend_from_slice(&header.value.to_le_bytes());
+    out.extend_from_slice(&header.seq.to_le_bytes());
+    // Fits: len <= WIRE_MAX_PAYLOAD == u16::MAX.
+    out.extend_from_slice(&(len as u16).to_le_bytes());
     let crc = crc32fast::hash(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
-    if !payload.is_empty() {
-        out.extend_from_slice(payload);
-        out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    if len > 0 {
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(first);
+        hasher.update(second);
+        out.extend_from_slice(first);
+        out.extend_from_slice(second);
+        out.extend_from_slice(&hasher.finalize().to_le_bytes());
     }
 }
 
@@ -178,8 +215,12 @@ pub struct DecodeStats {
     pub resyncs: u64,
     /// Bytes discarded while hunting for a magic.
     pub discarded: u64,
-    /// CRC-valid frames of an unknown version or type, skipped.
+    /// CRC-valid frames of an unknown type, skipped.
     pub rejected: u64,
+    /// CRC-valid frames of another protocol version, skipped.
+    pub foreign: u64,
+    /// The version of the last such frame.
+    pub foreign_version: Option<u8>,
 }
 
 /// Incremental frame decoder with resynchronisation. Its buffer never exceeds
@@ -209,6 +250,8 @@ enum Parse {
     Skip { bytes: usize, crc_error: bool },
     /// A CRC-valid frame of this many bytes that is not understood.
     Reject(usize),
+    /// A CRC-valid frame of this many bytes in another protocol version.
+    Foreign { version: u8, bytes: usize },
     /// A frame of this many bytes.
     Frame(Frame, usize),
 }
@@ -307,6 +350,12 @@ impl Decoder {
                     self.stats.rejected = self.stats.rejected.wrapping_add(1);
                     pos += len;
                 }
+                Parse::Foreign { version, bytes } => {
+                    self.in_garbage = false;
+                    self.stats.foreign = self.stats.foreign.wrapping_add(1);
+                    self.stats.foreign_version = Some(version);
+                    pos += bytes;
+                }
                 Parse::Frame(frame, len) => {
                     self.in_garbage = false;
                     self.stats.frames = self.stats.frames.wrapping_add(1);
@@ -367,6 +416,14 @@ fn parse(b: &[u8]) -> Parse {
             crc_error: false,
         };
     }
+    let version = b
+        .get(OFF_VERSION_TYPE)
+        .map_or(VERSION, |v| v >> VERSION_SHIFT);
+    if version == 1 {
+        if let Some(foreign) = parse_v1(b) {
+            return foreign;
+        }
+    }
     let Some(header) = b.get(..HEADER_LEN) else {
         return Parse::Incomplete;
     };
@@ -387,8 +444,13 @@ fn parse(b: &[u8]) -> Parse {
         return bad;
     }
     let version_type = header[OFF_VERSION_TYPE];
-    let kind = FrameType::from_code(version_type & TYPE_MASK);
-    let (Some(kind), true) = (kind, version_type >> VERSION_SHIFT == VERSION) else {
+    if version_type >> VERSION_SHIFT != VERSION {
+        return Parse::Foreign {
+            version: version_type >> VERSION_SHIFT,
+            bytes: total,
+        };
+    }
+    let Some(kind) = FrameType::from_code(version_type & TYPE_MASK) else {
         return Parse::Reject(total);
     };
     Parse::Frame(
@@ -397,10 +459,39 @@ fn parse(b: &[u8]) -> Parse {
             flags: header[OFF_FLAGS],
             stream: u32_at(header, OFF_STREAM).unwrap_or(0),
             value: u64_at(header, OFF_VALUE).unwrap_or(0),
+            seq: u32_at(header, OFF_SEQ).unwrap_or(0),
             payload: payload.to_vec(),
         },
         total,
     )
+}
+
+/// A whole, CRC-valid version-1 frame at the front of `b` (`Foreign`), `Incomplete` if its
+/// valid header is there but not yet all of it, or None: too short to tell yet (this
+/// version's parse then waits for more bytes as well) or not one.
+fn parse_v1(b: &[u8]) -> Option<Parse> {
+    let header = b.get(..V1_HEADER_LEN)?;
+    if u32_at(header, V1_OFF_HEADER_CRC) != Some(crc32fast::hash(&header[..V1_OFF_HEADER_CRC])) {
+        return None;
+    }
+    let length = usize::from(u16_at(header, V1_OFF_LENGTH)?);
+    if length > V1_MAX_PAYLOAD {
+        return None;
+    }
+    let total = V1_HEADER_LEN + if length > 0 { length + TRAILER_LEN } else { 0 };
+    let Some(whole) = b.get(..total) else {
+        return Some(Parse::Incomplete);
+    };
+    if length > 0 {
+        let payload = &whole[V1_HEADER_LEN..V1_HEADER_LEN + length];
+        if u32_at(whole, V1_HEADER_LEN + length) != Some(crc32fast::hash(payload)) {
+            return None;
+        }
+    }
+    Some(Parse::Foreign {
+        version: 1,
+        bytes: total,
+    })
 }
 
 #[cfg(test)]
@@ -423,11 +514,12 @@ mod tests {
     fn round_trip_every_type_and_size() {
         let mut bytes = Vec::new();
         let mut frames = Vec::new();
-        for code in 1..=10 {
+        for code in 1..=11 {
             let kind = FrameType::from_code(code).unwrap();
             for len in [0, 1, 100, WIRE_MAX_PAYLOAD] {
-                let f = Frame::new(kind, 3, code.into(), u64::MAX - len as u64)
+                let mut f = Frame::new(kind, 3, code.into(), u64::MAX - len as u64)
                     .with_payload(vec![0xA7; len]);
+                f.seq = u32::MAX - u32::from(code) * 7 - len as u32;
                 encode(&f, &mut bytes);
                 frames.push(f);
             }
@@ -508,16 +600,63 @@ mod tests {
     }
 
     #[test]
-    fn unknown_version_is_rejected_whole() {
+    fn other_version_is_skipped_whole_and_named() {
         let mut bytes = Vec::new();
         encode(&sample(5, 1), &mut bytes);
-        bytes[OFF_VERSION_TYPE] = (2 << VERSION_SHIFT) | FrameType::Data as u8;
+        bytes[OFF_VERSION_TYPE] = (3 << VERSION_SHIFT) | FrameType::Data as u8;
         let crc = crc32fast::hash(&bytes[..OFF_HEADER_CRC]);
         bytes[OFF_HEADER_CRC..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
         encode(&sample(5, 2), &mut bytes);
         let mut dec = Decoder::new();
         assert_eq!(decode_all(&mut dec, &bytes), vec![sample(5, 2)]);
-        assert_eq!(dec.stats().rejected, 1);
+        assert_eq!(dec.stats().foreign, 1);
+        assert_eq!(dec.stats().foreign_version, Some(3));
+        assert_eq!(dec.stats().crc_errors, 0);
+    }
+
+    /// A version-1 frame as that version encoded it (22-byte header, no sequence number).
+    fn v1_frame(kind: FrameType, payload: &[u8]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.push((1 << VERSION_SHIFT) | kind as u8);
+        out.push(0);
+        out.extend_from_slice(&7u32.to_le_bytes());
+        out.extend_from_slice(&9u64.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        if !payload.is_empty() {
+            out.extend_from_slice(payload);
+            out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn version_one_frames_are_named_not_counted_as_noise() {
+        let mut bytes = v1_frame(FrameType::Hello, &[0; 20]);
+        bytes.extend(v1_frame(FrameType::Ping, &[]));
+        encode(&sample(3, 4), &mut bytes);
+        let mut dec = Decoder::new();
+        // One byte at a time too: a v1 header is shorter than ours.
+        let mut got = Vec::new();
+        for b in &bytes {
+            dec.feed(std::slice::from_ref(b), |f| got.push(f));
+        }
+        assert_eq!(got, vec![sample(3, 4)]);
+        assert_eq!(dec.stats().foreign, 2);
+        assert_eq!(dec.stats().foreign_version, Some(1));
+        assert_eq!(dec.stats().crc_errors, 0);
+    }
+
+    #[test]
+    fn split_payload_encodes_like_one() {
+        let f = sample(300, 5);
+        let (a, b) = f.payload.split_at(120);
+        let mut one = Vec::new();
+        let mut two = Vec::new();
+        encode(&f, &mut one);
+        encode_parts(&f, [a, b], &mut two);
+        assert_eq!(one, two);
     }
 
     #[test]
