@@ -26,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
     let config = EngineConfig {
         max_streams: 8,
         stream_window: 256,
+        max_stream_window: 256,
         stream_send_buffer: 256,
         session_buffer_cap: 4096,
         ..EngineConfig::default()

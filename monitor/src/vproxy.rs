@@ -100,6 +100,7 @@ fn describe(id: &str, info: &VproxyInfo) -> Value {
                 "send-buffered": st.send_buffered,
                 "recv-buffered": st.recv_buffered,
                 "credit": st.credit,
+                "window": st.window,
             })
         })
         .collect();
@@ -119,6 +120,14 @@ fn describe(id: &str, info: &VproxyInfo) -> Value {
             "crc-errors": s.crc_errors,
             "resyncs": s.resyncs,
             "protocol-errors": s.protocol_errors,
+            "frames-lost": s.frames_lost,
+            "retransmits": s.retransmits,
+            "in-flight": s.in_flight,
+            "in-flight-cap": s.in_flight_cap,
+            "rate": s.rate,
+            "min-rtt-us": s.min_rtt_us,
+            "payload": s.payload,
+            "peer-version": s.foreign_version,
             "session-resets": s.session_resets,
             "streams": s.streams,
             "buffered": s.buffered,

@@ -49,8 +49,9 @@ pub const DEVICE_IDLE_PAUSE: Duration = Duration::from_millis(200);
 pub const REOPEN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest poll wait, so a stop request is seen promptly.
 const MAX_POLL_WAIT_MS: libc::c_int = 200;
-/// Bytes moved per read between the channel and the engine.
-const CHUNK: usize = 16 * 1024;
+/// Bytes moved per read between the channel and the engine (a few whole frames on a fast
+/// channel).
+const CHUNK: usize = 256 * 1024;
 /// Bits on the line per byte at 8N1 (start + 8 data + stop).
 const BITS_PER_BYTE: u64 = 10;
 /// The chardev id the endpoint's backends use in messages.

@@ -37,10 +37,12 @@ use chardev::socket::is_out_of_fds;
 use chardev::socket::{self, SockAddr, SocketFile};
 use chardev::sys;
 
-/// Bytes buffered per stream between the engine and a socket that is not taking them.
-pub const STREAM_PENDING_CAP: usize = 16 * 1024;
-/// Largest socket read handed to the engine at once.
-const SOCKET_READ_CHUNK: usize = 16 * 1024;
+/// Bytes buffered per stream between the engine and a socket that is not taking them
+/// (allocated as used: an idle stream holds none).
+pub const STREAM_PENDING_CAP: usize = 64 * 1024;
+/// Largest socket read handed to the engine at once (64 KiB: a whole DATA frame on a fast
+/// channel, few syscalls per MiB).
+const SOCKET_READ_CHUNK: usize = 64 * 1024;
 /// Accept queue of an oforward's listener: a proxy takes bursts of connections (the kernel
 /// caps it at net.core.somaxconn); a short queue makes each overflowing client wait a second
 /// for its SYN to be retried.
@@ -212,6 +214,8 @@ pub struct VproxyBackend {
     /// A `Readable` was announced and the frontend has not pulled everything since.
     announced: bool,
     input_wanted: bool,
+    /// Scratch buffer for socket reads and writes (one for all streams).
+    scratch: Vec<u8>,
 }
 
 impl VproxyBackend {
@@ -244,6 +248,7 @@ impl VproxyBackend {
             refusal_logged: None,
             announced: false,
             input_wanted: true,
+            scratch: vec![0; SOCKET_READ_CHUNK.max(STREAM_PENDING_CAP)],
         };
         for f in &spec.oforwards {
             b.add_forward(ForwardDir::Out, f.clone())
@@ -567,7 +572,12 @@ impl VproxyBackend {
     }
 
     fn read_socket_chunks(&mut self, id: StreamId) {
-        let mut buf = [0u8; SOCKET_READ_CHUNK];
+        let mut buf = std::mem::take(&mut self.scratch);
+        self.read_socket_into(id, &mut buf[..SOCKET_READ_CHUNK]);
+        self.scratch = buf;
+    }
+
+    fn read_socket_into(&mut self, id: StreamId, buf: &mut [u8]) {
         for _ in 0..READS_PER_WAKEUP {
             let Some(c) = self.conns.get_mut(&id) else {
                 return;
@@ -604,7 +614,12 @@ impl VproxyBackend {
     }
 
     fn flush_pending(&mut self, id: StreamId) {
-        let mut buf = [0u8; STREAM_PENDING_CAP];
+        let mut buf = std::mem::take(&mut self.scratch);
+        self.flush_pending_with(id, &mut buf[..STREAM_PENDING_CAP]);
+        self.scratch = buf;
+    }
+
+    fn flush_pending_with(&mut self, id: StreamId, buf: &mut [u8]) {
         let Some(c) = self.conns.get_mut(&id) else {
             return;
         };

@@ -173,10 +173,11 @@ impl Default for EngineConfig {
 
 impl EngineConfig {
     /// Starting points for a channel known to run at `bytes_per_sec` (115200 baud 8N1 is
-    /// 11520): a window of a quarter second of line time (1 KiB to 64 KiB), DATA frames of
-    /// at most about 20 ms of line time (at least 64 bytes), 50 ms of line in flight until
-    /// measured, a send buffer of two windows. The engine measures the channel anyway; the
-    /// hint only spares the first seconds of a slow line a too-large first guess.
+    /// 11520): a window of a quarter second of line time (1 KiB to 64 KiB), first DATA
+    /// frames of about 20 ms of line time (64 to 1024 bytes), 50 ms of line in flight until
+    /// measured, a send buffer of two windows. The engine measures the channel anyway and
+    /// sizes frames and bytes in flight to it; the hint only spares the first seconds of a
+    /// slow line a too-large first guess.
     pub fn for_rate(bytes_per_sec: u64) -> Self {
         let window = (bytes_per_sec / RATE_WINDOW_DIVISOR)
             .clamp(RATE_WINDOW_MIN, u64::from(DEFAULT_STREAM_WINDOW));
@@ -195,7 +196,6 @@ impl EngineConfig {
             stream_send_buffer: (window as usize)
                 .saturating_mul(RATE_SEND_BUFFER_WINDOWS)
                 .min(DEFAULT_STREAM_SEND_BUFFER),
-            max_payload: payload,
             initial_payload: payload.min(DEFAULT_INITIAL_PAYLOAD),
             initial_in_flight: in_flight,
             ..EngineConfig::default()
@@ -437,6 +437,33 @@ impl Stream {
         } else {
             let first = len.min(a.len() - start);
             [&a[start..start + first], &b[..len - first]]
+        }
+    }
+
+    /// Keep stream bytes `offset ..` received beyond a gap, only the parts not already
+    /// kept: what is kept never overlaps, so it stays within the window granted.
+    fn keep_beyond_gap(&mut self, offset: u64, payload: &[u8]) {
+        let end = offset + payload.len() as u64;
+        let mut pos = offset.max(self.rx_received);
+        while pos < end {
+            if let Some((&at, kept)) = self.ooo.range(..=pos).next_back() {
+                let kept_end = at + kept.len() as u64;
+                if kept_end > pos {
+                    pos = kept_end;
+                    continue;
+                }
+            }
+            let next = self
+                .ooo
+                .range(pos..)
+                .next()
+                .map_or(end, |(&at, _)| at)
+                .min(end);
+            let (a, b) = (pos - offset, next - offset);
+            let piece = payload[a as usize..b as usize].to_vec();
+            self.ooo_bytes += piece.len();
+            self.ooo.insert(pos, piece);
+            pos = next;
         }
     }
 
@@ -1615,11 +1642,7 @@ impl Engine {
         let before = s.buffered();
         if offset > s.rx_received {
             // Beyond a gap: keep it until the lost frame is sent again.
-            let slot = s.ooo.entry(offset).or_default();
-            if f.payload.len() > slot.len() {
-                s.ooo_bytes += f.payload.len() - slot.len();
-                *slot = f.payload;
-            }
+            s.keep_beyond_gap(offset, &f.payload);
         } else {
             // In order, or overlapping what we have (a retransmission): take the new part.
             let skip = usize::try_from(s.rx_received - offset).unwrap_or(usize::MAX);

@@ -794,15 +794,18 @@ fn credit(stream: u32, consumed: u64, window: u32) -> Frame {
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
     (
-        1u8..=10,
+        1u8..=11,
         0u8..8,
         0u32..6,
         prop_oneof![0u64..5000, any::<u64>()],
         proptest::collection::vec(any::<u8>(), 0..40),
+        prop_oneof![0u32..8, any::<u32>()],
     )
-        .prop_map(|(code, flags, stream, value, payload)| {
-            Frame::new(FrameType::from_code(code).unwrap(), flags, stream, value)
-                .with_payload(payload)
+        .prop_map(|(code, flags, stream, value, payload, seq)| {
+            let mut f = Frame::new(FrameType::from_code(code).unwrap(), flags, stream, value)
+                .with_payload(payload);
+            f.seq = seq;
+            f
         })
 }
 
@@ -861,6 +864,10 @@ proptest! {
             while e.poll_event().is_some() {}
             let sum: usize = e.stream_stats().iter().map(|s| s.send_buffered + s.recv_buffered).sum();
             prop_assert_eq!(e.session_stats().buffered, sum);
+            for s in e.stream_stats() {
+                // What a peer's DATA can make us hold: never more than the window granted.
+                prop_assert!(s.recv_buffered <= s.window as usize);
+            }
             prop_assert!(e.poll_timeout().is_none_or(|t| t > now || e.wants_transmit()));
         }
     }
@@ -989,10 +996,14 @@ fn eof_is_acknowledged_even_after_close() {
 fn for_rate_sizes_a_uart() {
     let c = EngineConfig::for_rate(11_520);
     assert_eq!(c.stream_window, 2880);
-    assert_eq!((c.max_payload, c.initial_payload), (224, 224));
+    assert_eq!(c.initial_payload, 224);
+    assert_eq!(c.max_payload, EngineConfig::default().max_payload);
     assert_eq!(c.initial_in_flight, 576);
     assert_eq!(c.stream_send_buffer, 5760);
     let fast = EngineConfig::for_rate(1 << 30);
     assert_eq!(fast.stream_window, EngineConfig::default().stream_window);
-    assert_eq!(fast.max_payload, super::wire::WIRE_MAX_PAYLOAD / 16 * 16);
+    assert_eq!(
+        fast.initial_payload,
+        EngineConfig::default().initial_payload
+    );
 }
