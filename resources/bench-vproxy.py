@@ -32,7 +32,9 @@ BIN: --vp, else $MINIVMM_VP, else target/x86_64-unknown-linux-gnu/vp/minivmm-vp 
 """
 
 import argparse
+import math
 import os
+import random
 import resource
 import selectors
 import signal
@@ -63,27 +65,39 @@ BACKLOG = 8  # minivmm-vp's listen backlog (chardev LISTEN_BACKLOG): connects in
 
 class Relay:
     """Joins two byte channels, optionally pacing each direction at `rate` bytes/s with a
-    token bucket (16 bytes a time, like a UART's FIFO; bursts of at most 32). kind 'unix': listens on a socket and accepts the
-    two endpoints (in any order); kind 'tty': two pty pairs, the endpoints open the slaves.
-    wire[0] counts bytes first->second, wire[1] second->first."""
+    token bucket (16 bytes a time, like a UART's FIFO; bursts of at most 32). kind 'unix': one
+    listening socket per side (specs[0] for A, specs[1] for B), so the directions are known;
+    kind 'tty': two pty pairs, the endpoints open the slaves. wire[0] counts bytes A->B (first
+    spec to second), wire[1] B->A.
 
-    def __init__(self, tmp, kind, rate=None, name="relay"):
+    `loss_per` N: once arm_loss() is called, each direction independently loses on average 1
+    byte in N, half of them damaged (XOR with a random nonzero byte) and half dropped; the gaps
+    between lost bytes are drawn from a geometric distribution (one draw per lost byte, not
+    per byte), seeded from `seed`. damaged[i] / dropped[i] count them per direction."""
+
+    def __init__(self, tmp, kind, rate=None, name="relay", loss_per=None, seed=1):
         self.kind, self.rate = kind, rate
         self.wire = [0, 0]
+        self.damaged, self.dropped = [0, 0], [0, 0]
+        self.loss_per, self.loss_on = loss_per, False
+        self.rngs = [random.Random(f"relay-{seed}-{d}") for d in "AB"]
         self.stop = threading.Event()
         self.threads = []
+        self.tids = []  # native ids of the pump threads, for their CPU time
         self.fds = []  # pty fds to close
+        self.lsocks, self.conns = [], []
         if kind == "unix":
-            self.path = os.path.join(tmp, name + ".sock")
-            self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.lsock.bind(self.path)
-            self.lsock.listen(2)
-            self.specs = [f"unix:{self.path}"] * 2
+            self.paths = [os.path.join(tmp, f"{name}-{side}.sock") for side in "ab"]
+            for path in self.paths:
+                ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.lsocks.append(ls)
+                ls.bind(path)
+                ls.listen(1)
+            self.specs = [f"unix:{path}" for path in self.paths]
             t = threading.Thread(target=self._accept, daemon=True)
             t.start()
             self.threads.append(t)
         else:
-            self.lsock = None
             pairs = [os.openpty() for _ in range(2)]
             # The slaves stay open here too, so a master never reads EIO while an endpoint
             # (re)opens its slave.
@@ -99,15 +113,13 @@ class Relay:
             view = view[os.write(fd, view):]
 
     def _accept(self):
-        conns = []
         try:
-            while len(conns) < 2:
-                c, _ = self.lsock.accept()
-                conns.append(c)
+            for ls in self.lsocks:  # A's socket first: conns[0] is A
+                c, _ = ls.accept()
+                self.conns.append(c)
         except OSError:
             return
-        self.conns = conns
-        self._start(conns, [lambda c, n: c.recv(n)] * 2, [lambda c, d: c.sendall(d)] * 2)
+        self._start(self.conns, [lambda c, n: c.recv(n)] * 2, [lambda c, d: c.sendall(d)] * 2)
 
     def _start(self, ends, readers, writers):
         for i in (0, 1):
@@ -116,13 +128,54 @@ class Relay:
             t.start()
             self.threads.append(t)
 
+    def arm_loss(self):
+        """Start losing bytes (from the next byte read on)."""
+        self.loss_on = self.loss_per is not None
+
+    def _gap(self, idx):
+        """Bytes up to and including the next lost one: geometric with p = 1/loss_per."""
+        u = 1.0 - self.rngs[idx].random()  # (0, 1]
+        return int(math.log(u) / math.log1p(-1.0 / self.loss_per)) + 1
+
+    def _lose(self, idx, data, state):
+        """`data` with this direction's lost bytes damaged or dropped. state: [position of
+        the first byte of `data` in the direction's stream, position of the next lost byte]."""
+        pos, end = state[0], state[0] + len(data)
+        state[0] = end
+        if state[1] is None:
+            state[1] = pos - 1 + self._gap(idx)
+        if state[1] >= end:
+            return data
+        rng = self.rngs[idx]
+        buf = bytearray(data)
+        drops = []
+        while state[1] < end:
+            k = state[1] - pos
+            if rng.random() < 0.5:
+                buf[k] ^= rng.randrange(1, 256)
+                self.damaged[idx] += 1
+            else:
+                drops.append(k)
+                self.dropped[idx] += 1
+            state[1] += self._gap(idx)
+        if not drops:
+            return buf
+        out, last = bytearray(), 0
+        for k in drops:
+            out += buf[last:k]
+            last = k + 1
+        out += buf[last:]
+        return out
+
     def _pump(self, src, dst, read, write, idx):
+        self.tids.append(threading.get_native_id())
         rate = self.rate
         # 16 bytes (a UART FIFO) go at a time and at most 32 at once, so even a lone short
         # frame takes its line time; about 720 wakeups/s at 11520 B/s.
         chunk = min(16, rate) if rate else CHUNK
         burst = 2 * chunk if rate else None  # absorbs a late wakeup
         tokens, last = 0.0, time.monotonic()
+        loss = [0, None]
         try:
             while not self.stop.is_set():
                 if rate:
@@ -140,6 +193,8 @@ class Relay:
                     break
                 if rate:
                     tokens -= len(data)
+                if self.loss_on:
+                    data = self._lose(idx, data, loss)
                 write(dst, data)
                 self.wire[idx] += len(data)
         except OSError:
@@ -150,20 +205,31 @@ class Relay:
             except OSError:
                 pass
 
-    def close(self):
-        self.stop.set()
-        if self.lsock is not None:
-            self.lsock.close()
+    def cpu_seconds(self):
+        """CPU time of the pump threads so far (both directions)."""
+        total = 0.0
+        for tid in list(self.tids):
             try:
-                os.unlink(self.path)
+                total += cpu_seconds(os.getpid(), tid)
             except OSError:
                 pass
-            for c in getattr(self, "conns", []):
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                c.close()
+        return total
+
+    def close(self):
+        self.stop.set()
+        for ls in self.lsocks:
+            ls.close()
+        for path in getattr(self, "paths", []):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
         for fd in self.fds:
             try:
                 os.close(fd)
@@ -177,44 +243,70 @@ class Relay:
 
 
 class Sink:
-    """TCP server counting the bytes of each connection; `total` counts all of them."""
+    """TCP server counting bytes, one thread and a selector for all connections. `total`
+    counts all bytes; conns[serial] = [bytes so far, time of the last byte, still open] for
+    every connection, live (serials count up from 0 in accept order), so a rate per
+    connection can be sampled at any time; `done` has (bytes, time of the last byte) per
+    finished connection."""
 
     def __init__(self):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
+        self.sock.listen(1024)
+        self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
         self.total = 0
-        self.done = []  # (bytes, time of the last byte) per finished connection
+        self.conns = {}
+        self.serial = 0  # the next connection's serial
+        self.done = []
         self.cond = threading.Condition()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, selectors.EVENT_READ, None)
+        self.stop = False
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
 
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._drain, args=(c,), daemon=True).start()
-
-    def _drain(self, c):
-        n, last = 0, time.monotonic()
-        with c:
-            while True:
+    def _loop(self):
+        buf = bytearray(CHUNK)
+        while not self.stop:
+            for key, _ in self.sel.select(timeout=0.2):
+                c = key.fileobj
+                if key.data is None:
+                    try:
+                        c, _ = self.sock.accept()
+                    except OSError:
+                        continue
+                    c.setblocking(False)
+                    with self.cond:
+                        serial = self.serial
+                        self.serial += 1
+                        self.conns[serial] = [0, time.monotonic(), True]
+                    self.sel.register(c, selectors.EVENT_READ, serial)
+                    continue
                 try:
-                    data = c.recv(CHUNK)
+                    n = c.recv_into(buf)
+                except BlockingIOError:
+                    continue
                 except OSError:
-                    break
-                if not data:
-                    break
-                n += len(data)
-                last = time.monotonic()
+                    n = 0
+                rec = self.conns[key.data]
                 with self.cond:
-                    self.total += len(data)
+                    if n:
+                        rec[0] += n
+                        rec[1] = time.monotonic()
+                        self.total += n
+                    else:
+                        rec[2] = False
+                        self.done.append((rec[0], rec[1]))
                     self.cond.notify_all()
+                if not n:
+                    self.sel.unregister(c)
+                    c.close()
+
+    def counts(self, first_serial):
+        """{serial: bytes so far} of the connections from `first_serial` on."""
         with self.cond:
-            self.done.append((n, last))
-            self.cond.notify_all()
+            return {k: v[0] for k, v in self.conns.items() if k >= first_serial}
 
     def wait_total(self, target, timeout):
         end = time.monotonic() + timeout
@@ -227,7 +319,11 @@ class Sink:
             return True
 
     def close(self):
-        self.sock.close()
+        self.stop = True
+        self.thread.join(timeout=2)
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()
+        self.sel.close()
 
 
 # ---------------------------------------------------------------- endpoints
@@ -339,9 +435,9 @@ def abort(sock):
 
 
 def bulk_vproxy(ep, sink, total, timeout=120):
-    """Returns bytes/s, and the CPU share of each endpoint meanwhile."""
+    """Returns bytes/s, and the CPU share of each endpoint and of the relay meanwhile."""
     base = sink.total
-    cpu0 = [cpu_seconds(p.pid) for p in ep.procs]
+    cpu0 = [cpu_seconds(p.pid) for p in ep.procs] + [ep.relay.cpu_seconds()]
     t0 = time.monotonic()
     with socket.create_connection(("127.0.0.1", ep.sink_port)) as s:
         threading.Thread(target=send_bulk, args=(s, total), daemon=True).start()
@@ -350,8 +446,8 @@ def bulk_vproxy(ep, sink, total, timeout=120):
     if not ok:
         ep.check_alive()
         raise BenchError(f"vproxy bulk: {sink.total - base} of {total} bytes in {timeout} s")
-    cpu = [(cpu_seconds(p.pid) - c) / (t1 - t0) for p, c in zip(ep.procs, cpu0)]
-    return total / (t1 - t0), cpu
+    cpu1 = [cpu_seconds(p.pid) for p in ep.procs] + [ep.relay.cpu_seconds()]
+    return total / (t1 - t0), [(b - a) / (t1 - t0) for a, b in zip(cpu0, cpu1)]
 
 
 def bulk_raw(tmp, total, timeout=120):
@@ -360,9 +456,9 @@ def bulk_raw(tmp, total, timeout=120):
     try:
         t0 = time.monotonic()
         a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        a.connect(relay.path)
+        a.connect(relay.paths[0])
         b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        b.connect(relay.path)
+        b.connect(relay.paths[1])
         threading.Thread(target=send_bulk, args=(a, total), daemon=True).start()
         got = 0
         b.settimeout(timeout)
@@ -554,16 +650,19 @@ def main():
                         raws.append(bulk_raw(tmp, BULK_BYTES))
                         log(f"bulk 64 MiB run {run + 1}/{args.runs}: vproxy "
                             f"{vps[-1] / MIB:.1f} MiB/s (CPU A {cpu[0] * 100:.0f} %, B "
-                            f"{cpu[1] * 100:.0f} %), raw relay {raws[-1] / MIB:.1f} MiB/s")
+                            f"{cpu[1] * 100:.0f} %, relay {cpu[2] * 100:.0f} %), raw relay "
+                            f"{raws[-1] / MIB:.1f} MiB/s")
                 finally:
                     ep.close()
                 v, r = statistics.median(vps), statistics.median(raws)
                 ca = statistics.median(c[0] for c in cpus) * 100
                 cb = statistics.median(c[1] for c in cpus) * 100
+                cr = statistics.median(c[2] for c in cpus) * 100
                 rows.append(("1. bulk 64 MiB, 1 stream", "unix, unpaced",
                              f"{v / MIB:.1f} MiB/s vs raw relay {r / MIB:.1f} MiB/s = "
                              f"{v / r * 100:.1f} % efficiency",
-                             f"median of {args.runs}; minivmm-vp CPU A {ca:.0f} %, B {cb:.0f} %"))
+                             f"median of {args.runs}; minivmm-vp CPU A {ca:.0f} %, B {cb:.0f} %"
+                             f", relay {cr:.0f} %"))
 
             for kind in channels:
                 if not ({"2", "3"} & only):
