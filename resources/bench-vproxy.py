@@ -477,6 +477,69 @@ def bulk_raw(tmp, total, timeout=120):
     return total / (t1 - t0)
 
 
+def cpu_now(ep):
+    """CPU seconds so far of endpoint A, endpoint B, the relay's threads and this process."""
+    return ([cpu_seconds(p.pid) for p in ep.procs]
+            + [ep.relay.cpu_seconds(), cpu_seconds(os.getpid())])
+
+
+def cpu_shares(cpu0, cpu1, seconds):
+    return [(b - a) / seconds for a, b in zip(cpu0, cpu1)]
+
+
+def fill_streams(socks, stop, errors):
+    """Keep every socket's send buffer full (one thread, a selector) until `stop`."""
+    buf = b"\x5a" * (64 << 10)
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_WRITE)
+    try:
+        while not stop.is_set() and sel.get_map():
+            for key, _ in sel.select(timeout=0.2):
+                try:
+                    key.fileobj.send(buf)
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    errors.append(e)
+                    sel.unregister(key.fileobj)
+    finally:
+        sel.close()
+
+
+def fair_streams(ep, sink, n, warmup, seconds):
+    """`n` streams through `sink` at once, each sent without limit; after `warmup` s, the bytes
+    the sink got on each over `seconds`. Returns (aggregate B/s, B/s of each stream (n values,
+    0 for a stream the sink never saw), CPU shares of [A, B, relay, this process], send
+    errors). The streams are closed with abort() afterwards."""
+    first = sink.serial
+    socks, errors = [], []
+    stop = threading.Event()
+    thread = None
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection(("127.0.0.1", ep.sink_port), timeout=10))
+        thread = threading.Thread(target=fill_streams, args=(socks, stop, errors), daemon=True)
+        thread.start()
+        time.sleep(warmup)
+        ep.check_alive()
+        c0, cpu0, t0 = sink.counts(first), cpu_now(ep), time.monotonic()
+        time.sleep(seconds)
+        c1, cpu1, t1 = sink.counts(first), cpu_now(ep), time.monotonic()
+        ep.check_alive()
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=5)
+        for s in socks:
+            abort(s)
+    dt = t1 - t0
+    rates = [(c1[k] - c0.get(k, 0)) / dt for k in c1]
+    rates += [0.0] * (n - len(rates))
+    return sum(rates), rates, cpu_shares(cpu0, cpu1, dt), errors
+
+
 class BulkStream:
     """A stream through `sink` that a thread keeps full until close()."""
 
@@ -613,11 +676,15 @@ def main():
     ap.add_argument("--echo-count", type=int, default=50)
     ap.add_argument("--echo-budget", type=float, default=30.0,
                     help="at most this many seconds of echoes per row")
+    ap.add_argument("--fair-streams", type=int, default=100,
+                    help="concurrent bulk streams in row 1b")
+    ap.add_argument("--fair-seconds", type=float, default=8.0,
+                    help="measured seconds of row 1b (after 2 s of warm-up)")
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--burst", type=int, default=32,
                     help="simultaneous connects in the burst row (4b)")
     ap.add_argument("--channels", default="tty,unix", help="paced rows: tty, unix or both")
-    ap.add_argument("--only", default="1,2,3,4")
+    ap.add_argument("--only", default="1,1b,2,3,4")
     args = ap.parse_args()
 
     if not (os.path.isfile(args.vp) and os.access(args.vp, os.X_OK)):
@@ -634,12 +701,14 @@ def main():
 
     # SIGTERM (make's Ctrl-C goes as SIGINT) unwinds through the finally blocks.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    rows, notes = [], []
+    rows, notes, timings = [], [], []
+    raw_rate = None  # B/s of the raw relay (row 1), for row 1b
     sink, echo = Sink(), Echo()
     started = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-vproxy.") as tmp:
             if "1" in only:
+                t_row = time.monotonic()
                 ep = Endpoints(args.vp, tmp, "unix", None, sink, echo, "unpaced")
                 try:
                     vps, raws, cpus = [], [], []
@@ -655,6 +724,7 @@ def main():
                 finally:
                     ep.close()
                 v, r = statistics.median(vps), statistics.median(raws)
+                raw_rate = r
                 ca = statistics.median(c[0] for c in cpus) * 100
                 cb = statistics.median(c[1] for c in cpus) * 100
                 cr = statistics.median(c[2] for c in cpus) * 100
@@ -663,12 +733,46 @@ def main():
                              f"{v / r * 100:.1f} % efficiency",
                              f"median of {args.runs}; minivmm-vp CPU A {ca:.0f} %, B {cb:.0f} %"
                              f", relay {cr:.0f} %"))
+                timings.append(("1", time.monotonic() - t_row))
+
+            if "1b" in only:
+                t_row = time.monotonic()
+                if raw_rate is None:
+                    raw_rate = bulk_raw(tmp, BULK_BYTES)
+                    log(f"raw relay {raw_rate / MIB:.1f} MiB/s (64 MiB, 1 run)")
+                ep = Endpoints(args.vp, tmp, "unix", None, sink, echo, "fair")
+                try:
+                    n = args.fair_streams
+                    agg, rates, cpu, errors = fair_streams(ep, sink, n, 2.0, args.fair_seconds)
+                finally:
+                    ep.close()
+                fair = agg / n
+                lo = min(rates) / fair if fair else 0.0
+                hi = max(rates) / fair if fair else 0.0
+                seen = sum(1 for r in rates if r > 0)
+                log(f"{n} streams: {agg / MIB:.1f} MiB/s at the sink, per stream min {lo:.2f}x, "
+                    f"max {hi:.2f}x of fair share; CPU A {cpu[0] * 100:.0f} %, B "
+                    f"{cpu[1] * 100:.0f} %, relay {cpu[2] * 100:.0f} %, bench process "
+                    f"{cpu[3] * 100:.0f} %" + (f"; {len(errors)} send errors, first: "
+                                               f"{errors[0]}" if errors else ""))
+                rows.append((f"1b. bulk, {n} concurrent streams", "unix, unpaced",
+                             f"{agg / MIB:.1f} MiB/s vs raw relay {raw_rate / MIB:.1f} MiB/s = "
+                             f"{agg / raw_rate * 100:.1f} % efficiency; per stream min "
+                             f"{lo:.2f}x, max {hi:.2f}x of fair share",
+                             f"{args.fair_seconds:.0f} s after 2 s warm-up; fair share "
+                             f"{fair / 1024:.0f} KiB/s; {seen}/{n} streams moved bytes; "
+                             f"minivmm-vp CPU A {cpu[0] * 100:.0f} %, B {cpu[1] * 100:.0f} %, "
+                             f"relay {cpu[2] * 100:.0f} %"
+                             + (f"; {len(errors)} streams failed ({errors[0]})" if errors
+                                else "")))
+                timings.append(("1b", time.monotonic() - t_row))
 
             for kind in channels:
                 if not ({"2", "3"} & only):
                     break
                 label = (f"{kind} (speed=115200: rate hint 11520)" if kind == "tty"
                          else f"{kind} (no rate hint)")
+                t_row = time.monotonic()
                 ep = Endpoints(args.vp, tmp, kind, LINE_RATE, sink, echo, "paced-" + kind)
                 bulk = None
                 try:
@@ -708,8 +812,10 @@ def main():
                     if bulk is not None:
                         bulk.close()
                     ep.close()
+                timings.append((f"2+3 {kind}", time.monotonic() - t_row))
 
             if "4" in only:
+                t_row = time.monotonic()
                 ep = Endpoints(args.vp, tmp, "unix", None, sink, echo, "streams")
                 socks = []
                 try:
@@ -751,6 +857,7 @@ def main():
                     for s in socks:
                         s.close()
                     ep.close()
+                timings.append(("4+4b", time.monotonic() - t_row))
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
@@ -772,6 +879,8 @@ def main():
         print("| " + " | ".join(r) + " |")
     for n in notes:
         print(f"\n{n}")
+    if timings:
+        print("\nseconds per row: " + ", ".join(f"{k} {v:.0f}" for k, v in timings))
     return 0
 
 
