@@ -35,7 +35,7 @@ import argparse
 import math
 import os
 import random
-import resource
+import re
 import selectors
 import signal
 import socket
@@ -47,7 +47,8 @@ import tempfile
 import threading
 import time
 
-from benchhost import BenchError, Echo, cpu_seconds, free_port, log, rss_kib
+from benchhost import (BenchError, Echo, EchoProcess, cpu_seconds, free_port, log, nofile_of,
+                       raise_nofile, rss_kib)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VP = os.path.join(REPO, "target/x86_64-unknown-linux-gnu/vp/minivmm-vp")
@@ -56,7 +57,6 @@ BULK_BYTES = 64 << 20
 CHUNK = 256 << 10
 ECHO_MSG = 32
 MIB = 1 << 20
-BACKLOG = 8  # minivmm-vp's listen backlog (chardev LISTEN_BACKLOG): connects in flight at once
 
 
 
@@ -333,8 +333,8 @@ class Endpoints:
     """A relay and the two minivmm-vp processes on it: A with oforwards sink/echo, B with the
     iforwards to `sink` and `echo`."""
 
-    def __init__(self, vp, tmp, kind, rate, sink, echo, tag):
-        self.relay = Relay(tmp, kind, rate, name=tag)
+    def __init__(self, vp, tmp, kind, rate, sink, echo, tag, verbose=0, **relay_opts):
+        self.relay = Relay(tmp, kind, rate, name=tag, **relay_opts)
         self.sink_port, self.echo_port = free_port(), free_port()
         self.procs, self.errs = [], []
         argv_a = [vp, "--channel", self.relay.specs[0],
@@ -344,6 +344,7 @@ class Endpoints:
                   "--iforward", f"echo:127.0.0.1:{echo.port}"]
         try:
             for argv in (argv_a, argv_b):
+                argv += ["-v"] * verbose
                 err = tempfile.TemporaryFile(dir=tmp)
                 self.errs.append(err)
                 self.procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL,
@@ -361,6 +362,25 @@ class Endpoints:
             if lines:
                 out.append(f"{name}: " + " | ".join(lines[-3:]))
         return "; ".join(out) or "(no stderr)"
+
+    def stderr_marks(self):
+        """Where each side's stderr ends now (for stderr_first)."""
+        return [os.fstat(e.fileno()).st_size for e in self.errs]
+
+    def stderr_first(self, marks, pattern=r"refus|cannot|too many|fail|reset|lost|error"):
+        """The first line matching `pattern` each side wrote to stderr after `marks`, as
+        'A: ...; B: ...' (the endpoints log a refused stream's reason only at debug level,
+        verbose=2)."""
+        out = []
+        for name, err, mark in zip("AB", self.errs, marks):
+            err.seek(mark)
+            for raw in err:
+                line = raw.decode(errors="replace").strip()
+                if re.search(pattern, line):
+                    out.append(f"{name}: {line}")
+                    break
+            err.seek(0, os.SEEK_END)  # (the child's stderr shares this file offset)
+        return "; ".join(out)
 
     def check_alive(self):
         for name, p in zip("AB", self.procs):
@@ -627,36 +647,67 @@ def percentile(values, p):
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-def open_streams(ep, n, batch):
-    """Open n streams through `echo`, `batch` connects at a time, 8 bytes echoed on each
-    before the next batch; returns the open sockets."""
-    socks = []
+def open_streams(ep, n, batch, timeout=30):
+    """Open up to `n` streams through `echo`, `batch` connects at a time, 8 bytes echoed (and
+    checked) on each before the next batch. The first stream that cannot connect, is reset or
+    closed, or does not echo within `timeout` s ends the opening (after its batch). Returns
+    (the sockets of the streams that echoed, None or what happened to the first that did
+    not)."""
+    socks, failure = [], None
     sel = selectors.DefaultSelector()
+
+    def fail(i, what):
+        nonlocal failure
+        if failure is None or i < failure[0]:
+            failure = (i, what)
+
     try:
         for first in range(0, n, batch):
             for i in range(first, min(n, first + batch)):
-                s = socket.create_connection(("127.0.0.1", ep.echo_port), timeout=10)
+                try:
+                    s = socket.create_connection(("127.0.0.1", ep.echo_port), timeout=10)
+                except OSError as e:
+                    fail(i, f"connect failed: {e}")
+                    break
                 s.setblocking(False)
-                s.send(b"%08d" % i)
-                socks.append(s)
                 sel.register(s, selectors.EVENT_READ, [i, b""])
-            pending = len(sel.get_map())
-            end = time.monotonic() + 30
-            while pending and time.monotonic() < end:
+                try:
+                    s.send(b"%08d" % i)
+                except OSError as e:
+                    sel.unregister(s)
+                    s.close()
+                    fail(i, f"send failed: {e}")
+            end = time.monotonic() + timeout
+            while sel.get_map() and time.monotonic() < end:
                 for key, _ in sel.select(timeout=1):
-                    data = key.fileobj.recv(64)
-                    if not data:
-                        raise BenchError(f"stream {key.data[0]} closed: " + ep.stderr_tail())
-                    key.data[1] += data
-                    if len(key.data[1]) >= 8:
-                        if key.data[1] != b"%08d" % key.data[0]:
-                            raise BenchError(f"stream {key.data[0]} got {key.data[1]!r}")
-                        sel.unregister(key.fileobj)
-                        pending -= 1
-            if pending:
-                raise BenchError(f"{pending} streams of those from {first} did not echo in "
-                                 "30 s: " + ep.stderr_tail())
-        return socks
+                    s, (i, got) = key.fileobj, key.data
+                    try:
+                        data = s.recv(64)
+                    except BlockingIOError:
+                        continue
+                    except OSError as e:
+                        data, err = b"", e
+                    else:
+                        err = None
+                    if data:
+                        key.data[1] = got = got + data
+                        if len(got) < 8:
+                            continue
+                    sel.unregister(s)
+                    if data and got == b"%08d" % i:
+                        socks.append(s)
+                        continue
+                    s.close()
+                    fail(i, f"reset ({err})" if isinstance(err, ConnectionResetError)
+                         else f"error ({err})" if err else
+                         f"echoed {got!r}" if data else "closed before its echo")
+            for key in list(sel.get_map().values()):
+                fail(key.data[0], f"no echo in {timeout} s")
+                sel.unregister(key.fileobj)
+                key.fileobj.close()
+            if failure is not None:
+                break
+        return socks, failure
     except BaseException:
         for s in socks:
             s.close()
@@ -682,17 +733,6 @@ def listen_overflows():
 # ---------------------------------------------------------------- main
 
 
-def raise_nofile(want):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vp", default=os.environ.get("MINIVMM_VP") or DEFAULT_VP)
@@ -706,7 +746,10 @@ def main():
                     help="concurrent bulk streams in row 1b")
     ap.add_argument("--fair-seconds", type=float, default=8.0,
                     help="measured seconds of row 1b (after 2 s of warm-up)")
-    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--streams", type=int, default=10000,
+                    help="concurrent idle streams in row 4")
+    ap.add_argument("--open-batch", type=int, default=64,
+                    help="row 4 opens this many streams at once, each batch echoed first")
     ap.add_argument("--burst", type=int, default=32,
                     help="simultaneous connects in the burst row (4b)")
     ap.add_argument("--channels", default="tty,unix", help="paced rows: tty, unix or both")
@@ -719,10 +762,13 @@ def main():
         return 1
     only = set(args.only.split(","))
     channels = [c for c in args.channels.split(",") if c]
-    nofile = raise_nofile(max(8192, 4 * args.streams + 256))
-    if "4" in only and nofile < 2 * args.streams + 256:
-        print(f"bench: RLIMIT_NOFILE is {nofile}, {2 * args.streams + 256} needed for "
-              f"{args.streams} streams", file=sys.stderr)
+    # Row 4 holds the client side of each stream here, A and B (which inherit this limit)
+    # one socket each per stream, the echo server (a child process) one more.
+    need = args.streams + 512
+    nofile = raise_nofile(max(8192, need + 1024))
+    if "4" in only and nofile < need:
+        print(f"bench: RLIMIT_NOFILE is {nofile}, {need} needed for {args.streams} streams",
+              file=sys.stderr)
         return 1
 
     # SIGTERM (make's Ctrl-C goes as SIGINT) unwinds through the finally blocks.
@@ -860,26 +906,53 @@ def main():
 
             if "4" in only:
                 t_row = time.monotonic()
-                ep = Endpoints(args.vp, tmp, "unix", None, sink, echo, "streams")
+                echo_p = EchoProcess()  # its fds count against its own RLIMIT_NOFILE
+                ep = None
                 socks = []
                 try:
+                    # -vv: a refused stream's reason is a debug message.
+                    ep = Endpoints(args.vp, tmp, "unix", None, sink, echo_p, "streams",
+                                   verbose=2)
+                    limits = {name: nofile_of(pid) for name, pid in
+                              (("A", ep.procs[0].pid), ("B", ep.procs[1].pid),
+                               ("echo server", echo_p.pid), ("bench", os.getpid()))}
+                    log("RLIMIT_NOFILE: " + ", ".join(f"{k} {v}" for k, v in limits.items()))
+                    short = [k for k, v in limits.items()
+                             if v is not None and v < args.streams + 64]
+                    if short:
+                        notes.append(f"RLIMIT_NOFILE below {args.streams} + 64 for "
+                                     f"{', '.join(short)}: {limits}")
                     time.sleep(0.5)
                     before = [rss_kib(p.pid) for p in ep.procs]
+                    marks = ep.stderr_marks()
+                    ov0 = listen_overflows()
                     t0 = time.monotonic()
-                    socks = open_streams(ep, args.streams, BACKLOG)
+                    socks, failure = open_streams(ep, args.streams, args.open_batch)
                     took = time.monotonic() - t0
+                    ov1 = listen_overflows()
+                    ov = "n/a" if ov0 is None or ov1 is None else ov1 - ov0
                     time.sleep(0.5)
                     ep.check_alive()
                     during = [rss_kib(p.pid) for p in ep.procs]
-                    log(f"{args.streams} streams open in {took:.1f} s; VmRSS A "
+                    n_open = len(socks)
+                    why = ""
+                    if failure is not None:
+                        said = re.sub(r"minivmm-vp: \w+: (chardev '[^']*': )?", "",
+                                      ep.stderr_first(marks))
+                        why = (f"; stream {failure[0] + 1} failed: {failure[1]}"
+                               + (f"; endpoint log: {said}" if said else ""))
+                    log(f"{n_open} of {args.streams} streams open in {took:.1f} s{why}; VmRSS A "
                         f"{before[0]} -> {during[0]} KiB, B {before[1]} -> {during[1]} KiB")
+                    what = (f"{n_open} open streams" if n_open == args.streams
+                            else f"{n_open} open streams (of {args.streams} tried)")
                     for name, b, d in zip("AB", before, during):
-                        rows.append((f"4. VmRSS, {args.streams} open streams, side {name}",
-                                     "unix, unpaced",
+                        rows.append((f"4. VmRSS, {what}, side {name}", "unix, unpaced",
                                      f"{b} KiB -> {d} KiB",
-                                     f"{(d - b) / args.streams:.1f} KiB/stream"))
-                    notes.append(f"{args.streams} streams opened {BACKLOG} at a time (each "
-                                 f"batch echoed before the next) in {took:.1f} s")
+                                     (f"{(d - b) / n_open:.2f} KiB/stream" if n_open
+                                      else "no stream opened") + why))
+                    notes.append(f"row 4: {n_open} streams opened {args.open_batch} at a time "
+                                 f"(each batch echoed before the next) in {took:.1f} s, "
+                                 f"kernel ListenOverflows +{ov}" + why)
                     for s in socks:
                         s.close()
                     socks = []
@@ -887,20 +960,23 @@ def main():
                     time.sleep(1.0)
                     ov0 = listen_overflows()
                     t0 = time.monotonic()
-                    socks = open_streams(ep, args.burst, args.burst)
+                    socks, failure = open_streams(ep, args.burst, args.burst)
                     took = time.monotonic() - t0
                     ov1 = listen_overflows()
                     ov = "n/a" if ov0 is None or ov1 is None else ov1 - ov0
-                    log(f"burst of {args.burst} connects: all echoed in {took:.2f} s, "
-                        f"ListenOverflows +{ov}")
+                    res = (f"all echoed in {took:.2f} s" if failure is None else
+                           f"{len(socks)} of {args.burst} echoed in {took:.2f} s; stream "
+                           f"{failure[0] + 1}: {failure[1]}")
+                    log(f"burst of {args.burst} connects: {res}, ListenOverflows +{ov}")
                     rows.append((f"4b. burst of {args.burst} simultaneous connects to an "
-                                 "oforward", "unix, unpaced",
-                                 f"all echoed in {took:.2f} s",
+                                 "oforward", "unix, unpaced", res,
                                  f"kernel ListenOverflows +{ov} (system-wide counter)"))
                 finally:
                     for s in socks:
                         s.close()
-                    ep.close()
+                    if ep is not None:
+                        ep.close()
+                    echo_p.close()
                 timings.append(("4+4b", time.monotonic() - t_row))
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
