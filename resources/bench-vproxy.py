@@ -382,6 +382,24 @@ class Endpoints:
             err.seek(0, os.SEEK_END)  # (the child's stderr shares this file offset)
         return "; ".join(out)
 
+    def stderr_summary(self, marks, top=3):
+        """The commonest lines each side wrote to stderr after `marks`, numbers masked
+        ('A: 17x vproxy stream N reset: ...'), at most `top` a side."""
+        out = []
+        for name, err, mark in zip("AB", self.errs, marks):
+            err.seek(mark)
+            counts = {}
+            for raw in err:
+                line = re.sub(r"minivmm-vp: \w+: (chardev '[^']*': )?", "",
+                              raw.decode(errors="replace").strip())
+                line = re.sub(r"\b[0-9a-f]{16}\b|\d+", "N", line)
+                if line:
+                    counts[line] = counts.get(line, 0) + 1
+            err.seek(0, os.SEEK_END)
+            for line, k in sorted(counts.items(), key=lambda kv: -kv[1])[:top]:
+                out.append(f"{name}: {k}x {line}")
+        return "; ".join(out)
+
     def check_alive(self):
         for name, p in zip("AB", self.procs):
             if p.poll() is not None:
@@ -616,6 +634,106 @@ def echo_rtts(ep, count, budget):
     return rtts
 
 
+def lossy_echo(ep, n, nbytes, seed, timeout):
+    """`n` streams through `echo` at once, stream i sending `nbytes` of
+    random.Random(seed * 1000 + i) bytes, then a half close, and reading back until the end
+    (one thread, a selector). Each stream ends 'exact' (all its bytes back, unchanged, then an
+    orderly end), 'reset' (ECONNRESET/EPIPE), 'cut' (an orderly end before all bytes came
+    back), 'wrong' (bytes that differ from those sent) or 'timeout' (not ended in `timeout`
+    s). Returns (the streams as dicts: i, result, sent, got, t (seconds to its end), detail),
+    seconds until the last ended)."""
+    sel = selectors.DefaultSelector()
+    streams = []
+    t0 = time.monotonic()
+    try:
+        for i in range(n):
+            st = {"i": i, "data": random.Random(seed * 1000 + i).randbytes(nbytes),
+                  "sent": 0, "got": 0, "result": None, "t": None, "detail": ""}
+            streams.append(st)
+            try:
+                s = socket.create_connection(("127.0.0.1", ep.echo_port), timeout=10)
+            except OSError as e:
+                st["result"], st["detail"], st["t"] = "reset", f"connect: {e}", 0.0
+                continue
+            s.setblocking(False)
+            st["sock"] = s
+            sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE, st)
+        t0 = time.monotonic()
+        end, report = t0 + timeout, t0 + 10
+
+        def finish(st, result, detail=""):
+            st["result"], st["detail"], st["t"] = result, detail, time.monotonic() - t0
+            sel.unregister(st["sock"])
+            if result == "exact":
+                st["sock"].close()
+            else:
+                abort(st["sock"])
+
+        def failed(st, e):
+            if isinstance(e, (ConnectionResetError, BrokenPipeError)):
+                finish(st, "reset", e.strerror or str(e))
+            else:
+                finish(st, "reset", str(e))
+
+        while sel.get_map() and time.monotonic() < end:
+            if time.monotonic() > report:
+                report += 10
+                left = [st for st in streams if st["result"] is None]
+                log(f"lossy relay, {time.monotonic() - t0:.0f} s: {len(left)} streams "
+                    f"running, {sum(st['got'] for st in streams) / MIB:.1f} MiB back")
+            for key, ev in sel.select(timeout=0.5):
+                st, s = key.data, key.fileobj
+                if st["result"] is not None:
+                    continue
+                if ev & selectors.EVENT_WRITE and st["sent"] < nbytes:
+                    try:
+                        k = s.send(memoryview(st["data"])[st["sent"]:st["sent"] + CHUNK])
+                    except BlockingIOError:
+                        k = 0
+                    except OSError as e:
+                        failed(st, e)
+                        continue
+                    st["sent"] += k
+                    if st["sent"] == nbytes:
+                        try:
+                            s.shutdown(socket.SHUT_WR)
+                        except OSError as e:
+                            failed(st, e)
+                            continue
+                        sel.modify(s, selectors.EVENT_READ, st)
+                if ev & selectors.EVENT_READ:
+                    try:
+                        chunk = s.recv(CHUNK)
+                    except BlockingIOError:
+                        continue
+                    except OSError as e:
+                        failed(st, e)
+                        continue
+                    g = st["got"]
+                    if not chunk:
+                        if g == nbytes:
+                            finish(st, "exact")
+                        else:
+                            finish(st, "cut", f"ended after {g} of {nbytes} bytes")
+                        continue
+                    want = st["data"][g:g + len(chunk)]
+                    if chunk != want:
+                        off = next((k for k, (a, b) in enumerate(zip(chunk, want)) if a != b),
+                                   len(want))
+                        finish(st, "wrong", f"differs at byte {g + off}")
+                        continue
+                    st["got"] = g + len(chunk)
+        for st in streams:
+            if st["result"] is None:
+                finish(st, "timeout", f"{st['got']} of {nbytes} bytes back, "
+                                      f"{st['sent']} sent")
+    finally:
+        for key in list(sel.get_map().values()):
+            abort(key.fileobj)
+        sel.close()
+    return streams, max((st["t"] for st in streams), default=0.0)
+
+
 def echo_rows(lat, what_log, label):
     """Table rows (and log lines) of [(what, round trip seconds[, bulk B/s meanwhile])]."""
     rows = []
@@ -733,6 +851,59 @@ def listen_overflows():
 # ---------------------------------------------------------------- main
 
 
+def lossy_row(args, tmp, sink):
+    """Row 5: echo streams over a relay that damages and drops bytes (see lossy_echo)."""
+    n, nbytes, per, seed = args.lossy_streams, args.lossy_bytes, args.loss_per, args.seed
+    echo = Echo(buffered=True)  # a stalled stream must not block the others' echoes
+    ep = None
+    died = ""
+    try:
+        # -vv: the endpoints say why each stream was reset (debug messages).
+        ep = Endpoints(args.vp, tmp, "unix", None, sink, echo, "lossy", verbose=2,
+                       loss_per=per, seed=seed)
+        marks = ep.stderr_marks()
+        ep.relay.arm_loss()  # after the session is up: the losses hit the streams
+        cpu0 = cpu_now(ep)
+        streams, took = lossy_echo(ep, n, nbytes, seed, args.lossy_timeout)
+        cpu = cpu_shares(cpu0, cpu_now(ep), max(took, 1e-3))
+        try:
+            ep.check_alive()
+        except BenchError as e:
+            died = f"; {e}"
+        said = ep.stderr_summary(marks)
+        dmg, drop = ep.relay.damaged[:], ep.relay.dropped[:]
+    finally:
+        if ep is not None:
+            ep.close()
+        echo.close()
+    by = {}
+    for st in streams:
+        by.setdefault(st["result"], []).append(st)
+        log(f"lossy stream {st['i']}: {st['result']} after {st['t']:.2f} s, {st['got']} of "
+            f"{nbytes} bytes back" + (f" ({st['detail']})" if st["detail"] else ""))
+    back = sum(st["got"] for st in streams)
+    rate = back / took if took > 0 else 0.0
+    exact = len(by.get("exact", []))
+    timed_out = len(by.get("timeout", []))
+    log(f"lossy relay: {exact}/{n} byte-exact in {took:.1f} s, {back / MIB:.1f} MiB back; "
+        f"A->B {dmg[0]} damaged, {drop[0]} dropped; B->A {dmg[1]} damaged, {drop[1]} dropped; "
+        f"CPU A {cpu[0] * 100:.0f} %, B {cpu[1] * 100:.0f} %, relay {cpu[2] * 100:.0f} %, "
+        f"bench process {cpu[3] * 100:.0f} %" + (f"; endpoint log: {said}" if said else ""))
+    wrong = by.get("wrong", [])
+    return ("5. lossy relay: echo streams byte-exact", "unix, unpaced (no rate hint)",
+            f"{exact}/{n} byte-exact; {len(by.get('reset', []))} reset, "
+            f"{len(by.get('cut', []))} cut short, {len(wrong)} with wrong bytes, "
+            f"{timed_out} timed out; {rate / MIB:.2f} MiB/s payload back",
+            f"{n} x {nbytes / MIB:g} MiB; seed {seed}, 1 byte in {per} lost each way; "
+            f"A->B {dmg[0]} damaged / {drop[0]} dropped, B->A {dmg[1]} damaged / {drop[1]} "
+            f"dropped; all ended in {took:.1f} s"
+            + (f" (timeout {args.lossy_timeout:.0f} s: the timed out count as failed)"
+               if timed_out else "")
+            + (f"; first wrong: stream {wrong[0]['i']} {wrong[0]['detail']}" if wrong else "")
+            + f"; relay CPU {cpu[2] * 100:.0f} %" + died
+            + (f"; endpoint log: {said}" if said else ""))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vp", default=os.environ.get("MINIVMM_VP") or DEFAULT_VP)
@@ -753,7 +924,16 @@ def main():
     ap.add_argument("--burst", type=int, default=32,
                     help="simultaneous connects in the burst row (4b)")
     ap.add_argument("--channels", default="tty,unix", help="paced rows: tty, unix or both")
-    ap.add_argument("--only", default="1,1b,2,3,3u,4")
+    ap.add_argument("--seed", type=int, default=1,
+                    help="row 5: seeds the relay's losses and the streams' bytes")
+    ap.add_argument("--loss-per", type=int, default=10000,
+                    help="row 5: on average 1 byte in this many is damaged or dropped, each way")
+    ap.add_argument("--lossy-streams", type=int, default=20)
+    ap.add_argument("--lossy-bytes", type=int, default=4 * MIB,
+                    help="row 5: bytes each stream sends and reads back")
+    ap.add_argument("--lossy-timeout", type=float, default=300.0,
+                    help="row 5: a stream not ended by then counts as failed")
+    ap.add_argument("--only", default="1,1b,2,3,3u,4,5")
     args = ap.parse_args()
 
     if not (os.path.isfile(args.vp) and os.access(args.vp, os.X_OK)):
@@ -978,6 +1158,10 @@ def main():
                         ep.close()
                     echo_p.close()
                 timings.append(("4+4b", time.monotonic() - t_row))
+            if "5" in only:
+                t_row = time.monotonic()
+                rows.append(lossy_row(args, tmp, sink))
+                timings.append(("5", time.monotonic() - t_row))
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
