@@ -4,31 +4,77 @@ in this process. THE CHANNEL IS A HOST RELAY, NOT A GUEST: no VMM, no UART, no v
 figures are vproxy's own costs (framing, credits, scheduling) and its memory, not a guest's.
 
 Side A has the oforwards (`sink`, `echo`), side B the iforwards to a byte-counting sink server
-and an echo server, both in this process. Measured:
+(it counts each connection live) and an echo server, both in this process (row 4: a child
+process). The relay is Python (two threads, one a direction): on the unpaced rows it is a real
+cost, so row 1 and 1b give its CPU share. Rows, with their --only ids:
 
-1. Bulk throughput, unpaced relay: 64 MiB through one stream (client -> oforward on A -> B ->
-   sink) against the same 64 MiB through the raw relay (client -> relay -> sink, no vproxy).
-   Clock: from the client's connect to the sink's last byte. Median of --runs, alternating.
-2. Bulk throughput over a relay paced at 11520 B/s each way (a 115200-baud 8N1 line, a token
-   bucket per direction, 16 bytes at a time): payload bytes the sink got per second over
-   --paced-seconds after 2 s of warm-up, against the line rate; and the relay's wire bytes in
-   that direction (frames, headers, CRCs, the opposite stream's CREDIT/acks excluded).
-3. Echo latency on the same paced relay: one 32-byte message at a time through the `echo`
-   forward, waiting for the whole echo; p50/p99/max of --echo-count round trips, with no other
-   traffic (baseline) and with a bulk stream saturating the line in the same direction (A->B).
-4. Memory: VmRSS (/proc/PID/status) of each minivmm-vp before, and with, 1000 concurrent
-   streams open through `echo` (8 bytes echoed on each, all kept open); KiB per stream.
+1   Bulk throughput, unpaced relay: 64 MiB through one stream (client -> oforward on A -> B ->
+    sink) against the same 64 MiB through the raw relay (client -> relay -> sink, no vproxy).
+    Clock: from the client's connect to the sink's last byte. Median of --runs, alternating.
+    CPU shares of A, B and the relay's threads over the vproxy runs.
+1b  Fairness and aggregate, unpaced relay: --fair-streams (100) streams through `sink` at once,
+    each sent without limit (one thread keeps every send buffer full); after 2 s of warm-up,
+    over --fair-seconds (8): the sink's aggregate payload rate (against row 1's raw relay
+    figure, measured here if row 1 is not run) and each stream's own rate over the same
+    interval, given as min and max multiples of the fair share (aggregate / streams). A stream
+    the sink never saw counts as 0. The streams end with a TCP reset (abort()).
+2   Bulk throughput over a relay paced at 11520 B/s each way (a 115200-baud 8N1 line, a token
+    bucket per direction, 16 bytes at a time): payload bytes the sink got per second over
+    --paced-seconds after 2 s of warm-up, against the line rate; and the relay's wire bytes in
+    that direction (frames, headers, CRCs, the opposite stream's CREDIT/acks excluded).
+3   Echo latency on the same paced relay: one 32-byte message at a time through the `echo`
+    forward, waiting for the whole echo; p50/p99/max of --echo-count round trips (at most
+    --echo-budget s), with no other traffic (baseline) and with a bulk stream saturating the
+    line in the same direction (A->B; its rate meanwhile is in the detail).
+3u  The same echo rows on the UNPACED unix relay: baseline, and behind one unlimited bulk
+    stream A->B (client with the default send buffer: a 16 KiB one alone caps loopback TCP near
+    2 MiB/s, vproxy or not).
+4   Memory: VmRSS (/proc/PID/status) of each minivmm-vp before, and with, --streams (10000)
+    concurrent idle streams open through `echo` (8 bytes echoed and checked on each, all kept
+    open), opened --open-batch (64) at a time, each batch echoed before the next; KiB per
+    stream. If a stream cannot be opened (an engine with max_streams 1024 resets the 1025th
+    at once), opening stops there: the row gives how many streams were open, the first
+    failure as the client saw it and the endpoints' first log line about it (they run -vv
+    here, a refused stream's reason is a debug message). The echo server is a child process,
+    so the bench, each endpoint and the echo server each hold about --streams fds: this
+    process raises its soft RLIMIT_NOFILE (up to the hard limit), the endpoints inherit it.
+4b  (with 4) A burst of --burst (32) simultaneous connects to the oforward: time until all
+    echoed, and the kernel's ListenOverflows meanwhile (a system-wide counter).
+5   Lossy channel: the relay (unix, unpaced, no rate hint) damages (XOR with a random nonzero
+    byte) or drops (50/50) on average 1 byte in --loss-per (10000), each direction on its own,
+    the gaps drawn from a geometric distribution seeded from --seed (1); the losses start once
+    the endpoints' session is up. --lossy-streams (20) echo streams at once each send
+    --lossy-bytes (4 MiB) of random.Random(seed * 1000 + i) bytes, half close, and read back.
+    A stream passes only if it gets exactly its bytes back and then an orderly end; otherwise
+    it counts as reset, cut short (orderly end too early), wrong bytes (the worst: vproxy gave
+    bytes that were never sent) or timed out (not ended within --lossy-timeout, 300 s). Also:
+    payload MiB/s back (all streams' good bytes over the time until the last ended), the
+    bytes damaged/dropped each way, the endpoints' commonest log lines (why streams were reset).
+    An engine without retransmission resets most streams here: the row says so, the bench
+    goes on. The echo server here never blocks on one stream (benchhost.Echo buffered).
 
 Paced rows run twice. `tty` channel: each endpoint opens a pty slave with
 `--channel tty:/dev/pts/N,speed=115200`, the relay copies between the pty masters; the speed
-is the endpoint's only rate hint (minivmm-vp has no --rate option), which sizes its windows
-and frames for 11520 B/s (vproxy.md §8: 2880-byte window, 224-byte frames). `unix` channel:
-`--channel unix:PATH` to the relay's socket, no rate hint (64 KiB windows, 1024-byte frames).
-The unpaced rows and the memory row use the unix channel.
+is the endpoint's rate hint (the bench passes no --rate), which sizes its windows and frames for
+11520 B/s (vproxy.md §8: 2880-byte window, 224-byte frames). `unix` channel: `--channel
+unix:PATH` to the relay's socket (one per side), no rate hint (64 KiB windows, 1024-byte
+frames). Rows 1, 1b, 3u, 4 and 5 use the unpaced unix channel.
+
+Which figures hold only on this machine (a 2-core VM, where the two endpoints, the Python
+relay, the clients and the servers share those 2 cores): every unpaced rate, CPU share and
+round trip (rows 1, 1b, 3u, 4b, 5's MiB/s), the raw relay figure and so the efficiencies; the
+paced rows (2, 3) depend mostly on the line rate, less on the machine. Row 4's KiB/stream and
+stream count do not depend on the machine's speed. Row 5: --seed fixes where in each
+direction's byte stream the losses fall, not which frames they hit (that depends on how the
+streams' frames interleave, i.e. on timing), so its counts vary a little from run to run.
 
 usage: bench-vproxy.py [--vp BIN] [--runs N] [--paced-seconds S] [--echo-count N]
-                       [--streams N] [--only 1,2,3,4]
+                       [--echo-budget S] [--channels tty,unix] [--fair-streams N]
+                       [--fair-seconds S] [--streams N] [--open-batch N] [--burst N]
+                       [--seed N] [--loss-per N] [--lossy-streams N] [--lossy-bytes N]
+                       [--lossy-timeout S] [--only 1,1b,2,3,3u,4,5]
 BIN: --vp, else $MINIVMM_VP, else target/x86_64-unknown-linux-gnu/vp/minivmm-vp from the repo.
+Seconds per row are printed after the table.
 """
 
 import argparse
@@ -57,6 +103,7 @@ BULK_BYTES = 64 << 20
 CHUNK = 256 << 10
 ECHO_MSG = 32
 MIB = 1 << 20
+ROW_IDS = ("1", "1b", "2", "3", "3u", "4", "5")  # --only
 
 
 
@@ -905,7 +952,7 @@ def lossy_row(args, tmp, sink):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split(":")[0])
     ap.add_argument("--vp", default=os.environ.get("MINIVMM_VP") or DEFAULT_VP)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--paced-seconds", type=float, default=18.0,
@@ -933,14 +980,20 @@ def main():
                     help="row 5: bytes each stream sends and reads back")
     ap.add_argument("--lossy-timeout", type=float, default=300.0,
                     help="row 5: a stream not ended by then counts as failed")
-    ap.add_argument("--only", default="1,1b,2,3,3u,4,5")
+    ap.add_argument("--only", default=",".join(ROW_IDS),
+                    help="rows to run (4 includes 4b)")
     args = ap.parse_args()
 
     if not (os.path.isfile(args.vp) and os.access(args.vp, os.X_OK)):
         print(f"bench: minivmm-vp not found at '{args.vp}' (build it with `make vp`, "
               "or set MINIVMM_VP)", file=sys.stderr)
         return 1
-    only = set(args.only.split(","))
+    only = set(x.strip() for x in args.only.split(",") if x.strip())
+    unknown = only - set(ROW_IDS)
+    if unknown:
+        print(f"bench: unknown row id(s) {', '.join(sorted(unknown))} in --only "
+              f"(rows: {', '.join(ROW_IDS)})", file=sys.stderr)
+        return 1
     channels = [c for c in args.channels.split(",") if c]
     # Row 4 holds the client side of each stream here, A and B (which inherit this limit)
     # one socket each per stream, the echo server (a child process) one more.
