@@ -940,10 +940,11 @@ def lossy_row(args, tmp, sink):
     return ("5. lossy relay: echo streams byte-exact", "unix, unpaced (no rate hint)",
             f"{exact}/{n} byte-exact; {len(by.get('reset', []))} reset, "
             f"{len(by.get('cut', []))} cut short, {len(wrong)} with wrong bytes, "
-            f"{timed_out} timed out; {rate / MIB:.2f} MiB/s payload back",
+            f"{timed_out} timed out; {rate / MIB:.2f} MiB/s payload back ({back / MIB:.2f} "
+            f"MiB in {took:.2f} s)",
             f"{n} x {nbytes / MIB:g} MiB; seed {seed}, 1 byte in {per} lost each way; "
             f"A->B {dmg[0]} damaged / {drop[0]} dropped, B->A {dmg[1]} damaged / {drop[1]} "
-            f"dropped; all ended in {took:.1f} s"
+            f"dropped; all ended in {took:.2f} s"
             + (f" (timeout {args.lossy_timeout:.0f} s: the timed out count as failed)"
                if timed_out else "")
             + (f"; first wrong: stream {wrong[0]['i']} {wrong[0]['detail']}" if wrong else "")
