@@ -8,8 +8,8 @@
 //!   virtio and over the UART;
 //! - host → guest: an HTTP GET through an oforward reaches the guest's httpd;
 //! - 100 concurrent echo streams over virtio, and 4 over the UART, each compared byte for
-//!   byte (a stream vproxy cut after a damaged frame must be a prefix and go through when sent
-//!   again: see `echo_many_ok`);
+//!   byte; vproxy cuts none (damaged frames are sent again); only a stream whose guest echo
+//!   service failed may be cut, and it must go through when sent again (`echo_many_ok`);
 //! - forwards added and removed over QMP while running, `query-vproxy` counters;
 //! - a VM reset in the middle of a transfer: the open stream ends (never silently corrupted),
 //!   the guest comes back with a new session and the same host forwards work again.
@@ -149,23 +149,23 @@ fn echo_many(path: &Path, streams: usize, bytes: usize) -> Vec<(usize, Failure)>
     failed
 }
 
-/// [`echo_many`], where a stream may end early only because vproxy found one of its frames
-/// damaged and reset it ("data lost", in minivmm's log), and then must go through when sent
-/// again. That happens here: on kvm_pvm, guest user code storing SSE registers (libc's
-/// `memcpy` in `minivmm-vp`) now and then writes zeros instead of its data, under QEMU
-/// as under minivmm (`resources/README.md`, "Guest data corruption on kvm_pvm"); the frame
-/// CRCs catch it and the stream is cut, never delivered wrong. Anything else fails the test
-/// with what both vproxies and the guest reported.
+/// [`echo_many`], where no stream may be cut by vproxy: a damaged or lost frame is sent
+/// again (`docs/vproxy.md` §7), so minivmm's log must hold no "data lost" reset (the reason
+/// version 1 cut streams with, on this machine where guest user code now and then stores
+/// zeros: `resources/README.md`, "Guest data corruption on kvm_pvm"). The one cut allowed is
+/// the guest's own echo service failing: the guest's `minivmm-vp` then resets the stream
+/// with "local socket error" (its connection to `nc`/`cat` broke), minivmm logs that reason,
+/// and the stream must go through when sent again. Anything else fails the test with what
+/// both vproxies and the guest reported.
 fn echo_many_ok(vm: &mut Vmm, qmp: &mut Qmp, path: &Path, streams: usize, bytes: usize) {
     let failed = echo_many(path, streams, bytes);
-    if failed.is_empty() {
+    let log = vm.stderr_lines();
+    let count = |what: &str| log.iter().filter(|l| l.contains(what)).count();
+    let lost = count("reset: data lost");
+    let guest_service = count("reset: local socket error");
+    if failed.is_empty() && lost == 0 {
         return;
     }
-    let log = vm.stderr_lines();
-    let lost = log
-        .iter()
-        .filter(|l| l.contains("reset: data lost"))
-        .count();
     let state = qmp.ok("query-vproxy", Value::Null);
     let report = |what: &str, log: &[String]| -> String {
         format!(
@@ -179,17 +179,24 @@ fn echo_many_ok(vm: &mut Vmm, qmp: &mut Qmp, path: &Path, streams: usize, bytes:
         )
     };
     assert!(
+        lost == 0,
+        "{}\n{}",
+        report("vproxy cut a stream for lost data", &log),
+        vm.transcript()
+    );
+    assert!(
         failed.iter().all(|(_, f)| matches!(f, Failure::Cut(_))),
         "{}\n{}",
         report("a stream delivered bytes that were not sent", &log),
         vm.transcript()
     );
     assert!(
-        failed.len() <= lost,
+        failed.len() <= guest_service,
         "{}\n{}",
         report(
             &format!(
-                "{} streams cut, {lost} reset for damaged data",
+                "{} streams cut, {guest_service} reset by the guest because its echo service \
+                 failed",
                 failed.len()
             ),
             &log
@@ -206,8 +213,8 @@ fn echo_many_ok(vm: &mut Vmm, qmp: &mut Qmp, path: &Path, streams: usize, bytes:
         );
     }
     eprintln!(
-        "{} of {streams} streams cut after damaged frames ({lost} \"data lost\" resets), all \
-         went through when sent again",
+        "{} of {streams} streams cut because the guest's echo service failed (guest resets \
+         \"local socket error\": {guest_service}); all went through when sent again",
         failed.len()
     );
 }
