@@ -8,8 +8,10 @@ Side A has the oforwards (`sink`, `echo`), side B the iforwards to a byte-counti
 process). The relay is Python (two threads, one a direction): on the unpaced rows it is a real
 cost, so row 1 and 1b give its CPU share. Rows, with their --only ids:
 
-1   Bulk throughput, unpaced relay: 64 MiB through one stream (client -> oforward on A -> B ->
-    sink) against the same 64 MiB through the raw relay (client -> relay -> sink, no vproxy).
+1   Bulk throughput, unpaced relay: 512 MiB through one stream (client -> oforward on A -> B ->
+    sink) against the same 512 MiB through the raw relay (client -> relay -> sink, no vproxy);
+    enough bytes that the stream's start (windows and bytes in flight growing from their
+    first guesses over a few round trips) weighs little.
     Clock: from the client's connect to the sink's last byte. Median of --runs, alternating.
     CPU shares of A, B and the relay's threads over the vproxy runs.
 1b  Fairness and aggregate, unpaced relay: --fair-streams (100) streams through `sink` at once,
@@ -99,7 +101,7 @@ from benchhost import (BenchError, Echo, EchoProcess, cpu_seconds, free_port, lo
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VP = os.path.join(REPO, "target/x86_64-unknown-linux-gnu/vp/minivmm-vp")
 LINE_RATE = 11520  # bytes/s of a 115200-baud 8N1 line (10 bits a byte)
-BULK_BYTES = 64 << 20
+BULK_BYTES = 512 << 20
 CHUNK = 256 << 10
 ECHO_MSG = 32
 MIB = 1 << 20
@@ -1023,7 +1025,7 @@ def main():
                         vps.append(rate)
                         cpus.append(cpu)
                         raws.append(bulk_raw(tmp, BULK_BYTES))
-                        log(f"bulk 64 MiB run {run + 1}/{args.runs}: vproxy "
+                        log(f"bulk {BULK_BYTES // MIB} MiB run {run + 1}/{args.runs}: vproxy "
                             f"{vps[-1] / MIB:.1f} MiB/s (CPU A {cpu[0] * 100:.0f} %, B "
                             f"{cpu[1] * 100:.0f} %, relay {cpu[2] * 100:.0f} %), raw relay "
                             f"{raws[-1] / MIB:.1f} MiB/s")
@@ -1034,7 +1036,7 @@ def main():
                 ca = statistics.median(c[0] for c in cpus) * 100
                 cb = statistics.median(c[1] for c in cpus) * 100
                 cr = statistics.median(c[2] for c in cpus) * 100
-                rows.append(("1. bulk 64 MiB, 1 stream", "unix, unpaced",
+                rows.append((f"1. bulk {BULK_BYTES // MIB} MiB, 1 stream", "unix, unpaced",
                              f"{v / MIB:.1f} MiB/s vs raw relay {r / MIB:.1f} MiB/s = "
                              f"{v / r * 100:.1f} % efficiency",
                              f"median of {args.runs}; minivmm-vp CPU A {ca:.0f} %, B {cb:.0f} %"
@@ -1045,7 +1047,7 @@ def main():
                 t_row = time.monotonic()
                 if raw_rate is None:
                     raw_rate = bulk_raw(tmp, BULK_BYTES)
-                    log(f"raw relay {raw_rate / MIB:.1f} MiB/s (64 MiB, 1 run)")
+                    log(f"raw relay {raw_rate / MIB:.1f} MiB/s ({BULK_BYTES // MIB} MiB, 1 run)")
                 ep = Endpoints(args.vp, tmp, "unix", None, sink, echo, "fair")
                 try:
                     n = args.fair_streams
