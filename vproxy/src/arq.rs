@@ -31,6 +31,10 @@ pub const ACK_REPORTS: u8 = 3;
 const ACK_FIXED_LEN: usize = 4;
 /// Bytes of one missing range (first, count).
 const ACK_RANGE_LEN: usize = 8;
+/// At most this many frames are tracked; beyond it the oldest is forgotten (a peer that
+/// never acknowledges cannot make the log grow without bound; lost DATA it held is then
+/// healed by the streams' probes).
+pub const MAX_TRACKED: usize = 1 << 16;
 
 /// `a < b` in serial-number arithmetic.
 pub fn seq_lt(a: Seq, b: Seq) -> bool {
@@ -242,9 +246,11 @@ pub struct Sent<K> {
     /// Wire bytes.
     pub bytes: usize,
     pub sent_at: Instant,
-    /// The log's delivered count and time when it was sent (for the delivery rate).
+    /// The log's delivered count and time when it was sent, and when the newest frame
+    /// delivered by then had been sent (for the delivery rate).
     delivered: u64,
     delivered_at: Instant,
+    first_sent_at: Instant,
 }
 
 /// How a tracked frame ended, from [`TxLog::on_ack`].
@@ -275,6 +281,9 @@ pub struct TxLog<K> {
     inflight: usize,
     delivered: u64,
     delivered_at: Instant,
+    /// When the newest delivered frame was sent.
+    first_sent_at: Instant,
+    forgotten: u64,
 }
 
 impl<K> TxLog<K> {
@@ -286,7 +295,24 @@ impl<K> TxLog<K> {
             inflight: 0,
             delivered: 0,
             delivered_at: now,
+            first_sent_at: now,
+            forgotten: 0,
         }
+    }
+
+    /// Frames forgotten unresolved because the log was full.
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+
+    /// Frames tracked now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Nothing tracked.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// The number of the next frame, taken (every frame sent takes one).
@@ -298,9 +324,16 @@ impl<K> TxLog<K> {
 
     /// Remember tracked frame `seq` of `bytes` wire bytes carrying `kind`.
     pub fn track(&mut self, seq: Seq, kind: K, bytes: usize, now: Instant) {
+        if self.entries.len() >= MAX_TRACKED {
+            if let Some(old) = self.entries.pop_front() {
+                self.inflight -= old.bytes;
+                self.forgotten = self.forgotten.wrapping_add(1);
+            }
+        }
         if self.entries.is_empty() {
             // Idle until now: the delivery interval starts here, not at the last ACK.
             self.delivered_at = now;
+            self.first_sent_at = now;
         }
         self.inflight += bytes;
         self.entries.push_back(Sent {
@@ -310,6 +343,7 @@ impl<K> TxLog<K> {
             sent_at: now,
             delivered: self.delivered,
             delivered_at: self.delivered_at,
+            first_sent_at: self.first_sent_at,
         });
     }
 
@@ -338,7 +372,7 @@ impl<K> TxLog<K> {
         mut f: impl FnMut(Outcome<K>),
     ) -> Option<Sample> {
         let mut cursor = 0;
-        let mut newest: Option<(Instant, u64, Instant)> = None;
+        let mut newest: Option<(Instant, u64, Instant, Instant)> = None;
         let mut delivered = 0;
         let mut lost = 0;
         while self
@@ -356,15 +390,18 @@ impl<K> TxLog<K> {
             } else {
                 delivered += e.bytes;
                 self.delivered = self.delivered.wrapping_add(e.bytes as u64);
-                newest = Some((e.sent_at, e.delivered, e.delivered_at));
+                newest = Some((e.sent_at, e.delivered, e.delivered_at, e.first_sent_at));
                 f(Outcome::Delivered(e.kind));
             }
         }
-        if delivered > 0 {
-            self.delivered_at = now;
-        }
-        let (sent_at, then, then_at) = newest?;
-        let interval = now.saturating_duration_since(then_at).as_secs_f64();
+        let (sent_at, then, then_at, first_sent_at) = newest?;
+        self.delivered_at = now;
+        self.first_sent_at = sent_at;
+        // As BBR does: the longer of the ACK interval and the send interval, so that ACKs
+        // arriving bunched (behind the other direction's data) do not inflate the rate.
+        let ack_elapsed = now.saturating_duration_since(then_at);
+        let send_elapsed = sent_at.saturating_duration_since(first_sent_at);
+        let interval = ack_elapsed.max(send_elapsed).as_secs_f64();
         let bytes = self.delivered.wrapping_sub(then) as f64;
         Some(Sample {
             rtt: now.saturating_duration_since(sent_at),
@@ -443,6 +480,19 @@ mod tests {
         let mut cursor = 0;
         assert!(ack.lost(11, &mut cursor) && ack.lost(12, &mut cursor));
         assert!(!ack.lost(13, &mut cursor));
+    }
+
+    #[test]
+    fn a_peer_that_never_acknowledges_cannot_grow_the_log() {
+        let t0 = Instant::now();
+        let mut tx: TxLog<()> = TxLog::new(0, t0);
+        for _ in 0..MAX_TRACKED + 10 {
+            let s = tx.take_seq();
+            tx.track(s, (), 40, t0);
+        }
+        assert_eq!(tx.len(), MAX_TRACKED);
+        assert_eq!(tx.forgotten(), 10);
+        assert_eq!(tx.inflight(), MAX_TRACKED * 40);
     }
 
     #[test]
