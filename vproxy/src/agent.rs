@@ -451,7 +451,13 @@ fn shuttle(chan: &mut dyn Backend, vp: &mut VproxyBackend, carry: &mut Vec<u8>, 
             if n == 0 {
                 break;
             }
-            carry.extend_from_slice(&buf[..n]);
+            // Straight from the buffer; only what the channel does not take is kept.
+            let taken = chan.write(&buf[..n]).unwrap_or(0);
+            carry.extend_from_slice(&buf[taken..n]);
+            if taken < n {
+                break;
+            }
+            continue;
         }
         match chan.write(carry) {
             Ok(0) | Err(_) => break,

@@ -637,7 +637,20 @@ impl VproxyBackend {
             if n == 0 {
                 break;
             }
-            c.pending.push(&buf[..n]);
+            // Straight to the socket; only what it does not take waits in `pending`.
+            match sys::send(fd, &buf[..n]) {
+                Ok(k) => {
+                    c.pending.push(&buf[k..n]);
+                }
+                Err(e) if sys::would_block(&e) => {
+                    c.pending.push(&buf[..n]);
+                }
+                Err(e) => {
+                    self.remove_conn(id);
+                    self.engine.reset(id, &reset_reason(&e));
+                    return;
+                }
+            }
         }
         if !c.pending.is_empty() {
             return;

@@ -297,6 +297,11 @@ impl Decoder {
 
     /// Feed `bytes`, all of them, and hand every complete frame to `sink` in order.
     pub fn feed(&mut self, mut bytes: &[u8], mut sink: impl FnMut(Frame)) {
+        if self.buf.is_empty() && self.gap_at.is_none() && !bytes.is_empty() {
+            // Nothing buffered: parse in place, and keep only the partial frame at the end.
+            let pos = self.scan(bytes, &mut sink);
+            bytes = &bytes[pos..];
+        }
         while !bytes.is_empty() {
             let room = MAX_FRAME_LEN.saturating_sub(self.buf.len()).max(1);
             let (now, rest) = bytes.split_at(room.min(bytes.len()));
@@ -308,18 +313,28 @@ impl Decoder {
 
     /// Parse everything parseable from the buffer.
     fn drain(&mut self, sink: &mut impl FnMut(Frame)) {
+        let buf = std::mem::take(&mut self.buf);
+        let pos = self.scan(&buf, sink);
+        self.buf = buf;
+        self.buf.drain(..pos.min(self.buf.len()));
+        self.gap_at = self.gap_at.and_then(|g| g.checked_sub(pos));
+    }
+
+    /// Parse everything parseable from the front of `data` (the buffer, or input when
+    /// nothing is buffered); returns how many bytes were used up.
+    fn scan(&mut self, data: &[u8], sink: &mut impl FnMut(Frame)) -> usize {
         let mut pos = 0;
         loop {
-            let rest = self.buf.get(pos..).unwrap_or(&[]);
+            let rest = data.get(pos..).unwrap_or(&[]);
             match parse(rest) {
                 Parse::Incomplete => {
                     let resumed = self.gap_at.take().filter(|&g| g > pos);
                     match resumed {
-                        Some(g) if self.buf.get(g..).is_some_and(|b| b.len() < HEADER_LEN) => {
+                        Some(g) if data.get(g..).is_some_and(|b| b.len() < HEADER_LEN) => {
                             // Not enough bytes after the pause to tell yet.
                             self.gap_at = Some(g);
                         }
-                        Some(g) if self.buf.get(g..).is_some_and(header_ok) => {
+                        Some(g) if data.get(g..).is_some_and(header_ok) => {
                             self.stats.crc_errors = self.stats.crc_errors.wrapping_add(1);
                             self.stats.resyncs = self.stats.resyncs.wrapping_add(1);
                             self.stats.discarded =
@@ -364,8 +379,7 @@ impl Decoder {
                 }
             }
         }
-        self.buf.drain(..pos.min(self.buf.len()));
-        self.gap_at = self.gap_at.and_then(|g| g.checked_sub(pos));
+        pos
     }
 }
 
@@ -679,6 +693,36 @@ mod tests {
                 dec.feed(c, |f| assert!(f.payload.len() <= WIRE_MAX_PAYLOAD));
                 prop_assert!(dec.buffered() <= MAX_FRAME_LEN);
             }
+        }
+
+        /// However the input is cut into chunks (parsed in place or buffered), the same
+        /// frames come out with the same counters.
+        #[test]
+        fn chunking_changes_nothing(
+            items in proptest::collection::vec(
+                (0usize..3000, proptest::collection::vec(any::<u8>(), 0..40)), 1..8),
+            cuts in proptest::collection::vec(1usize..5000, 1..12),
+        ) {
+            let mut bytes = Vec::new();
+            for (i, (len, garbage)) in items.iter().enumerate() {
+                bytes.extend_from_slice(garbage);
+                encode(&sample(*len, i as u32), &mut bytes);
+            }
+            let mut whole = Decoder::new();
+            let expected = decode_all(&mut whole, &bytes);
+            let mut chunked = Decoder::new();
+            let mut got = Vec::new();
+            let mut rest = &bytes[..];
+            for c in cuts.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (now, later) = rest.split_at((*c).min(rest.len()));
+                chunked.feed(now, |f| got.push(f));
+                rest = later;
+            }
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(chunked.stats(), whole.stats());
         }
 
         #[test]
