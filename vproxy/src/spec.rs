@@ -26,9 +26,10 @@ pub struct VproxySpec {
     pub oforwards: Vec<Forward>,
     /// Services the peer may open, and where each is connected.
     pub iforwards: Vec<Forward>,
-    /// The channel's speed in bytes per second (`rate=`), to size windows and frames to it.
+    /// The channel's speed in bytes per second (`rate=`): the first windows and frames,
+    /// until the engine has measured the channel.
     pub rate: Option<u64>,
-    /// Receive window per stream in bytes (`window=`), overriding the rate-derived one.
+    /// A fixed receive window per stream in bytes (`window=`), instead of the growing one.
     pub window: Option<u32>,
 }
 

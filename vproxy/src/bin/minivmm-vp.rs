@@ -35,9 +35,11 @@ usage: minivmm-vp --channel SPEC [--iforward NAME:HOST:PORT]... [--oforward NAME
   --oforward NAME:[BIND:]PORT | NAME:unix:PATH
                    listen here (BIND defaults to 127.0.0.1) and carry each connection to
                    the other end's service NAME
-  --rate N         the channel's speed in bytes per second, to size windows and frames
-                   (as the vproxy chardev's rate=; a tty channel's speed sets it by default)
-  --window SIZE    the per-stream window, 1K to 16M (as the chardev's window=)
+  --rate N         the channel's speed in bytes per second: the first frames' size until
+                   the channel is measured (as the vproxy chardev's rate=; a tty channel's
+                   speed sets it by default)
+  --window SIZE    a fixed per-stream window, 1K to 16M (as the chardev's window=; by
+                   default windows start at 64K and grow with each stream's throughput)
   -v, --verbose    more messages (twice: debug)
   -h, --help       this help";
 
