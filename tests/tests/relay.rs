@@ -21,7 +21,8 @@ use tests::{minivmm_bin, minivmm_vp_bin, payload};
 
 /// Bytes each stream echoes.
 const STREAM_BYTES: usize = 4096;
-/// The vproxy engine's stream limit (`DEFAULT_MAX_STREAMS`).
+/// The relay's vproxy stream limit (`max-streams=`; the default, 16384, would need more fds
+/// than this machine's hard limit to reach).
 const ENGINE_MAX_STREAMS: usize = 1024;
 /// How long any one step may take.
 const STEP: Duration = Duration::from_secs(60);
@@ -145,7 +146,8 @@ impl Relay {
             .unwrap()
             .port();
         let relay = format!(
-            "exec '{}' relay --chardev vproxy,id=vp,oforward=echo:127.0.0.1:{port} \
+            "exec '{}' relay --chardev vproxy,id=vp,max-streams={ENGINE_MAX_STREAMS},\
+             oforward=echo:127.0.0.1:{port} \
              --chardev socket,id=ch,path={},server=on,wait=off",
             minivmm_bin().display(),
             chan.display()

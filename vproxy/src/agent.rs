@@ -610,6 +610,7 @@ mod tests {
                 iforwards: Vec::new(),
                 rate: None,
                 window: None,
+                max_streams: None,
             },
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -624,6 +625,7 @@ mod tests {
                 ],
                 rate: None,
                 window: None,
+                max_streams: None,
             },
         )
         .unwrap();

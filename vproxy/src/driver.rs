@@ -228,6 +228,9 @@ impl VproxyBackend {
         if let Some(window) = spec.window {
             config = config.with_fixed_window(window);
         }
+        if let Some(n) = spec.max_streams {
+            config.max_streams = n;
+        }
         let timer =
             TimerFd::new().map_err(|e| Error::io(id, "create timer for", "vproxy", e.into()))?;
         // A timer re-armed between poll and its handling must not block the read.
@@ -945,6 +948,7 @@ mod tests {
                 .collect(),
             rate: None,
             window: None,
+            max_streams: None,
         }
     }
 

@@ -1,7 +1,9 @@
-//! The `vproxy` chardev kind: its options (`oforward=`, `iforward=`, `rate=`, `window=`) and
-//! its registration with the chardev parser, which knows it by nothing but its name.
+//! The `vproxy` chardev kind: its options (`oforward=`, `iforward=`, `rate=`, `window=`,
+//! `max-streams=`) and its registration with the chardev parser, which knows it by nothing
+//! but its name.
 //!
-//! `vproxy[,oforward=NAME:[BIND:]PORT]...[,iforward=NAME:HOST:PORT]...[,rate=N][,window=N]`
+//! `vproxy[,oforward=NAME:[BIND:]PORT]...[,iforward=NAME:HOST:PORT]...[,rate=N][,window=N]
+//! [,max-streams=N]`
 
 use chardev::error::SpecError;
 use chardev::spec::{register_kind, BackendKind, Opts};
@@ -18,6 +20,8 @@ pub const MAX_VPROXY_RATE: u64 = 1 << 30;
 pub const MIN_VPROXY_WINDOW: u64 = 1 << 10;
 /// Largest `window=`.
 pub const MAX_VPROXY_WINDOW: u64 = 16 << 20;
+/// Largest `max-streams=`.
+pub const MAX_VPROXY_STREAMS: u64 = 1 << 16;
 
 /// A `vproxy` chardev's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -31,6 +35,8 @@ pub struct VproxySpec {
     pub rate: Option<u64>,
     /// A fixed receive window per stream in bytes (`window=`), instead of the growing one.
     pub window: Option<u32>,
+    /// Most streams at once (`max-streams=`; the engine's default otherwise).
+    pub max_streams: Option<u32>,
 }
 
 fn forwards(
@@ -68,11 +74,19 @@ impl VproxySpec {
             Some(w) => Some(w as u32),
             None => None,
         };
+        const STREAMS: &str = "a stream count from 1 to 65536";
+        let max_streams = match o.size("max-streams", MAX_VPROXY_STREAMS, STREAMS)? {
+            Some(0) => return Err(o.bad("max-streams", "0", STREAMS)),
+            // At most MAX_VPROXY_STREAMS, which fits.
+            Some(n) => Some(n as u32),
+            None => None,
+        };
         Ok(VproxySpec {
             oforwards,
             iforwards,
             rate,
             window,
+            max_streams,
         })
     }
 
@@ -90,6 +104,9 @@ impl VproxySpec {
         }
         if let Some(window) = self.window {
             out.push(("window".to_string(), window.to_string()));
+        }
+        if let Some(n) = self.max_streams {
+            out.push(("max-streams".to_string(), n.to_string()));
         }
         out
     }
@@ -251,13 +268,17 @@ mod tests {
             forwards,
             proptest::option::of(1..=MAX_VPROXY_RATE),
             proptest::option::of(MIN_VPROXY_WINDOW as u32..=MAX_VPROXY_WINDOW as u32),
+            proptest::option::of(1..=MAX_VPROXY_STREAMS as u32),
         )
-            .prop_map(|(oforwards, iforwards, rate, window)| VproxySpec {
-                oforwards,
-                iforwards,
-                rate,
-                window,
-            })
+            .prop_map(
+                |(oforwards, iforwards, rate, window, max_streams)| VproxySpec {
+                    oforwards,
+                    iforwards,
+                    rate,
+                    window,
+                    max_streams,
+                },
+            )
     }
 
     proptest! {

@@ -24,7 +24,7 @@ const EXIT_FAILURE: u8 = 1;
 
 const USAGE: &str = "\
 usage: minivmm-vp --channel SPEC [--iforward NAME:HOST:PORT]... [--oforward NAME:[BIND:]PORT]...
-                  [--rate BYTES_PER_S] [--window SIZE] [-v]
+                  [--rate BYTES_PER_S] [--window SIZE] [--max-streams N] [-v]
 
   --channel SPEC   the channel to the other end:
                      PATH                   a char device, e.g. /dev/virtio-ports/org.minivmm.vproxy
@@ -40,6 +40,8 @@ usage: minivmm-vp --channel SPEC [--iforward NAME:HOST:PORT]... [--oforward NAME
                    speed sets it by default)
   --window SIZE    a fixed per-stream window, 1K to 16M (as the chardev's window=; by
                    default windows start at 64K and grow with each stream's throughput)
+  --max-streams N  most streams at once, 1 to 65536 (as the chardev's max-streams=;
+                   default 16384); the peer's OPENs beyond it are refused
   -v, --verbose    more messages (twice: debug)
   -h, --help       this help";
 
@@ -73,6 +75,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         iforwards: Vec::new(),
         rate: None,
         window: None,
+        max_streams: None,
     };
     let mut verbosity = 0;
     let mut args = args.into_iter();
@@ -110,8 +113,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
                 }
                 list.push(f);
             }
-            "--rate" | "--window" => {
-                // The same syntax and limits as the vproxy chardev's rate= and window=.
+            "--rate" | "--window" | "--max-streams" => {
+                // The same syntax and limits as the vproxy chardev's rate=, window= and
+                // max-streams=.
                 let key = &flag[2..];
                 let option = [(key.to_string(), value()?)];
                 let v = VproxySpec::from_options("minivmm-vp", &option).map_err(|e| {
@@ -122,6 +126,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
                 })?;
                 spec.rate = v.rate.or(spec.rate);
                 spec.window = v.window.or(spec.window);
+                spec.max_streams = v.max_streams.or(spec.max_streams);
             }
             other => return Err(format!("unknown argument '{}'", other.escape_debug())),
         }
@@ -192,12 +197,15 @@ mod tests {
             "--rate",
             "11520",
             "--window=4K",
+            "--max-streams",
+            "20000",
             "-v",
         ]) else {
             panic!("did not parse")
         };
         assert_eq!(c.vproxy.rate, Some(11_520));
         assert_eq!(c.vproxy.window, Some(4096));
+        assert_eq!(c.vproxy.max_streams, Some(20_000));
         assert_eq!(c.channel, ChannelSpec::Unix("/tmp/vp.sock".into()));
         assert_eq!(c.vproxy.iforwards[0].to_string(), "ssh:127.0.0.1:22");
         assert_eq!(c.vproxy.oforwards[0].to_string(), "web:127.0.0.1:8080");
