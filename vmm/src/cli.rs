@@ -96,6 +96,13 @@ pub struct Cli {
     /// (`system_powerdown` fails).
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub acpi: bool,
+
+    /// seccomp filters on every thread once set-up is done (`on`, the default): a forbidden
+    /// syscall stops minivmm with one line naming the thread and the syscall. `off` installs
+    /// none (for debugging, as Firecracker's --no-seccomp); `log` lets forbidden syscalls
+    /// through and has the kernel log them (dmesg). docs/seccomp.md lists what is allowed.
+    #[arg(long, value_name = "on|off|log", default_value = "on")]
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// `on` or `off` (QEMU's spelling of a switch).
@@ -138,6 +145,8 @@ pub struct VmConfig {
     pub no_reboot: bool,
     /// `--acpi`: ACPI tables (else virtio-mmio devices on the kernel command line).
     pub acpi: bool,
+    /// `--seccomp`: the threads' filters.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// A `--mon chardev=ID,mode=...`.
@@ -337,6 +346,7 @@ impl Cli {
             uuid,
             no_reboot: self.no_reboot,
             acpi: self.acpi,
+            seccomp: self.seccomp,
         })
     }
 

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod mptable;
 pub mod relay;
 pub mod reset;
+pub mod seccomp;
 pub mod serial;
 pub mod tools;
 pub mod vcpu;

@@ -19,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::event_loop::{block_stop_signals, EventLoop, Lifecycle, PolledFrontend, SignalFd};
+use crate::seccomp::{SeccompError, SeccompMode, ThreadKind};
 use crate::vcpu::{ExitLatch, ResetAction, VmExit};
 
 /// Bytes carried per read.
@@ -30,6 +31,9 @@ const PASS_ROUNDS: usize = 16;
 /// Why the relay could not run.
 #[derive(Debug, Error)]
 pub enum RelayError {
+    /// The seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// A chardev could not be opened.
     #[error("--chardev {id}")]
     Chardev {
@@ -198,8 +202,9 @@ impl MutEventSubscriber for RelayHandler {
 }
 
 /// Open the chardevs of `specs` (exactly two) and relay between them until SIGINT, SIGTERM or
-/// SIGHUP; returns what was moved.
-pub fn run(specs: &[ChardevSpec]) -> Result<RelayStats, RelayError> {
+/// SIGHUP, confined by the event loop's seccomp filter once they are open (`seccomp`);
+/// returns what was moved.
+pub fn run(specs: &[ChardevSpec], seccomp: SeccompMode) -> Result<RelayStats, RelayError> {
     if specs.len() != 2 {
         return Err(RelayError::Count(specs.len()));
     }
@@ -226,6 +231,10 @@ pub fn run(specs: &[ChardevSpec]) -> Result<RelayStats, RelayError> {
     ));
     event_loop.add_frontend(relay.clone());
     event_loop.add_subscriber(Arc::new(Mutex::new(Lifecycle::new(exit.clone(), signals))));
+    if seccomp != SeccompMode::Off {
+        crate::seccomp::install_sigsys_handler()?;
+    }
+    crate::seccomp::install(ThreadKind::EventLoop, seccomp, "main")?;
     while !exit.stopping() {
         event_loop.run().map_err(RelayError::EventLoop)?;
     }

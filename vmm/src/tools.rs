@@ -63,6 +63,10 @@ pub enum Tool {
         /// A chardev, in `--chardev` syntax; give exactly two.
         #[arg(long = "chardev", value_name = "SPEC", required = true)]
         chardevs: Vec<String>,
+        /// The event loop's seccomp filter once both chardevs are open (as minivmm's
+        /// `--seccomp`).
+        #[arg(long, value_name = "on|off|log", default_value = "on")]
+        seccomp: crate::seccomp::SeccompMode,
     },
 }
 
@@ -137,12 +141,12 @@ pub fn run(tool: Tool) -> Result<(), ToolError> {
             Ok(())
         }
         Tool::Console { name, port } => console(&root, &name, port.as_deref()),
-        Tool::Relay { chardevs } => {
+        Tool::Relay { chardevs, seccomp } => {
             let specs = chardevs
                 .iter()
                 .map(|s| chardev::ChardevSpec::parse(s))
                 .collect::<Result<Vec<_>, _>>()?;
-            let stats = crate::relay::run(&specs)?;
+            let stats = crate::relay::run(&specs, seccomp)?;
             eprintln!(
                 "minivmm relay: events {} bytes {}->{} {} {}->{} {}",
                 stats.events,

@@ -462,6 +462,8 @@ impl VcpuControl {
 pub struct VcpuContext {
     /// vCPU index.
     pub id: u8,
+    /// The filter the thread installs before it first runs the guest.
+    pub seccomp: crate::seccomp::SeccompMode,
     /// The vCPU.
     pub fd: VcpuFd,
     /// Port-I/O bus.
@@ -476,6 +478,17 @@ pub struct VcpuContext {
     pub control: Arc<VcpuControl>,
     /// The state KVM created the vCPU in, for a reset.
     pub snapshot: VcpuSnapshot,
+}
+
+/// The vCPU thread's seccomp filter, named `vcpuN` in a violation's message.
+fn install_filter(ctx: &VcpuContext) -> Result<(), crate::seccomp::SeccompError> {
+    /// Thread names for the message (a `&'static str` is all a signal handler can read).
+    const NAMES: [&str; 16] = [
+        "vcpu0", "vcpu1", "vcpu2", "vcpu3", "vcpu4", "vcpu5", "vcpu6", "vcpu7", "vcpu8", "vcpu9",
+        "vcpu10", "vcpu11", "vcpu12", "vcpu13", "vcpu14", "vcpu15",
+    ];
+    let name = NAMES.get(usize::from(ctx.id)).copied().unwrap_or("vcpu");
+    crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu, ctx.seccomp, name)
 }
 
 /// Start the vCPU thread.
@@ -521,6 +534,11 @@ fn reset(ctx: &mut VcpuContext, mode: EntryMode) -> Result<(), String> {
 /// the VM stops.
 fn run(mut ctx: VcpuContext) {
     let control = ctx.control.clone();
+    if let Err(e) = install_filter(&ctx) {
+        ctx.exit.exit(VmExit::Crash(crate::error_chain(&e)));
+        control.ended();
+        return;
+    }
     // Declared after `ctx` (a parameter), so dropped before it: the kick handler lets go of
     // the `kvm_run` page before the fd that maps it is closed.
     let _target = KickTarget::install(&mut ctx.fd);
@@ -805,6 +823,7 @@ mod tests {
         let exit = ExitLatch::new(ResetAction::Exit).unwrap();
         let t = spawn(VcpuContext {
             id: 0,
+            seccomp: crate::seccomp::SeccompMode::Off,
             fd: vcpu,
             pio: Arc::new(Bus::new()),
             mmio: Arc::new(Bus::new()),

@@ -28,6 +28,7 @@ use crate::event_loop::{block_stop_signals, EventLoop, Lifecycle, SignalFd};
 use crate::irq::IrqLines;
 use crate::machine::{MonitorHandler, VmMachine};
 use crate::reset::{BootPlan, IrqchipSnapshot, LoadError, MachineReset, ResetError};
+use crate::seccomp::{self, SeccompError, SeccompMode, ThreadKind};
 use crate::vcpu::{self, ExitLatch, ResetAction, VcpuContext, VcpuControl, VmExit};
 
 /// TSS address KVM needs on Intel hosts (three pages just below the BIOS ROM window).
@@ -38,6 +39,9 @@ const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// Errors while building or running the VM.
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// A seccomp filter or its handler could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// Opening /dev/kvm failed.
     #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
     Kvm(#[source] kvm_ioctls::Error),
@@ -111,6 +115,8 @@ pub struct Vm {
     monitor: Arc<Mutex<MonitorHandler>>,
     /// What a machine reset needs.
     reset: MachineReset,
+    /// The filters the threads install once they run.
+    seccomp: SeccompMode,
     /// The runtime directory, removed when the VM is dropped, however it ended.
     _instance: Instance,
 }
@@ -178,6 +184,7 @@ impl Vm {
             mem: mem.clone(),
             exit: exit.clone(),
             control: control.clone(),
+            seccomp: config.seccomp,
         };
         let vcpus = create_vcpus(&kvm, config.vcpus, &parts, boot.mode)?;
         let reset = MachineReset {
@@ -197,16 +204,23 @@ impl Vm {
             exit,
             monitor,
             reset,
+            seccomp: config.seccomp,
             _instance: instance,
         })
     }
 
     /// Run until the guest stops; returns how it ended. The event loop runs on this thread.
     pub fn run(mut self) -> Result<VmExit, VmError> {
+        if self.seccomp != SeccompMode::Off {
+            seccomp::install_sigsys_handler()?;
+        }
         let mut threads = Vec::new();
         for ctx in self.vcpus.drain(..) {
             threads.push(vcpu::spawn(ctx).map_err(|e| VmError::Io("cannot spawn vCPU thread", e))?);
         }
+        // Set-up is done and every thread is spawned: from here on the event loop runs
+        // confined.
+        seccomp::install(ThreadKind::EventLoop, self.seccomp, "main")?;
         while !self.exit.stopping() {
             self.event_loop.run().map_err(VmError::EventLoop)?;
             if let Some(cause) = self.exit.pending_reset() {
@@ -502,6 +516,7 @@ struct VcpuParts {
     mem: GuestMemoryMmap,
     exit: Arc<ExitLatch>,
     control: Arc<VcpuControl>,
+    seccomp: SeccompMode,
 }
 
 /// Create and configure the vCPUs (CPUID, first-boot snapshot, registers for `mode`).
@@ -530,6 +545,7 @@ fn create_vcpus(
         cpu::configure_vcpu(&fd, id, &cpuid, &parts.mem, mode)?;
         vcpus.push(VcpuContext {
             id,
+            seccomp: parts.seccomp,
             fd,
             pio: parts.pio.clone(),
             mmio: parts.mmio.clone(),
