@@ -80,6 +80,7 @@ test: deps guest stock build pyenv
 	else \
 	    cargo test --workspace --no-fail-fast; \
 	fi
+	cargo test --manifest-path fuzz/Cargo.toml --test replay
 
 bench: guest build
 	@bash resources/bench-boot.sh

@@ -1,40 +1,6 @@
-//! Fuzz target: arbitrary bytes from a monitor client, in arbitrary chunks, into a QMP session
-//! (JSON streaming parser, greeting/capabilities state, request checks) and into the human
-//! monitor's line editor.
-//!
-//! Nothing may panic, and every reply the session writes by itself is one line of valid JSON.
+//! libFuzzer entry of `qmp_session`: the body is `minivmm_fuzz::qmp_session` (src/qmp_session.rs).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use monitor::hmp::LineEditor;
-use monitor::protocol::{Incoming, QmpError, Session};
 
-/// Largest message the session takes (small, so the limit is reached too).
-const MAX_MESSAGE: usize = 4096;
-
-fuzz_target!(|data: &[u8]| {
-    let Some((&split, rest)) = data.split_first() else {
-        return;
-    };
-    let chunk = usize::from(split).max(1);
-    let mut session = Session::new(MAX_MESSAGE);
-    let mut editor = LineEditor::new();
-    for part in rest.chunks(chunk) {
-        for incoming in session.feed(part) {
-            let line = match incoming {
-                Incoming::Reply(line) => line,
-                Incoming::Execute(req) => session.answer(
-                    req.id.as_ref(),
-                    &Err(QmpError::command_not_found(format!(
-                        "The command {} has not been found",
-                        req.execute
-                    ))),
-                ),
-            };
-            let text = line.trim_end();
-            assert!(!text.contains('\n'), "reply of several lines: {text:?}");
-            serde_json::from_str::<serde_json::Value>(text).expect("reply is JSON");
-        }
-        let _ = editor.feed(part);
-    }
-});
+fuzz_target!(|data: &[u8]| minivmm_fuzz::qmp_session(data));

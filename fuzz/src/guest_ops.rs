@@ -1,5 +1,5 @@
-//! What a fuzzed guest does to a virtio-mmio device, shared by the device targets (included
-//! with `#[path]`): write its memory, write and read the transport's registers. Each takes its
+//! What a fuzzed guest does to a virtio-mmio device, shared by the device targets
+//! (`virtio_console`, `vsock`): write its memory, write and read the transport's registers. Each takes its
 //! operands from the front of the input and returns what is left, or `None` when the input is
 //! too short for the operation (the target then stops).
 

@@ -1,0 +1,336 @@
+//! Fuzz target `vsock`: a guest driving virtio-vsock through its virtio-mmio registers and its own
+//! memory, while host clients connect to its unix socket and time passes.
+//!
+//! The device starts as a well-behaved driver leaves it (features negotiated, the three
+//! queues placed in guest memory, DRIVER_OK). The fuzzer then mixes: arbitrary writes
+//! anywhere in guest memory, register accesses, transmit packets whose header fields and
+//! descriptor split points it chooses (the CIDs right more often than not, so packets get
+//! past the checks and reach the connection state machines), receive and event buffers of any
+//! length, host clients that connect and type bytes (often a CONNECT line), guest listeners
+//! on `PATH_<port>`, clock jumps, transport resets, and the event loop servicing it all.
+//! Nothing may panic; a malformed chain may only mark the device as needing a reset.
+
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use chardev::{split_owner, OwnerGroup, Poller};
+use devices::bus::BusDevice;
+use devices::virtio::mmio::*;
+use devices::virtio::vsock::muxer::{HOST_PORT_FIRST, MAX_CONNECTIONS};
+use devices::virtio::vsock::packet::{Header, HDR_LEN, VSOCK_HOST_CID, VSOCK_TYPE_STREAM};
+use devices::virtio::vsock::{Registration, VirtioVsock, VsockConfig};
+use devices::virtio::{
+    VirtioMmio, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+};
+use devices::{Clock, IrqLine};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Guest memory size: small, so random addresses often land inside it.
+const MEM_SIZE: u64 = 0x10_0000;
+/// Where the driver puts queue `i`'s rings: table, avail and used 0x800 apart.
+const RING_BASE: u64 = 0x1_0000;
+const RING_STRIDE: u64 = 0x2000;
+/// Where the driver's buffers go (a ring of buffer space).
+const BUF_BASE: u64 = 0x8_0000;
+const BUF_SPACE: u64 = 0x7_0000;
+/// Queue size the driver picks.
+const QUEUE_SIZE: u16 = 16;
+/// The three queues: receive, transmit, event.
+const QUEUES: u32 = 3;
+const GUEST_CID: u64 = 3;
+/// Host clients and guest listeners kept at once.
+const MAX_CLIENTS: usize = 4;
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+
+struct NoIrq;
+impl IrqLine for NoIrq {
+    fn set_level(&self, _high: bool) {}
+}
+
+#[derive(Default)]
+struct FuzzClock(AtomicU64);
+impl Clock for FuzzClock {
+    fn now_ns(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+fn w32(dev: &mut VirtioMmio<VirtioVsock>, off: u64, v: u32) {
+    dev.write(off, &v.to_le_bytes());
+}
+
+fn start(dev: &mut VirtioMmio<VirtioVsock>) {
+    w32(dev, REG_STATUS, 0);
+    w32(dev, REG_STATUS, STATUS_ACKNOWLEDGE);
+    w32(dev, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+    for sel in 0..2u32 {
+        w32(dev, REG_DEVICE_FEATURES_SEL, sel);
+        let mut b = [0u8; 4];
+        dev.read(REG_DEVICE_FEATURES, &mut b);
+        w32(dev, REG_DRIVER_FEATURES_SEL, sel);
+        w32(dev, REG_DRIVER_FEATURES, u32::from_le_bytes(b));
+    }
+    let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+    w32(dev, REG_STATUS, ok);
+    for q in 0..QUEUES {
+        let base = RING_BASE + u64::from(q) * RING_STRIDE;
+        w32(dev, REG_QUEUE_SEL, q);
+        w32(dev, REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
+        for (lo, addr) in [
+            (REG_QUEUE_DESC_LOW, base),
+            (REG_QUEUE_DRIVER_LOW, base + 0x800),
+            (REG_QUEUE_DEVICE_LOW, base + 0x1000),
+        ] {
+            w32(dev, lo, addr as u32);
+            w32(dev, lo + 4, (addr >> 32) as u32);
+        }
+        w32(dev, REG_QUEUE_READY, 1);
+    }
+    w32(dev, REG_STATUS, ok | STATUS_DRIVER_OK);
+}
+
+/// The driver side of the rings: where the next descriptor, avail slot and buffer go. It
+/// never reads the used ring: descriptors are reused in turn, as a sloppy guest might.
+struct Rings {
+    next_desc: [u16; QUEUES as usize],
+    avail_idx: [u16; QUEUES as usize],
+    next_buf: u64,
+}
+
+impl Rings {
+    fn buffer(&mut self, len: usize) -> u64 {
+        let len = (len as u64).max(1);
+        if self.next_buf + len > BUF_BASE + BUF_SPACE {
+            self.next_buf = BUF_BASE;
+        }
+        let addr = self.next_buf;
+        self.next_buf = (self.next_buf + len + 15) & !15;
+        addr
+    }
+
+    /// Put `parts` (each written to guest memory when `data` is given, else of that length
+    /// for the device to fill) in one chain on queue `q` and publish it.
+    fn chain(&mut self, mem: &GuestMemoryMmap, q: usize, parts: &[(&[u8], usize)], writable: bool) {
+        let table = RING_BASE + q as u64 * RING_STRIDE;
+        let head = self.next_desc[q];
+        for (i, &(data, len)) in parts.iter().enumerate() {
+            let index = self.next_desc[q];
+            self.next_desc[q] = (index + 1) % QUEUE_SIZE;
+            let addr = self.buffer(len);
+            let _ = mem.write_slice(data, GuestAddress(addr));
+            let mut flags = if writable { DESC_F_WRITE } else { 0 };
+            if i + 1 < parts.len() {
+                flags |= DESC_F_NEXT;
+            }
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&self.next_desc[q].to_le_bytes());
+            let _ = mem.write_slice(&d, GuestAddress(table + u64::from(index) * 16));
+        }
+        let avail = table + 0x800;
+        let slot = avail + 4 + u64::from(self.avail_idx[q] % QUEUE_SIZE) * 2;
+        let _ = mem.write_obj(head.to_le(), GuestAddress(slot));
+        self.avail_idx[q] = self.avail_idx[q].wrapping_add(1);
+        let _ = mem.write_obj(self.avail_idx[q].to_le(), GuestAddress(avail + 2));
+    }
+}
+
+/// Run the event loop once: the transport's eventfds consumed, the fds ready in the poller
+/// handed to the device by token, then service.
+fn run(dev: &mut VirtioMmio<VirtioVsock>, poller: &Poller) {
+    for fd in dev.event_fds() {
+        dev.on_event_fd(fd);
+    }
+    let mut ready = Vec::new();
+    let _ = poller.wait(&mut ready, 256, 0);
+    for ev in ready {
+        let (_, part) = split_owner(ev.owner);
+        dev.on_ready(part, ev.token, ev.readiness);
+    }
+    dev.service();
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs one input (see the module docs).
+pub fn vsock(data: &[u8]) {
+    static RUN: AtomicUsize = AtomicUsize::new(0);
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "minivmm-fuzz-vsock-{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::SeqCst)
+    )));
+    std::fs::create_dir_all(&dir.0).expect("temporary directory");
+    let sock = dir.0.join("v.sock");
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+        .expect("guest memory");
+    let clock = Arc::new(FuzzClock::default());
+    let config = VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: sock.clone(),
+        registration: Registration::Explicit,
+    };
+    let vsock = VirtioVsock::new(&config, clock.clone()).expect("vsock");
+    let mut dev = VirtioMmio::new(vsock, mem.clone(), Arc::new(NoIrq)).expect("transport");
+    let poller = Poller::new().expect("epoll");
+    dev.attach(OwnerGroup::new(&poller, 0));
+    start(&mut dev);
+    let mut rings = Rings {
+        next_desc: [0; QUEUES as usize],
+        avail_idx: [0; QUEUES as usize],
+        next_buf: BUF_BASE,
+    };
+    let mut clients: Vec<UnixStream> = Vec::new();
+    let mut listeners: Vec<UnixListener> = Vec::new();
+
+    // Operations: an opcode byte, then its operands.
+    let mut rest = data;
+    while let Some((&op, tail)) = rest.split_first() {
+        rest = tail;
+        match op % 10 {
+            // Write guest memory: address (3 bytes), length (1 byte), bytes.
+            0 => {
+                let Some(left) = crate::guest_ops::write_memory(&mem, MEM_SIZE, rest) else {
+                    break;
+                };
+                rest = left;
+            }
+            // Register write: access (2 bytes), value (4 bytes).
+            1 => {
+                let Some(left) = crate::guest_ops::write_register(&mut dev, op, rest) else {
+                    break;
+                };
+                rest = left;
+            }
+            // Register read: access (2 bytes).
+            2 => {
+                let Some(left) = crate::guest_ops::read_register(&mut dev, op, rest) else {
+                    break;
+                };
+                rest = left;
+            }
+            // A transmit packet: the header's 44 bytes, a payload length byte, two split
+            // points, then the payload. Bits of the opcode fix the CIDs and the type.
+            3 => {
+                if rest.len() < HDR_LEN + 3 {
+                    break;
+                }
+                let raw: &[u8; HDR_LEN] = rest[..HDR_LEN].try_into().expect("header bytes");
+                let mut h = Header::from_bytes(raw);
+                if op & 0x10 == 0 {
+                    h.src_cid = GUEST_CID;
+                    h.dst_cid = VSOCK_HOST_CID;
+                    h.type_ = VSOCK_TYPE_STREAM;
+                    h.op = 1 + h.op % 7;
+                    // Host services at 0..4, or the ports host clients got.
+                    h.dst_port = if op & 0x40 == 0 {
+                        h.dst_port % 4
+                    } else {
+                        HOST_PORT_FIRST + h.dst_port % 4
+                    };
+                    h.src_port %= 4;
+                }
+                let plen = usize::from(rest[HDR_LEN]).min(rest.len() - HDR_LEN - 3);
+                if op & 0x20 == 0 {
+                    h.len = plen as u32;
+                }
+                let mut bytes = h.to_bytes().to_vec();
+                bytes.extend_from_slice(&rest[HDR_LEN + 3..HDR_LEN + 3 + plen]);
+                let a = usize::from(rest[HDR_LEN + 1]) % bytes.len().max(1);
+                let b = usize::from(rest[HDR_LEN + 2]) % bytes.len().max(1);
+                let (a, b) = (a.min(b), a.max(b));
+                let parts: Vec<(&[u8], usize)> = [&bytes[..a], &bytes[a..b], &bytes[b..]]
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .map(|p| (p, p.len()))
+                    .collect();
+                rings.chain(&mem, 1, &parts, false);
+                w32(&mut dev, REG_QUEUE_NOTIFY, 1);
+                rest = &rest[HDR_LEN + 3 + plen..];
+            }
+            // Receive or event buffers: queue (bit 4), count (bits 5-7), length (2 bytes).
+            4 => {
+                let Some(len) = rest.get(..2) else {
+                    break;
+                };
+                let len = usize::from(u16::from_le_bytes([len[0], len[1]]) % 5000).max(1);
+                let q = if op & 0x10 == 0 { 0 } else { 2 };
+                for _ in 0..=(op >> 5) {
+                    rings.chain(&mem, q, &[(&[], len)], true);
+                }
+                w32(&mut dev, REG_QUEUE_NOTIFY, q as u32);
+                rest = &rest[2..];
+            }
+            // A host client connects and types (length byte, bytes), or an existing one types.
+            5 => {
+                let Some(&len) = rest.first() else {
+                    break;
+                };
+                let len = usize::from(len).min(rest.len() - 1);
+                let bytes = &rest[1..1 + len];
+                if op & 0x10 == 0 || clients.is_empty() {
+                    if clients.len() >= MAX_CLIENTS {
+                        clients.remove(0);
+                    }
+                    if let Ok(mut c) = UnixStream::connect(&sock) {
+                        let _ = c.set_nonblocking(true);
+                        if op & 0x20 == 0 {
+                            let _ = writeln!(c, "CONNECT {}", op >> 6);
+                        }
+                        let _ = c.write(bytes);
+                        clients.push(c);
+                    }
+                } else {
+                    let i = usize::from(op >> 5) % clients.len();
+                    if op & 0x20 == 0 {
+                        let _ = clients[i].write(bytes);
+                    } else {
+                        clients.remove(i);
+                    }
+                }
+                rest = &rest[1 + len..];
+            }
+            // A service on the host at PATH_<port> (port from bits 4-5) starts listening.
+            6 => {
+                if listeners.len() < MAX_CLIENTS {
+                    let path = format!("{}_{}", sock.display(), (op >> 4) % 4);
+                    if let Ok(l) = UnixListener::bind(path) {
+                        listeners.push(l);
+                    }
+                }
+            }
+            // Time passes: up to about 4 s in steps.
+            7 => {
+                clock
+                    .0
+                    .fetch_add(u64::from(op >> 4) * 300_000_000, Ordering::SeqCst);
+                run(&mut dev, &poller);
+            }
+            // A transport reset, or the driver starting over.
+            8 => {
+                if op & 0x10 == 0 {
+                    dev.device_mut().transport_reset();
+                } else {
+                    start(&mut dev);
+                }
+                run(&mut dev, &poller);
+            }
+            // Let the event loop run.
+            _ => run(&mut dev, &poller),
+        }
+    }
+    run(&mut dev, &poller);
+    let info = dev.device().info();
+    assert!(info.connections.len() <= MAX_CONNECTIONS);
+}
