@@ -24,11 +24,10 @@
 use std::collections::VecDeque;
 use std::sync::Once;
 
-use chardev::{BackendSpec, ChardevSpec, Registry};
+use chardev::{BackendSpec, ChardevSpec};
 use monitor::commands::{backend_to_spec, execute, Context, COMMANDS};
-use monitor::device_spec::DeviceSpec;
-use monitor::machine::{Machine, MachineError, PortInfo, RunState};
 use monitor::protocol::{error_line, return_line, QmpError};
+use monitor::testutil::{opens_nothing, FakeMachine};
 use monitor::FdStore;
 use serde_json::{Map, Number, Value};
 
@@ -274,126 +273,15 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// A machine that records nothing and opens nothing (see the module docs).
-pub struct FakeMachine {
-    state: RunState,
-    registry: Registry,
-    ports: Vec<PortInfo>,
-    frontends: Vec<(String, Box<dyn chardev::Backend>)>,
-}
-
-impl FakeMachine {
-    /// A running machine with chardevs `r0` (ringbuf), `n0` (null) and `m0` (a mux on a null).
-    pub fn new() -> Self {
-        let mut registry = Registry::new();
-        for spec in ["ringbuf,id=r0,size=1024", "null,id=n0", "null,id=m0,mux=on"] {
-            let spec = ChardevSpec::parse(spec).expect("seed chardev spec");
-            registry.add(&spec).expect("seed chardev");
-        }
-        FakeMachine {
-            state: RunState::Running,
-            registry,
-            ports: Vec::new(),
-            frontends: Vec::new(),
-        }
+/// The monitor's fake machine, sandboxed (it opens no host resource: see the module docs),
+/// with chardevs `r0` (ringbuf), `n0` (null) and `m0` (a mux on a null).
+fn machine() -> FakeMachine {
+    let mut m = FakeMachine::sandboxed();
+    for spec in ["ringbuf,id=r0,size=1024", "null,id=n0", "null,id=m0,mux=on"] {
+        let spec = ChardevSpec::parse(spec).expect("seed chardev spec");
+        m.registry.add(&spec).expect("seed chardev");
     }
-}
-
-impl Default for FakeMachine {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Whether creating `spec`'s backend does nothing outside this process's memory.
-fn opens_nothing(spec: &ChardevSpec) -> bool {
-    spec.log.is_none() && matches!(spec.backend, BackendSpec::Null | BackendSpec::Ringbuf(_))
-}
-
-impl Machine for FakeMachine {
-    fn run_state(&self) -> RunState {
-        self.state
-    }
-    fn stop(&mut self) -> Result<(), MachineError> {
-        self.state = RunState::Paused;
-        Ok(())
-    }
-    fn cont(&mut self) -> Result<(), MachineError> {
-        if self.state == RunState::Shutdown {
-            return Err(MachineError::Failed(
-                "Resetting the Virtual Machine is required".into(),
-            ));
-        }
-        self.state = RunState::Running;
-        Ok(())
-    }
-    fn system_reset(&mut self) -> Result<(), MachineError> {
-        Ok(())
-    }
-    fn system_powerdown(&mut self) -> Result<(), MachineError> {
-        Ok(())
-    }
-    fn quit(&mut self) {
-        self.state = RunState::Shutdown;
-    }
-    fn name(&self) -> Option<String> {
-        Some("vm1".into())
-    }
-    fn uuid(&self) -> Option<String> {
-        None
-    }
-    fn chardevs(&mut self) -> &mut Registry {
-        &mut self.registry
-    }
-    /// The registry's own `add` (so mux and `mux=on` are the real thing), with any backend
-    /// that would open something replaced by `null`.
-    fn chardev_add(&mut self, spec: &ChardevSpec) -> Result<(), MachineError> {
-        let mut spec = spec.clone();
-        if !opens_nothing(&spec) && !matches!(spec.backend, BackendSpec::Mux(_)) {
-            spec.backend = BackendSpec::Null;
-            spec.log = None;
-        }
-        self.registry.add(&spec).map_err(MachineError::from)
-    }
-    fn chardev_send_break(&mut self, id: &str) -> Result<(), MachineError> {
-        if !self.registry.contains(id) {
-            return Err(chardev::Error::NotFound(id.into()).into());
-        }
-        Ok(())
-    }
-    fn device_add(&mut self, d: &DeviceSpec) -> Result<(), MachineError> {
-        let id = d.id.clone().unwrap_or_else(|| "anon".into());
-        if self.ports.iter().any(|p| p.id == id) {
-            return Err(MachineError::Failed(format!("Duplicate device ID '{id}'")));
-        }
-        if let Some(c) = &d.chardev {
-            let handle = self.registry.take(c)?;
-            self.frontends.push((id.clone(), handle));
-        }
-        self.ports.push(PortInfo {
-            id,
-            driver: d.driver,
-            bus: d.bus.clone().unwrap_or_else(|| "vser0.0".into()),
-            nr: d.nr.unwrap_or(self.ports.len() as u32 + 1),
-            name: d.name.clone(),
-            chardev: d.chardev.clone(),
-            guest_connected: false,
-            host_connected: false,
-        });
-        Ok(())
-    }
-    fn device_del(&mut self, id: &str) -> Result<(), MachineError> {
-        let n = self.ports.len();
-        self.ports.retain(|p| p.id != id);
-        self.frontends.retain(|(p, _)| p != id);
-        if self.ports.len() == n {
-            return Err(MachineError::DeviceNotFound(id.into()));
-        }
-        Ok(())
-    }
-    fn ports(&self) -> Vec<PortInfo> {
-        self.ports.clone()
-    }
+    m
 }
 
 /// The spec a `chardev-change` would open a backend for, if it gets that far: it names a
@@ -480,7 +368,7 @@ pub type Trace<'a> = dyn FnMut(&str, &Map<String, Value>, &str) + 'a;
 pub fn qmp_args_traced(data: &[u8], trace: &mut Trace<'_>) {
     static REGISTER: Once = Once::new();
     REGISTER.call_once(vproxy::register);
-    let mut machine = FakeMachine::new();
+    let mut machine = machine();
     let fds = FdStore::new();
     let mut passed = VecDeque::new();
     let mut input = Decoder::new(data);

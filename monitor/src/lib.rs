@@ -36,6 +36,8 @@ pub mod machine;
 pub mod protocol;
 pub mod server;
 mod sys;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testutil;
 pub mod vproxy;
 
 pub use chardev_mon::{ChardevMonitor, MonitorMode};
