@@ -138,6 +138,13 @@ pub trait Backend: Send {
         0
     }
 
+    /// Take out the output the backend accepted and has not handed to a peer yet (queued for
+    /// a slow peer, or kept in the replay ring while none is connected), oldest first:
+    /// `chardev-change` passes it on to the new backend rather than losing it.
+    fn take_unsent(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
+
     /// Block until a peer connects, for a backend configured to wait for one before the guest
     /// starts (`socket,server=on,wait=on`), at most `timeout` (`None`: no limit). Returns
     /// whether a peer is connected (or nothing needs waiting for). The only blocking call of

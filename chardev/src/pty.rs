@@ -269,6 +269,10 @@ impl Backend for PtyBackend {
     fn dropped_bytes(&self) -> u64 {
         self.link.dropped()
     }
+
+    fn take_unsent(&mut self) -> Vec<u8> {
+        self.link.take_unsent()
+    }
 }
 
 #[cfg(test)]

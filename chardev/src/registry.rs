@@ -31,6 +31,15 @@ struct Slot {
     /// The registrar the frontend attached the chardev to; a `change` attaches the new
     /// backend to it after detaching the old one.
     reg: Option<Registrar>,
+    /// Output dropped by the backends a `change` replaced: `dropped-bytes` counts over the
+    /// chardev's life, not its current backend's.
+    dropped_before: u64,
+}
+
+impl Slot {
+    fn dropped_bytes(&self) -> u64 {
+        self.dropped_before + self.backend.dropped_bytes()
+    }
 }
 
 type SharedSlot = Arc<Mutex<Slot>>;
@@ -103,7 +112,7 @@ impl Backend for Handle {
         self.with(|s| s.backend.window_size())
     }
     fn dropped_bytes(&self) -> u64 {
-        self.with(|s| s.backend.dropped_bytes())
+        self.with(|s| s.dropped_bytes())
     }
     fn wait_for_client(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         self.with(|s| s.backend.wait_for_client(timeout))
@@ -243,6 +252,7 @@ impl Registry {
             return Err(Error::Duplicate(id.to_string()));
         }
         let slot = Arc::new(Mutex::new(Slot {
+            dropped_before: 0,
             backend,
             pending: Vec::new(),
             reg: None,
@@ -323,7 +333,9 @@ impl Registry {
 
     /// Replace the backend of `id` (`chardev-change`), in place under its frontend, which
     /// sees `Closed`/`Opened` as the connection state changes; the old backend is detached from the
-    /// frontend's registrar and the new one attached to it.
+    /// frontend's registrar and the new one attached to it. Guest output the old backend still
+    /// held goes to the new one first; what the new one does not take counts as dropped, and
+    /// so do the old one's drops (`dropped-bytes` is the chardev's, across changes).
     /// Returns the old backend. Muxes cannot be changed.
     pub fn change(&mut self, id: &str, backend: Box<dyn Backend>) -> Result<Box<dyn Backend>> {
         match self.entries.get_mut(id) {
@@ -343,6 +355,15 @@ impl Registry {
                 if let Some(reg) = s.reg.clone() {
                     s.backend.attach(reg);
                 }
+                let unsent = old.take_unsent();
+                let mut handed = 0;
+                while handed < unsent.len() {
+                    match s.backend.write(&unsent[handed..]) {
+                        Ok(n) if n > 0 => handed += n,
+                        _ => break,
+                    }
+                }
+                s.dropped_before += old.dropped_bytes() + (unsent.len() - handed) as u64;
                 if was {
                     s.pending.push(Event::Closed);
                 }
@@ -374,13 +395,18 @@ impl Registry {
                 continue;
             };
             let is_mux = matches!(self.entries.get(&id), Some(Entry::Mux(_)));
+            // Drops of backends a `change` replaced count too.
+            let replaced = match self.entries.get(&id) {
+                Some(Entry::Plain(slot)) => lock(slot).dropped_before,
+                _ => 0,
+            };
             if let Ok(info) = self.with(&id, |b| ChardevInfo {
                 label: id.clone(),
                 kind: if is_mux { "mux" } else { b.kind() },
                 filename: b.filename(),
                 in_use,
                 connected: b.is_connected(),
-                dropped_bytes: b.dropped_bytes(),
+                dropped_bytes: replaced + b.dropped_bytes(),
             }) {
                 out.push(info);
             }
@@ -452,6 +478,28 @@ mod tests {
             "chardev 'rb' not found"
         );
         assert!(r.take("nope").is_err());
+    }
+
+    #[test]
+    fn change_hands_unsent_output_to_the_new_backend_and_keeps_the_drop_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = Registry::new();
+        // A server nobody connected to: output waits in its 8-byte replay ring.
+        let spec = format!(
+            "socket,id=c,path={},server=on,wait=off,backlog=8",
+            dir.path().join("s").display()
+        );
+        add(&mut r, &spec).unwrap();
+        let mut h = r.take("c").unwrap();
+        assert_eq!(h.write(b"0123456789AB").unwrap(), 12);
+        assert_eq!(h.dropped_bytes(), 4);
+        // The new backend's ring holds 4 of the 8 bytes handed over; 4 more are dropped.
+        let rb = crate::create(&ChardevSpec::parse("ringbuf,id=c,size=4").unwrap()).unwrap();
+        r.change("c", rb).unwrap();
+        assert_eq!(h.ring().unwrap().ringbuf_read(64).unwrap(), b"89AB");
+        assert_eq!(h.dropped_bytes(), 8);
+        let info = r.list().into_iter().find(|i| i.label == "c").unwrap();
+        assert_eq!(info.dropped_bytes, 8);
     }
 
     #[test]

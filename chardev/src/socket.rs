@@ -709,6 +709,10 @@ impl Backend for SocketBackend {
         self.link.dropped()
     }
 
+    fn take_unsent(&mut self) -> Vec<u8> {
+        self.link.take_unsent()
+    }
+
     fn wait_for_client(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         let Role::Server { listener, wait } = &self.role else {
             return Ok(true);

@@ -360,6 +360,16 @@ impl Link {
         }
     }
 
+    /// Output not yet written to a peer, oldest first: the replay ring, then what the
+    /// connected peer has not taken. Both are emptied.
+    pub(crate) fn take_unsent(&mut self) -> Vec<u8> {
+        let mut out = self.ring.take_all();
+        if let Some(s) = &mut self.stream {
+            out.extend(s.take_unsent());
+        }
+        out
+    }
+
     /// Bytes dropped by the replay ring.
     pub(crate) fn dropped(&self) -> u64 {
         self.ring.dropped()
