@@ -738,7 +738,9 @@ impl Backend for SocketBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{getsockopt_int, pump, read_n, wait_closed, wait_event, DEADLINE};
+    use crate::testutil::{
+        getsockopt_int, pump, read_n, wait_closed, wait_event, watched, DEADLINE,
+    };
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::unix::fs::PermissionsExt;
@@ -847,6 +849,51 @@ mod tests {
         wait_event(&mut z, |e| *e == Event::Opened);
         z.write(b"kept").unwrap();
         assert_eq!(read_stream(&mut c, 4), b"kept");
+    }
+
+    #[test]
+    fn input_a_peer_sent_before_hanging_up_waits_for_a_busy_frontend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut b = SocketBackend::open("c0", &unix_spec(&path, true, false, 64)).unwrap();
+        let mut c = blocking_unix(&path);
+        wait_event(&mut b, |e| *e == Event::Opened);
+        // The frontend is full (a UART's FIFO) and has output the peer does not read: the
+        // peer sends its last bytes and leaves; minivmm's next write fails.
+        b.set_input_wanted(false);
+        let big = vec![b'x'; 1 << 20];
+        let mut queued = 0;
+        while queued < big.len() {
+            let n = b.write(&big[queued..]).unwrap();
+            if n == 0 {
+                break;
+            }
+            queued += n;
+        }
+        c.write_all(b"last words").unwrap();
+        c.shutdown(std::net::Shutdown::Both).unwrap();
+        drop(c);
+        for _ in 0..10 {
+            pump(&mut b, 5);
+        }
+        assert!(b.is_connected(), "dropped with input left");
+        assert!(
+            watched(&mut b).is_empty(),
+            "a hung-up fd must not be watched"
+        );
+        // Output from now on waits for the next peer.
+        assert_eq!(b.write(b"later").unwrap(), 5);
+        // Room again: the bytes arrive, then the end.
+        b.set_input_wanted(true);
+        assert_eq!(read_n(&mut b, 10), b"last words");
+        wait_closed(&mut b);
+        assert!(!b.is_connected());
+        // A peer that leaves with nothing unread is gone at once, busy frontend or not.
+        let c = blocking_unix(&path);
+        wait_event(&mut b, |e| *e == Event::Opened);
+        b.set_input_wanted(false);
+        drop(c);
+        wait_closed(&mut b);
     }
 
     #[test]

@@ -190,6 +190,12 @@ impl Stream {
         self.hup
     }
 
+    /// Whether the input fd still holds bytes to read.
+    pub(crate) fn input_left(&self) -> bool {
+        self.rfd
+            .is_some_and(|fd| !self.eof && sys::pending_input(fd) > 0)
+    }
+
     /// React to readiness of one of our fds. An error means the peer is gone.
     pub(crate) fn on_ready(
         &mut self,
@@ -220,6 +226,9 @@ pub(crate) struct Link {
     out_cap: usize,
     input_wanted: bool,
     lost: bool,
+    /// The peer can take no more output but may still have sent input not yet read: output
+    /// goes to the replay ring until that input is read to its end.
+    out_dead: bool,
     pub(crate) events: EventQueue,
 }
 
@@ -232,6 +241,7 @@ impl Link {
             out_cap,
             input_wanted: true,
             lost: false,
+            out_dead: false,
             events: EventQueue::default(),
         }
     }
@@ -249,6 +259,7 @@ impl Link {
         s.replay(&backlog);
         self.stream = Some(s);
         self.lost = false;
+        self.out_dead = false;
         self.events.push(Event::Opened);
         self.flush();
         Ok(())
@@ -284,8 +295,23 @@ impl Link {
     fn flush(&mut self) {
         if let Some(s) = &mut self.stream {
             if let Err(e) = s.flush(&mut self.events) {
-                self.lose(Some(e));
+                self.output_failed(e);
             }
+        }
+    }
+
+    /// Writing to the peer failed (it shut down or left). Input it sent before that is still
+    /// the guest's: while some is left to read, only output stops (what it did not take goes
+    /// to the replay ring, and so does what follows); the peer is lost when its input ends.
+    fn output_failed(&mut self, e: io::Error) {
+        match &mut self.stream {
+            Some(s) if s.input_left() => {
+                log::debug!("chardev peer takes no more output ({e}); reading what it sent");
+                let unsent = s.take_unsent();
+                self.ring.push(&unsent);
+                self.out_dead = true;
+            }
+            _ => self.lose(Some(e)),
         }
     }
 
@@ -319,7 +345,7 @@ impl Link {
     /// Queue guest output: to the peer's bounded buffer while connected (returns what fit),
     /// else to the replay ring (takes everything).
     pub(crate) fn write(&mut self, data: &[u8]) -> usize {
-        if let Some(s) = &mut self.stream {
+        if let Some(s) = self.stream.as_mut().filter(|_| !self.out_dead) {
             let n = s.write(data);
             self.flush();
             if self.stream.is_some() {
@@ -351,9 +377,12 @@ impl Link {
         };
         let res = s.on_ready(fd, r, &mut self.events);
         match res {
-            Err(e) => self.lose(Some(e)),
-            Ok(()) if s.hung_up() && !s.has_output() && !self.input_wanted => {
-                // Nobody will read what is left and nothing waits to be written: the peer is gone.
+            Err(e) => self.output_failed(e),
+            Ok(()) if s.hung_up() && !s.has_output() && !self.input_wanted && !s.input_left() => {
+                // The peer hung up, left nothing to read and nothing waits to be written: it is
+                // gone. With input left, the stream stays (its fd unwatched) until the frontend
+                // reads the rest and meets the end: bytes a peer sent before it left are the
+                // guest's, however busy the frontend was when it left.
                 self.lose(None)
             }
             Ok(()) => {}

@@ -77,6 +77,11 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Bytes waiting to be read on `fd` (`FIONREAD`); 0 when the fd cannot say.
+pub fn pending_input(fd: RawFd) -> usize {
+    with_fd(fd, |fd| Ok(rustix::io::ioctl_fionread(fd)?)).map_or(0, |n| n as usize)
+}
+
 /// `write(2)`, retried on EINTR. One attempt otherwise: callers handle short writes.
 pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     loop {
