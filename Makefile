@@ -6,6 +6,8 @@
 #   make run     boot the test kernel with a busybox shell on this terminal
 #   make test    build what is missing, then run every test (unit, property, integration)
 #   make pyenv   build/pyenv: a Python venv with QEMU's qemu.qmp library for the QMP tests
+#   make soak    the chaos soak: SOAK_S seconds of faults (600 unless set; make test runs 180),
+#                SOAK_SEED=N replays a failed run's choices
 #   make bench   tables: boot time, UART pacing, virtio-console throughput, vproxy, the event loop's
 #                cost against open fds, QMP latency (beside QEMU where it applies)
 #   make lint    rustfmt --check and clippy -D warnings
@@ -34,7 +36,7 @@ export MINIVMM_INITRD_VP := $(abspath $(INITRD_VP))
 export MINIVMM_BIN    := $(abspath $(MINIVMM))
 export MINIVMM_VP     := $(abspath $(VP))
 
-.PHONY: all guest build vp run test bench lint stock deps pyenv clean FORCE
+.PHONY: all guest build vp run test soak bench lint stock deps pyenv clean FORCE
 
 all: build
 
@@ -81,6 +83,11 @@ test: deps guest stock build pyenv
 	    cargo test --workspace --no-fail-fast; \
 	fi
 	cargo test --manifest-path fuzz/Cargo.toml --test replay
+
+# The chaos soak alone, longer than make test's pass (tests/tests/soak.rs).
+SOAK_S ?= 600
+soak: guest build vp
+	SOAK_S=$(SOAK_S) cargo nextest run -p tests --test soak --no-capture
 
 bench: guest build
 	@bash resources/bench-boot.sh

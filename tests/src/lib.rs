@@ -5,6 +5,7 @@
 //! when `/dev/kvm` cannot be opened.
 
 pub mod qmp;
+pub mod soak;
 pub mod stream;
 
 use std::io::{BufRead, BufReader, Read, Write};
