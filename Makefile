@@ -6,7 +6,7 @@
 #   make run     boot the test kernel with a busybox shell on this terminal
 #   make test    build what is missing, then run every test (unit, property, integration)
 #   make pyenv   build/pyenv: a Python venv with QEMU's qemu.qmp library for the QMP tests
-#   make bench   tables: boot time, UART pacing, virtio-console throughput, vproxy, the event loop's
+#   make bench   tables: boot time, UART pacing, virtio-console and vsock throughput, vproxy, the event loop's
 #                cost against open fds, QMP latency (beside QEMU where it applies)
 #   make lint    rustfmt --check and clippy -D warnings
 #   make stock   the Debian cloud kernel + an initramfs with its virtio modules (for hardware KVM)
@@ -86,6 +86,7 @@ bench: guest build
 	@bash resources/bench-boot.sh
 	@bash resources/bench-serial.sh
 	@bash resources/bench-virtio.sh
+	@bash resources/bench-vsock.sh
 	@bash resources/bench-vproxy.sh
 	@bash resources/bench-eventloop.sh
 	@bash resources/bench-qmp.sh
