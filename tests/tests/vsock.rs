@@ -210,10 +210,10 @@ fn send_from_thread(mut s: UnixStream, data: Vec<u8>) -> std::thread::JoinHandle
 }
 
 /// The guest's side. Each host listener's stream carries back what one of the guest
-/// listeners receives (a FIFO between `tee` and `vsock-cat connect`), so all five streams run
-/// at once and every byte the guest sends was made by the host and moved by the guest kernel
-/// only (making 32 MiB in the guest, from `/dev/urandom`, takes longer than the transfers on
-/// kvm_pvm's emulated ring 0).
+/// listeners receives (a FIFO between `vsock-cat --tee 3 listen` and `vsock-cat connect`), so
+/// all five streams run at once and every byte the guest sends was made by the host and moved
+/// by the guest kernel only (making 32 MiB in the guest, from `/dev/urandom`, takes longer
+/// than the transfers on kvm_pvm's emulated ring 0).
 fn guest_script() -> String {
     let vp = "/bin/minivmm-vp vsock-cat";
     let [g1, g2, g3] = GUEST_PORTS;
@@ -225,7 +225,7 @@ fn guest_script() -> String {
            mkfifo /tmp/f{g1} /tmp/f{g2}\n\
            ({vp} connect 2 {h1} </tmp/f{g1} >/dev/null; echo sent-{h1}-rc=$?) &\n\
            ({vp} connect 2 {h2} </tmp/f{g2} >/dev/null; echo sent-{h2}-rc=$?) &\n\
-           for p in {g1} {g2}; do (echo in-md5-$p=$({vp} listen $p </dev/null | tee /tmp/f$p | md5sum)) & done\n\
+           for p in {g1} {g2}; do (echo in-md5-$p=$({vp} --tee 3 listen $p </dev/null 3>/tmp/f$p | md5sum)) & done\n\
            (echo in-md5-{g3}=$({vp} listen {g3} </dev/null | md5sum)) &\n\
            wait; echo bulk-done\n\
            {vp} connect 2 {HOST_PORT_CLOSED} </dev/null; echo refused-rc=$?\n\
@@ -235,7 +235,7 @@ fn guest_script() -> String {
          else\n\
            mkfifo /tmp/f{g1}\n\
            ({vp} connect 2 {h1} </tmp/f{g1} >/dev/null; echo sent-{h1}-rc=$?) &\n\
-           (echo in-md5-{g1}=$({vp} listen {g1} </dev/null | tee /tmp/f{g1} | md5sum)) &\n\
+           (echo in-md5-{g1}=$({vp} --tee 3 listen {g1} </dev/null 3>/tmp/f{g1} | md5sum)) &\n\
            wait; echo after-reboot-done\n\
          fi\n",
         held = HELD_LINE.replace('\n', "\\n"),

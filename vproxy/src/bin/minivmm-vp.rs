@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! minivmm-vp --channel SPEC [--iforward NAME:HOST:PORT]... [--oforward NAME:[BIND:]PORT]... [-v]
-//! minivmm-vp vsock-cat listen PORT | vsock-cat connect CID PORT
+//! minivmm-vp vsock-cat [--tee FD] listen PORT | vsock-cat [--tee FD] connect CID PORT
 //! ```
 //!
 //! `vsock-cat` joins stdin and stdout to one AF_VSOCK stream (`vproxy::vsock_cat`).
@@ -28,8 +28,9 @@ const EXIT_FAILURE: u8 = 1;
 const USAGE: &str = "\
 usage: minivmm-vp --channel SPEC [--iforward NAME:HOST:PORT]... [--oforward NAME:[BIND:]PORT]...
                   [--rate BYTES_PER_S] [--window SIZE] [--max-streams N] [-v]
-       minivmm-vp vsock-cat listen PORT | vsock-cat connect CID PORT
-                  stdin and stdout joined to one AF_VSOCK stream (the host is CID 2)
+       minivmm-vp vsock-cat [--tee FD] listen PORT | vsock-cat [--tee FD] connect CID PORT
+                  stdin and stdout joined to one AF_VSOCK stream (the host is CID 2);
+                  --tee FD: what the stream brings goes to fd FD too
 
   --channel SPEC   the channel to the other end:
                      PATH                   a char device, e.g. /dev/virtio-ports/org.minivmm.vproxy
