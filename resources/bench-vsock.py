@@ -15,6 +15,7 @@ Prints MB/s (10^6 bytes per second), median of the runs, per channel and directi
 not measured: its vsock needs the host's vhost-vsock, a different design.
 
 usage: bench-vsock.py --kernel K --initrd I_VP --minivmm BIN [--runs N] [--size BYTES]
+                      [--seccomp on|log|off]
 """
 
 import argparse
@@ -101,6 +102,7 @@ def main():
     ap.add_argument("--minivmm", required=True)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size", type=int, default=1 << 20)
+    ap.add_argument("--seccomp", default="on", choices=["on", "log", "off"])
     args = ap.parse_args()
     cmdline = f"{CMDLINE} {run64(guest_script(args.runs, args.size))}"
     data = bytes((i * 7 + (i >> 8)) & 0xff for i in range(args.size))
@@ -117,7 +119,7 @@ def main():
                 "--append", cmdline, "--serial", "stdio", "--memory", "256M",
                 "--chardev", f"socket,id=c0,path={sock},server=on,wait=off",
                 "--device", f"virtserialport,chardev=c0,name={PORT}",
-                "--device", f"vsock,guest-cid=3,uds={uds}"]
+                "--device", f"vsock,guest-cid=3,uds={uds}", "--seccomp", args.seccomp]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL)
         con = Console(proc)
