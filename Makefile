@@ -8,7 +8,7 @@
 #   make pyenv   build/pyenv: a Python venv with QEMU's qemu.qmp library for the QMP tests
 #   make soak    the chaos soak: SOAK_S seconds of faults (600 unless set; make test runs 180),
 #                SOAK_SEED=N replays a failed run's choices
-#   make bench   tables: boot time, UART pacing, virtio-console throughput, vproxy, the event loop's
+#   make bench   tables: boot time, UART pacing, virtio-console and vsock throughput, vproxy, the event loop's
 #                cost against open fds, QMP latency (beside QEMU where it applies)
 #   make lint    rustfmt --check and clippy -D warnings
 #   make stock   the Debian cloud kernel + an initramfs with its virtio modules (for hardware KVM)
@@ -93,6 +93,7 @@ bench: guest build
 	@bash resources/bench-boot.sh
 	@bash resources/bench-serial.sh
 	@bash resources/bench-virtio.sh
+	@bash resources/bench-vsock.sh
 	@bash resources/bench-vproxy.sh
 	@bash resources/bench-eventloop.sh
 	@bash resources/bench-qmp.sh

@@ -55,6 +55,7 @@ pub const COMMANDS: &[&str] = &[
     "vproxy-forward-add",
     "vproxy-forward-remove",
     "query-vproxy",
+    "query-vsock",
 ];
 
 /// Most bytes one `ringbuf-read` returns (it may always return fewer than asked).
@@ -403,6 +404,10 @@ pub fn execute(
             a.finish()?;
             return vproxy::query(ctx.machine.chardevs(), id);
         }
+        "query-vsock" => {
+            a.finish()?;
+            return query_vsock(ctx);
+        }
         other => {
             return Err(QmpError::command_not_found(format!(
                 "The command {other} has not been found"
@@ -446,6 +451,41 @@ pub fn query_chardev(ctx: &mut Context<'_>) -> Value {
             })
             .collect(),
     )
+}
+
+/// `query-vsock`: the vsock device, its connections and counters; an error when the
+/// machine has none.
+pub fn query_vsock(ctx: &mut Context<'_>) -> Result<Value, QmpError> {
+    let v = ctx
+        .machine
+        .vsock()
+        .ok_or_else(|| QmpError::generic("This machine has no vsock device"))?;
+    let connections: Vec<Value> = v
+        .connections
+        .iter()
+        .map(|c| {
+            json!({
+                "local-port": c.local_port,
+                "peer-port": c.peer_port,
+                "host-initiated": c.host_initiated,
+                "state": c.state,
+                "bytes-to-host": c.bytes_to_host,
+                "bytes-to-guest": c.bytes_to_guest,
+            })
+        })
+        .collect();
+    let counters: Map<String, Value> = v
+        .counters
+        .iter()
+        .map(|&(name, n)| (name.to_string(), json!(n)))
+        .collect();
+    Ok(json!({
+        "id": v.id,
+        "guest-cid": v.guest_cid,
+        "uds-path": v.uds_path,
+        "connections": connections,
+        "counters": counters,
+    }))
 }
 
 /// `query-virtio-serial`.
@@ -1219,6 +1259,46 @@ pub(crate) mod tests {
             json!({"fdname": "file"}).as_object().unwrap(),
         )
         .unwrap();
+    }
+
+    /// A vsock device as the VMM would report one.
+    pub fn sample_vsock() -> crate::machine::VsockStatus {
+        crate::machine::VsockStatus {
+            id: "vsock0".into(),
+            guest_cid: 3,
+            uds_path: "/tmp/v.sock".into(),
+            connections: vec![crate::machine::VsockConnection {
+                local_port: 1 << 30,
+                peer_port: 5000,
+                host_initiated: true,
+                state: "established".into(),
+                bytes_to_host: 7,
+                bytes_to_guest: 9,
+            }],
+            counters: vec![("malformed-packets", 2), ("transport-resets", 1)],
+        }
+    }
+
+    #[test]
+    fn query_vsock() {
+        let mut m = FakeMachine::new();
+        let fds = FdStore::new();
+        assert_eq!(
+            desc(run(&mut m, &fds, "query-vsock", json!({}))),
+            "This machine has no vsock device"
+        );
+        m.vsock = Some(sample_vsock());
+        assert_eq!(
+            run(&mut m, &fds, "query-vsock", json!({})).unwrap(),
+            json!({
+                "id": "vsock0", "guest-cid": 3, "uds-path": "/tmp/v.sock",
+                "connections": [{"local-port": 1073741824u32, "peer-port": 5000,
+                    "host-initiated": true, "state": "established",
+                    "bytes-to-host": 7, "bytes-to-guest": 9}],
+                "counters": {"malformed-packets": 2, "transport-resets": 1},
+            })
+        );
+        assert!(desc(run(&mut m, &fds, "query-vsock", json!({"x": 1}))).contains("x"));
     }
 
     #[test]

@@ -27,7 +27,7 @@ const HELP: &[(&str, &str, &str)] = &[
     ("help|?", "[cmd]", "show the help"),
     (
         "info",
-        "status|version|name|uuid|chardev|ports|qtree",
+        "status|version|name|uuid|chardev|ports|qtree|vsock",
         "show information about the machine",
     ),
     ("stop", "", "stop emulation"),
@@ -250,7 +250,8 @@ fn info_help() -> String {
      info name -- show the current VM name\n\
      info uuid -- show the current VM UUID\n\
      info chardev -- show the character devices\n\
-     info ports -- show the virtio-serial ports (also: info qtree)\n"
+     info ports -- show the virtio-serial ports (also: info qtree)\n\
+     info vsock -- show the vsock device and its connections\n"
         .to_string()
 }
 
@@ -318,6 +319,37 @@ fn info(ctx: &mut Context<'_>, what: &str) -> String {
             }
             out
         }
+        "vsock" => match ctx.machine.vsock() {
+            None => "no vsock device\n".to_string(),
+            Some(v) => {
+                let mut out = format!(
+                    "{}: guest-cid={} uds={} connections={}\n",
+                    v.id,
+                    v.guest_cid,
+                    v.uds_path,
+                    v.connections.len()
+                );
+                for c in &v.connections {
+                    out.push_str(&format!(
+                        "  {} host port {} <-> guest port {}: {}, to-host={} to-guest={}\n",
+                        if c.host_initiated {
+                            "host->guest"
+                        } else {
+                            "guest->host"
+                        },
+                        c.local_port,
+                        c.peer_port,
+                        c.state,
+                        c.bytes_to_host,
+                        c.bytes_to_guest
+                    ));
+                }
+                let counters: Vec<String> =
+                    v.counters.iter().map(|(k, n)| format!("{k}={n}")).collect();
+                out.push_str(&format!("  {}\n", counters.join(" ")));
+                out
+            }
+        },
         _ => info_help(),
     }
 }
@@ -429,6 +461,20 @@ mod tests {
             passed_fds: &mut passed,
         };
         execute(&mut ctx, line)
+    }
+
+    #[test]
+    fn info_vsock() {
+        let mut m = FakeMachine::new();
+        let f = FdStore::new();
+        assert_eq!(hmp(&mut m, &f, "info vsock"), "no vsock device\n");
+        m.vsock = Some(crate::commands::tests::sample_vsock());
+        assert_eq!(
+            hmp(&mut m, &f, "info vsock"),
+            "vsock0: guest-cid=3 uds=/tmp/v.sock connections=1\n  \
+             host->guest host port 1073741824 <-> guest port 5000: established, to-host=7 \
+             to-guest=9\n  malformed-packets=2 transport-resets=1\n"
+        );
     }
 
     #[test]

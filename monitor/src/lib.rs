@@ -47,6 +47,6 @@ pub use events::{EventQueue, ShutdownCause};
 pub use fdstore::FdStore;
 pub use hub::Monitor;
 pub use instance::{Instance, InstanceConfig, InstanceError, InstanceInfo};
-pub use machine::{Machine, MachineError, PortInfo, RunState};
+pub use machine::{Machine, MachineError, PortInfo, RunState, VsockConnection, VsockStatus};
 pub use protocol::{ErrorClass, QmpError, QmpEvent};
 pub use server::{Limits, QmpServer, ServerError};

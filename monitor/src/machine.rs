@@ -72,6 +72,38 @@ pub struct PortInfo {
     pub host_connected: bool,
 }
 
+/// One vsock connection, for `query-vsock` and `info vsock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConnection {
+    /// The host end's port (for a host-initiated connection, the one `OK <port>` named).
+    pub local_port: u32,
+    /// The guest end's port.
+    pub peer_port: u32,
+    /// Whether a host client opened it (`CONNECT <port>`), else the guest did.
+    pub host_initiated: bool,
+    /// Its state, a short lowercase name (`connecting`, `established`, ...).
+    pub state: String,
+    /// Guest bytes written to the host socket.
+    pub bytes_to_host: u64,
+    /// Host bytes delivered to the guest.
+    pub bytes_to_guest: u64,
+}
+
+/// The vsock device, for `query-vsock` and `info vsock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockStatus {
+    /// Device id.
+    pub id: String,
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// The host listener's path (`PATH`; guest connections to host port P go to `PATH_P`).
+    pub uds_path: String,
+    /// Every connection, by (local port, peer port).
+    pub connections: Vec<VsockConnection>,
+    /// The device's counters by name (malformed packets, resets, refusals, ...).
+    pub counters: Vec<(&'static str, u64)>,
+}
+
 /// Why the machine refused an operation.
 #[derive(Debug, Error)]
 pub enum MachineError {
@@ -181,6 +213,11 @@ pub trait Machine {
     fn device_del(&mut self, id: &str) -> Result<(), MachineError>;
     /// Every virtio-serial port.
     fn ports(&self) -> Vec<PortInfo>;
+
+    /// The vsock device, if the machine has one (`query-vsock`).
+    fn vsock(&self) -> Option<VsockStatus> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use chardev::{BackendSpec, ChardevSpec, Registry};
 
 use crate::device_spec::DeviceSpec;
-use crate::machine::{Machine, MachineError, PortInfo, RunState};
+use crate::machine::{Machine, MachineError, PortInfo, RunState, VsockStatus};
 
 /// A machine that records what it was asked.
 pub struct FakeMachine {
@@ -20,6 +20,8 @@ pub struct FakeMachine {
     /// Open no host resource (for fuzzing): `chardev-add` of a backend that would open a
     /// file, socket, pty, tty or the terminal registers a `null` chardev in its place.
     pub opens_nothing: bool,
+    /// What `query-vsock` reports (none: the machine has no vsock device).
+    pub vsock: Option<VsockStatus>,
 }
 
 impl FakeMachine {
@@ -33,6 +35,7 @@ impl FakeMachine {
             frontends: Vec::new(),
             events: None,
             opens_nothing: false,
+            vsock: None,
         }
     }
 
@@ -154,5 +157,8 @@ impl Machine for FakeMachine {
     }
     fn ports(&self) -> Vec<PortInfo> {
         self.ports.clone()
+    }
+    fn vsock(&self) -> Option<VsockStatus> {
+        self.vsock.clone()
     }
 }

@@ -13,6 +13,7 @@ use chardev::ChardevSpec;
 
 use crate::device_spec::{
     plan_com_ports, ComPortPlan, DeviceSpec, IsaSerialSpec, VirtioPortSpec, VirtioSerialSpec,
+    VsockSpec,
 };
 use crate::layout::{COM_PORTS, MIN_MEMORY, MMIO_HOLE_START};
 use monitor::MonitorMode;
@@ -133,6 +134,8 @@ pub struct VmConfig {
     pub com_ports: Vec<ComPortPlan>,
     /// The virtio-serial devices with their ports, in slot order.
     pub virtio_serial: Vec<VirtioSerialPlan>,
+    /// The vsock device (`--device vsock`), in the slot after the virtio-serial devices.
+    pub vsock: Option<VsockSpec>,
     /// The QMP socket path given with `--monitor`.
     pub monitor: Option<PathBuf>,
     /// The monitors on chardevs (`--mon`).
@@ -180,6 +183,9 @@ impl MonSpec {
         Ok(MonSpec { chardev, mode })
     }
 }
+
+/// What `--device` asks for: ISA UARTs, virtio-serial devices, the vsock device.
+type Devices = (Vec<IsaSerialSpec>, Vec<VirtioSerialPlan>, Option<VsockSpec>);
 
 /// A virtio-serial device and the ports on it.
 #[derive(Debug, Clone)]
@@ -243,6 +249,9 @@ pub enum CliError {
     /// More virtio-serial devices than GSIs for them.
     #[error("--device: at most {max} virtio-serial devices, got {0}", max = crate::layout::MAX_VIRTIO_MMIO_DEVICES)]
     TooManyVirtioSerial(usize),
+    /// A second `--device vsock`.
+    #[error("--device vsock: only one vsock device is supported")]
+    TwoVsock,
     /// Two devices with one id.
     #[error("--device: duplicate id '{0}'")]
     DuplicateDevice(String),
@@ -324,7 +333,7 @@ impl Cli {
         let mut chardevs = self.chardev_specs()?;
         // `--serial mon:FORM` also puts the human monitor on that chardev, as QEMU does.
         let (serial_ids, mut mons) = add_serial_chardevs(&self.serial_specs(), &mut chardevs)?;
-        let (isa, virtio_serial) = self.devices(&chardevs)?;
+        let (isa, virtio_serial, vsock) = self.devices(&chardevs)?;
         let com_ports = plan_com_ports(&serial_ids, &isa).map_err(CliError::Device)?;
         for m in &self.mon {
             mons.push(parse_mon(m, &chardevs)?);
@@ -340,6 +349,7 @@ impl Cli {
             chardevs,
             com_ports,
             virtio_serial,
+            vsock,
             monitor: self.monitor.clone(),
             mons,
             name: self.name.clone(),
@@ -419,12 +429,11 @@ impl Cli {
         Ok(chardevs)
     }
 
-    /// Every `--device`: the ISA UARTs, and the virtio-serial devices with their ports (a
-    /// port without one gets one). Each chardev named must be defined.
-    fn devices(
-        &self,
-        chardevs: &[ChardevSpec],
-    ) -> Result<(Vec<IsaSerialSpec>, Vec<VirtioSerialPlan>), CliError> {
+    /// Every `--device`: the ISA UARTs, the virtio-serial devices with their ports (a
+    /// port without one gets one) and the vsock device, if any. Each chardev named must be
+    /// defined.
+    fn devices(&self, chardevs: &[ChardevSpec]) -> Result<Devices, CliError> {
+        let mut vsock = None;
         let mut isa = Vec::new();
         let mut virtio_serial: Vec<VirtioSerialPlan> = Vec::new();
         let mut virtio_ports = Vec::new();
@@ -444,13 +453,20 @@ impl Cli {
                     check_device_chardev(chardevs, &p.chardev, driver)?;
                     virtio_ports.push(p);
                 }
+                DeviceSpec::Vsock(v) => {
+                    if vsock.replace(v).is_some() {
+                        return Err(CliError::TwoVsock);
+                    }
+                }
             }
         }
-        if virtio_serial.len() > crate::layout::MAX_VIRTIO_MMIO_DEVICES {
+        // The vsock device takes one of the virtio-mmio slots too.
+        let slots_left = crate::layout::MAX_VIRTIO_MMIO_DEVICES - usize::from(vsock.is_some());
+        if virtio_serial.len() > slots_left {
             return Err(CliError::TooManyVirtioSerial(virtio_serial.len()));
         }
         place_ports(&mut virtio_serial, virtio_ports)?;
-        Ok((isa, virtio_serial))
+        Ok((isa, virtio_serial, vsock))
     }
 
     /// `--name` checked; `--uuid` checked and lowercased.
@@ -698,6 +714,25 @@ mod tests {
         let long = "x".repeat(3000);
         let e = cli(&["--append", &long]).validate().unwrap_err();
         assert!(e.to_string().starts_with("--append:"), "{e}");
+    }
+
+    #[test]
+    fn one_vsock_device() {
+        let c = cli(&["--device", "vsock,guest-cid=3,uds=/tmp/v.sock"])
+            .validate()
+            .unwrap();
+        let v = c.vsock.expect("a vsock");
+        assert_eq!((v.guest_cid, v.uds_path.to_str()), (3, Some("/tmp/v.sock")));
+        assert_eq!(
+            rejected(&[
+                "--device",
+                "vsock,guest-cid=3,uds=/tmp/a",
+                "--device",
+                "vsock,guest-cid=4,uds=/tmp/b",
+            ]),
+            "--device vsock: only one vsock device is supported"
+        );
+        assert!(rejected(&["--device", "vsock,guest-cid=1,uds=/tmp/a"]).contains("guest-cid 1"));
     }
 
     #[test]

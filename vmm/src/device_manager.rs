@@ -15,6 +15,7 @@ use devices::power::{AcpiPm, GenericEventDevice, PowerControl, I8042};
 use devices::serial::SerialConfig;
 use devices::serial_port::SerialPort;
 use devices::virtio::console::{PortConfig, VirtioConsole};
+use devices::virtio::vsock::{Registration, VirtioVsock, VsockConfig};
 use devices::virtio::VirtioMmio;
 use devices::{Clock, IrqLine};
 use monitor::{EventQueue, QmpEvent};
@@ -24,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{ComPort, VirtioMmioSlot};
 use crate::cli::VirtioSerialPlan;
-use crate::device_spec::ComPortPlan;
+use crate::device_spec::{ComPortPlan, VsockSpec};
 use crate::event_loop::EventLoop;
 use crate::layout::{
     ACPI_GED_BASE, ACPI_GED_GSI, ACPI_GED_LEN, ACPI_PM_BASE, ACPI_PM_LEN, COM_PORT_SIZE,
@@ -34,6 +35,7 @@ use crate::layout::{
 use crate::serial::SerialHandler;
 use crate::vcpu::ExitLatch;
 use crate::virtio::{PortEventSink, SharedConsole, VirtioConsoleHandler};
+use crate::vsock::{SharedVsock, VsockHandler};
 
 /// Where the devices' interrupt lines come from (KVM's irqchip in the VM, a recorder in tests).
 pub trait InterruptLines {
@@ -97,6 +99,7 @@ pub struct DeviceManager {
     mmio: Bus,
     uarts: Vec<(String, Arc<Mutex<SerialPort>>)>,
     consoles: Vec<(String, SharedConsole)>,
+    vsock: Option<(String, SharedVsock)>,
     com_ports: Vec<ComPort>,
     virtio_slots: Vec<VirtioMmioSlot>,
     ged: Option<Arc<Mutex<GenericEventDevice>>>,
@@ -113,6 +116,7 @@ impl DeviceManager {
             mmio: Bus::new(),
             uarts: Vec::new(),
             consoles: Vec::new(),
+            vsock: None,
             com_ports: Vec::new(),
             virtio_slots: Vec::new(),
             ged: None,
@@ -206,6 +210,51 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Put the virtio-vsock device of `spec` in the next virtio-mmio slot: its listener at
+    /// `spec.uds_path` (which must not exist) and, as it comes and goes, every host socket of
+    /// its connections in the event loop's poller; its time-outs on a timer of its handler.
+    pub fn add_vsock(
+        &mut self,
+        spec: &VsockSpec,
+        guest: &GuestLink<'_>,
+    ) -> Result<(), DeviceError> {
+        let slot = self.virtio_slots.len() as u64;
+        let base = VIRTIO_MMIO_START + slot * VIRTIO_MMIO_SLOT_SIZE;
+        let gsi = VIRTIO_MMIO_FIRST_GSI + slot as u32;
+        let device_err = |reason: String| DeviceError::Device {
+            id: spec.id.clone(),
+            reason,
+        };
+        let config = VsockConfig {
+            guest_cid: spec.guest_cid,
+            uds_path: spec.uds_path.clone(),
+            registration: Registration::Explicit,
+        };
+        let vsock = VirtioVsock::new(&config, self.clock.clone())
+            .map_err(|e| device_err(crate::error_chain(&e)))?;
+        let transport = VirtioMmio::new(vsock, guest.mem.clone(), guest.irqs.line(gsi))
+            .map_err(|e| device_err(e.to_string()))?;
+        let shared = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(shared.clone() as SharedDevice, base, VIRTIO_MMIO_SLOT_SIZE)?;
+        for (offset, datamatch, evt) in devices::bus::lock(&shared).ioeventfds() {
+            guest
+                .ioevents
+                .register(evt, base + offset, datamatch)
+                .map_err(|e| DeviceError::Io("KVM_IOEVENTFD", e))?;
+        }
+        let handler = VsockHandler::new(shared.clone(), self.clock.clone())
+            .map_err(|e| DeviceError::Io("cannot create the vsock timer", e))?;
+        self.event_loop.add_frontend(Arc::new(Mutex::new(handler)));
+        self.vsock = Some((spec.id.clone(), shared));
+        self.virtio_slots.push(VirtioMmioSlot {
+            base,
+            size: VIRTIO_MMIO_SLOT_SIZE,
+            gsi,
+        });
+        Ok(())
+    }
+
     /// The i8042 (its reset line), the ACPI PM block and the Generic Event Device.
     pub fn add_platform_devices(
         &mut self,
@@ -250,6 +299,11 @@ impl DeviceManager {
     /// The virtio-serial devices by id.
     pub fn consoles(&self) -> Vec<(String, SharedConsole)> {
         self.consoles.clone()
+    }
+
+    /// The vsock device and its id, if the machine has one.
+    pub fn vsock(&self) -> Option<(String, SharedVsock)> {
+        self.vsock.clone()
     }
 
     /// The Generic Event Device, once the platform devices are in.

@@ -60,10 +60,16 @@ pub enum DeviceError {
     /// Two devices want the same COM index, or there is none left.
     #[error("--device isa-serial: {0}")]
     Placement(String),
+    /// A vsock guest CID outside 3..=4294967294.
+    #[error("--device vsock: guest-cid {0} is not in 3..=4294967294 (0-2 are reserved, CIDs are 32 bits)")]
+    VsockCid(u64),
+    /// An empty `uds=` path.
+    #[error("--device vsock: 'uds' must be a socket path")]
+    VsockPath,
 }
 
 /// The drivers `--device` knows, for its errors.
-const KNOWN_DRIVERS: &str = "isa-serial, virtio-serial, virtserialport, virtconsole";
+const KNOWN_DRIVERS: &str = "isa-serial, virtio-serial, virtserialport, virtconsole, vsock";
 
 /// The shared parser's errors, in the command line's words.
 impl From<DeviceSpecError> for DeviceError {
@@ -139,6 +145,22 @@ pub struct VirtioPortSpec {
     pub console: bool,
 }
 
+/// A `vsock` device: virtio-vsock with its host side on unix sockets (Firecracker's hybrid
+/// vsock): `vsock,guest-cid=N,uds=PATH[,id=ID]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSpec {
+    /// Device id (`id=`, default `vsock0`).
+    pub id: String,
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// Where host clients connect (`CONNECT <port>`); guest connections to host port P go to
+    /// `PATH_P`.
+    pub uds_path: std::path::PathBuf,
+}
+
+/// The id of a `vsock` device given none.
+pub const DEFAULT_VSOCK_ID: &str = "vsock0";
+
 /// Default `max_ports` of a virtio-serial device, as QEMU.
 pub const DEFAULT_VIRTIO_SERIAL_PORTS: u32 = 31;
 /// Most ports a virtio-serial device may offer (QEMU's limit).
@@ -155,6 +177,8 @@ pub enum DeviceSpec {
     VirtioSerial(VirtioSerialSpec),
     /// `virtserialport` / `virtconsole`.
     VirtioPort(VirtioPortSpec),
+    /// `vsock`.
+    Vsock(VsockSpec),
 }
 
 fn parse_isa_serial(mut p: DeviceProps) -> Result<DeviceSpec, DeviceSpecError> {
@@ -185,6 +209,37 @@ fn parse_virtio_serial(mut p: DeviceProps) -> Result<DeviceSpec, DeviceSpecError
     };
     p.finish()?;
     Ok(DeviceSpec::VirtioSerial(spec))
+}
+
+/// `vsock,guest-cid=N,uds=PATH[,id=ID]` (QEMU's `vhost-vsock-device` also calls the CID
+/// `guest-cid`; `uds` is Firecracker's `uds_path`).
+fn parse_vsock(mut p: DeviceProps) -> Result<DeviceSpec, DeviceError> {
+    use devices::virtio::vsock::muxer::{MAX_GUEST_CID, MIN_GUEST_CID};
+    let id = p
+        .take_id("id")?
+        .unwrap_or_else(|| DEFAULT_VSOCK_ID.to_string());
+    let guest_cid = p.take_number("guest-cid", |_: &u64| true)?;
+    let uds = p.take("uds");
+    p.finish()?;
+    let guest_cid = guest_cid.ok_or_else(|| DeviceError::Missing {
+        driver: "vsock".into(),
+        key: "guest-cid".into(),
+    })?;
+    if !(MIN_GUEST_CID..=MAX_GUEST_CID).contains(&guest_cid) {
+        return Err(DeviceError::VsockCid(guest_cid));
+    }
+    let uds = uds.ok_or_else(|| DeviceError::Missing {
+        driver: "vsock".into(),
+        key: "uds".into(),
+    })?;
+    if uds.is_empty() {
+        return Err(DeviceError::VsockPath);
+    }
+    Ok(DeviceSpec::Vsock(VsockSpec {
+        id,
+        guest_cid,
+        uds_path: uds.into(),
+    }))
 }
 
 /// A port through the parser QMP and HMP `device_add` use, then what a port at boot needs
@@ -222,6 +277,7 @@ impl DeviceSpec {
         let spec = match props.driver() {
             "isa-serial" => parse_isa_serial(props),
             "virtio-serial" | "virtio-serial-device" => parse_virtio_serial(props),
+            "vsock" | "vhost-vsock-device" => return parse_vsock(props),
             driver if DeviceDriver::parse(driver).is_some() => parse_virtio_port(props),
             other => return Err(DeviceError::UnknownDriver(other.to_string())),
         };
@@ -360,6 +416,45 @@ mod tests {
     }
 
     #[test]
+    fn vsock_parses_and_names_its_bad_options() {
+        assert_eq!(
+            DeviceSpec::parse("vsock,guest-cid=3,uds=/tmp/v.sock").unwrap(),
+            DeviceSpec::Vsock(VsockSpec {
+                id: "vsock0".into(),
+                guest_cid: 3,
+                uds_path: "/tmp/v.sock".into(),
+            })
+        );
+        match DeviceSpec::parse("vsock,id=vs1,guest-cid=0x10,uds=a,,b").unwrap() {
+            DeviceSpec::Vsock(v) => {
+                assert_eq!((v.id.as_str(), v.guest_cid), ("vs1", 16));
+                assert_eq!(v.uds_path, std::path::PathBuf::from("a,b"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = |s: &str| DeviceSpec::parse(s).unwrap_err().to_string();
+        assert_eq!(
+            e("vsock,guest-cid=2,uds=/x"),
+            "--device vsock: guest-cid 2 is not in 3..=4294967294 (0-2 are reserved, CIDs are 32 bits)"
+        );
+        assert!(e("vsock,guest-cid=4294967295,uds=/x").contains("guest-cid 4294967295"));
+        assert_eq!(
+            e("vsock,guest-cid=x,uds=/x"),
+            "--device vsock: bad value 'x' for 'guest-cid'"
+        );
+        assert_eq!(e("vsock,uds=/x"), "--device vsock: 'guest-cid' is required");
+        assert_eq!(e("vsock,guest-cid=3"), "--device vsock: 'uds' is required");
+        assert_eq!(
+            e("vsock,guest-cid=3,uds="),
+            "--device vsock: 'uds' must be a socket path"
+        );
+        assert_eq!(
+            e("vsock,guest-cid=3,uds=/x,port=9"),
+            "--device vsock: unknown option 'port'"
+        );
+    }
+
+    #[test]
     fn isa_serial_options_parse() {
         let s = isa("isa-serial,chardev=c0,index=1,iobase=0x2f8,irq=3,baudbase=9600,pacing=off");
         assert_eq!(s.chardev, "c0");
@@ -380,7 +475,7 @@ mod tests {
         let e = |s: &str| DeviceSpec::parse(s).unwrap_err().to_string();
         assert_eq!(
             e("floppy,chardev=x"),
-            "--device: unknown device 'floppy' (known: isa-serial, virtio-serial, virtserialport, virtconsole)"
+            "--device: unknown device 'floppy' (known: isa-serial, virtio-serial, virtserialport, virtconsole, vsock)"
         );
         assert_eq!(
             e("isa-serial,chardev=c0,speed=9"),
@@ -466,7 +561,7 @@ mod tests {
         assert_eq!(
             e("chardev=c0"),
             "--device: the device model is missing (known: isa-serial, virtio-serial, \
-             virtserialport, virtconsole)"
+             virtserialport, virtconsole, vsock)"
         );
         assert_eq!(
             e("virtserialport,chardev=c0,nr=-1"),

@@ -22,6 +22,7 @@ pub mod tools;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
+pub mod vsock;
 
 /// "outer: inner: innermost", the way an error chain reads best on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

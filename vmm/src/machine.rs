@@ -13,7 +13,7 @@ use devices::serial_port::SerialPort;
 use devices::virtio::console::PortConfig;
 use monitor::{
     DeviceDriver, DeviceSpec, EventQueue, Machine, MachineError, Monitor, PortInfo, QmpEvent,
-    RunState, ShutdownCause,
+    RunState, ShutdownCause, VsockConnection, VsockStatus,
 };
 
 use chardev::{OwnerGroup, Readiness, Token};
@@ -21,6 +21,7 @@ use chardev::{OwnerGroup, Readiness, Token};
 use crate::event_loop::PolledFrontend;
 use crate::vcpu::{ExitLatch, VcpuControl, VmExit};
 use crate::virtio::SharedConsole;
+use crate::vsock::SharedVsock;
 
 /// The machine the monitor drives.
 pub struct VmMachine {
@@ -36,6 +37,8 @@ pub struct VmMachine {
     ged: Option<Arc<Mutex<GenericEventDevice>>>,
     /// The COM ports by chardev id, to wake one for a break.
     uarts: Vec<(String, Arc<Mutex<SerialPort>>)>,
+    /// The vsock device and its id, for `query-vsock`.
+    vsock: Option<(String, SharedVsock)>,
 }
 
 impl VmMachine {
@@ -60,7 +63,14 @@ impl VmMachine {
             consoles,
             ged: None,
             uarts: Vec::new(),
+            vsock: None,
         }
+    }
+
+    /// Give `query-vsock` the vsock device.
+    pub fn with_vsock(mut self, vsock: Option<(String, SharedVsock)>) -> Self {
+        self.vsock = vsock;
+        self
     }
 
     /// Give `chardev-send-break` the COM ports (chardev id, port) to wake.
@@ -214,6 +224,43 @@ impl Machine for VmMachine {
         drop(backend);
         self.events.push(QmpEvent::device_deleted(id));
         Ok(())
+    }
+
+    fn vsock(&self) -> Option<VsockStatus> {
+        let (id, vsock) = self.vsock.as_ref()?;
+        let info = lock(vsock).device().info();
+        let c = info.counters;
+        let m = c.muxer;
+        Some(VsockStatus {
+            id: id.clone(),
+            guest_cid: info.guest_cid,
+            uds_path: info.uds_path.display().to_string(),
+            connections: info
+                .connections
+                .iter()
+                .map(|c| VsockConnection {
+                    local_port: c.local_port,
+                    peer_port: c.peer_port,
+                    host_initiated: c.host_initiated,
+                    state: c.state.name().to_string(),
+                    bytes_to_host: c.bytes_to_host,
+                    bytes_to_guest: c.bytes_to_guest,
+                })
+                .collect(),
+            counters: vec![
+                ("malformed-packets", c.malformed_packets),
+                ("small-rx-buffers", c.small_rx_buffers),
+                ("transport-resets", c.transport_resets),
+                ("stray-packets", m.stray_packets),
+                ("dropped-rsts", m.dropped_rsts),
+                ("refused-connections", m.refused_connections),
+                ("overrun-resets", m.overrun_resets),
+                ("protocol-resets", m.protocol_resets),
+                ("host-error-resets", m.host_error_resets),
+                ("timeouts", m.timeouts),
+                ("bad-connect-lines", m.bad_connect_lines),
+            ],
+        })
     }
 
     fn ports(&self) -> Vec<PortInfo> {

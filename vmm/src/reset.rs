@@ -11,7 +11,8 @@
 //!    rest of RAM is not cleared, as on QEMU;
 //! 3. every device on both buses goes back to its power-on state (`BusDevice::reset`: the
 //!    UARTs keep their backends, the virtio transports go to status 0 and the consoles keep
-//!    their ports), then every interrupt line is lowered and the in-kernel PIC, IOAPIC and PIT
+//!    their ports; the vsock device drops its connections, closing their host sockets, keeps
+//!    its listener and queues TRANSPORT_RESET for the rebooted driver), then every interrupt line is lowered and the in-kernel PIC, IOAPIC and PIT
 //!    get the state they had right after creation ([`IrqchipSnapshot`]);
 //! 4. each vCPU, on its own thread, puts back the state KVM created it in and is configured
 //!    for the boot as the first time (`cpu::reset_vcpu`);
@@ -39,6 +40,7 @@ use crate::boot::{self, BootInfo};
 use crate::irq::IrqLines;
 use crate::mptable;
 use crate::vcpu::{ExitLatch, VcpuControl};
+use crate::vsock::SharedVsock;
 
 /// Errors while loading the boot images and tables.
 #[derive(Debug, Error)]
@@ -193,6 +195,8 @@ pub struct MachineReset {
     pub control: Arc<VcpuControl>,
     /// Where the reset was asked for.
     pub exit: Arc<ExitLatch>,
+    /// The vsock device, told of a transport reset.
+    pub vsock: Option<SharedVsock>,
 }
 
 impl MachineReset {
@@ -209,6 +213,13 @@ impl MachineReset {
         let loaded = started.elapsed();
         self.pio.reset_devices();
         self.mmio.reset_devices();
+        if let Some(vsock) = &self.vsock {
+            // Every connection goes (its host socket closed, so host peers see the reset),
+            // the listener stays, and the rebooted guest's driver gets TRANSPORT_RESET.
+            let mut dev = devices::bus::lock(vsock);
+            dev.device_mut().transport_reset();
+            dev.kick();
+        }
         self.irqs.lower_all();
         self.irqchip.restore(&self.vm)?;
         self.control

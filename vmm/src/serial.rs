@@ -24,7 +24,7 @@ const MIN_TIMER: Duration = Duration::from_micros(1);
 /// Make `fd` non-blocking. The port's timerfd must be: one epoll batch can report it
 /// readable after an earlier event of the same batch re-armed (or disarmed) it, and a
 /// blocking read would then hold the event loop until the new deadline, or for ever.
-fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+pub(crate) fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL on an fd this handler owns; no memory is passed.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     // SAFETY: as above.

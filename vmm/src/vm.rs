@@ -172,6 +172,7 @@ impl Vm {
         let control = VcpuControl::new();
         VcpuControl::install_kick_handler()
             .map_err(|e| VmError::Io("cannot install the vCPU kick handler", e))?;
+        let vsock = dm.vsock();
         let machine = machine_of(config, &instance, registry, &dm, &control, &exit, &monitor);
         let monitor = Arc::new(Mutex::new(MonitorHandler::new(monitor, machine)));
         dm.event_loop().add_polled(monitor.clone());
@@ -197,6 +198,7 @@ impl Vm {
             mmio,
             control,
             exit: exit.clone(),
+            vsock: vsock.map(|(_, v)| v),
         };
         Ok(Vm {
             vcpus,
@@ -444,7 +446,7 @@ fn open_chardevs(
     Ok(registry)
 }
 
-/// The COM ports, the virtio-serial devices and the platform devices.
+/// The COM ports, the virtio-serial devices, the vsock device and the platform devices.
 fn build_devices(
     config: &VmConfig,
     dm: &mut DeviceManager,
@@ -457,6 +459,9 @@ fn build_devices(
     }
     for plan in &config.virtio_serial {
         dm.add_virtio_console(plan, registry, link)?;
+    }
+    if let Some(spec) = &config.vsock {
+        dm.add_vsock(spec, link)?;
     }
     dm.add_platform_devices(power, link.irqs)?;
     Ok(())
@@ -501,7 +506,8 @@ fn machine_of(
         monitor.events(),
         dm.consoles(),
     )
-    .with_uarts(dm.uarts());
+    .with_uarts(dm.uarts())
+    .with_vsock(dm.vsock());
     // The power button is an ACPI device: without ACPI the guest has no driver for it.
     match (config.acpi, dm.ged()) {
         (true, Some(ged)) => machine.with_power_button(ged),

@@ -13,7 +13,9 @@
 //! - [`forward`]: forward specs (`NAME:[BIND:]PORT`, `NAME:HOST:PORT`, unix paths);
 //! - [`spec`]: the `vproxy` chardev kind's options and its registration ([`spec::register`]);
 //! - [`driver`]: the `vproxy` chardev backend, the sockets and timer around the engine;
-//! - [`agent`]: the `minivmm-vp` endpoint loop over a char device, tty or socket channel.
+//! - [`agent`]: the `minivmm-vp` endpoint loop over a char device, tty or socket channel;
+//! - [`vsock_cat`]: `minivmm-vp vsock-cat`, stdin and stdout joined to one AF_VSOCK stream
+//!   (the guest side of the vsock tests).
 //!
 //! The wire format and its rules are written down in `docs/vproxy.md`.
 
@@ -24,6 +26,7 @@ pub mod engine;
 pub mod forward;
 pub mod path;
 pub mod spec;
+pub mod vsock_cat;
 pub mod wire;
 
 pub use spec::{register, VproxySpec};

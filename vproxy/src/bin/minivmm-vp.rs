@@ -4,7 +4,10 @@
 //!
 //! ```text
 //! minivmm-vp --channel SPEC [--iforward NAME:HOST:PORT]... [--oforward NAME:[BIND:]PORT]... [-v]
+//! minivmm-vp vsock-cat [--tee FD] listen PORT | vsock-cat [--tee FD] connect CID PORT
 //! ```
+//!
+//! `vsock-cat` joins stdin and stdout to one AF_VSOCK stream (`vproxy::vsock_cat`).
 //!
 //! This file only parses arguments and sets up logging; the loop is
 //! `vproxy::agent::run`. Bad arguments exit 2 with a one-line message.
@@ -25,6 +28,9 @@ const EXIT_FAILURE: u8 = 1;
 const USAGE: &str = "\
 usage: minivmm-vp --channel SPEC [--iforward NAME:HOST:PORT]... [--oforward NAME:[BIND:]PORT]...
                   [--rate BYTES_PER_S] [--window SIZE] [--max-streams N] [-v]
+       minivmm-vp vsock-cat [--tee FD] listen PORT | vsock-cat [--tee FD] connect CID PORT
+                  stdin and stdout joined to one AF_VSOCK stream (the host is CID 2);
+                  --tee FD: what the stream brings goes to fd FD too
 
   --channel SPEC   the channel to the other end:
                      PATH                   a char device, e.g. /dev/virtio-ports/org.minivmm.vproxy
@@ -146,8 +152,30 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     ))
 }
 
+/// `minivmm-vp vsock-cat ...`.
+fn vsock_cat(args: &[String]) -> ExitCode {
+    let cat = match vproxy::vsock_cat::VsockCat::parse(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("minivmm-vp: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match cat.run() {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("minivmm-vp: vsock-cat: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let (config, level) = match parse_args(std::env::args().skip(1)) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("vsock-cat") {
+        return vsock_cat(&args[1..]);
+    }
+    let (config, level) = match parse_args(args) {
         Ok(Command::Help) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

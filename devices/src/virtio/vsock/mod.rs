@@ -214,14 +214,14 @@ impl VirtioVsock {
         self.muxer.next_deadline()
     }
 
-    /// Tell the guest its transport was reset (a snapshot restored, a host-side reset): every
-    /// connection is dropped and its host socket closed, the listener stays, and the guest
-    /// gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET as soon as it has an event buffer posted.
+    /// Tell the guest its transport was reset (a machine reset, a snapshot restored, a
+    /// host-side reset): every connection is dropped and its host socket closed, the listener
+    /// stays, and the guest gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET as soon as it has an event
+    /// buffer posted. After a machine reset that is the rebooted guest's first event buffer:
+    /// its driver finds no socket to reset then, and reads its CID again.
     pub fn transport_reset(&mut self) {
         self.muxer.reset();
-        if self.active.is_some() {
-            self.event_pending = true;
-        }
+        self.event_pending = true;
         self.kick = true;
     }
 
@@ -278,9 +278,10 @@ impl VirtioDevice for VirtioVsock {
 
     fn reset(&mut self) {
         // Runs on a vCPU: the sockets are closed by the next service, on the event loop.
+        // A TRANSPORT_RESET still pending stays so: it is for the driver that comes next
+        // (the rebooted guest's probe starts with this reset).
         self.active = None;
         self.reset_pending = true;
-        self.event_pending = false;
         self.kick = true;
     }
 

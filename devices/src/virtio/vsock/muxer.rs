@@ -883,6 +883,16 @@ impl VsockMuxer {
     }
 }
 
+impl Drop for VsockMuxer {
+    /// The listening socket's path goes with the listener, as a bound socket file left
+    /// behind would make the next `bind` there fail.
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.uds_path) {
+            log::debug!("vsock: cannot remove {}: {e}", self.uds_path.display());
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use std::io::Write;

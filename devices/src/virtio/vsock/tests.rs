@@ -470,6 +470,34 @@ fn transport_reset_sends_the_event_and_drops_connections() {
     assert!(r.d.take_used(EVQ).is_empty());
 }
 
+/// A machine reset: the transport goes to status 0 (the vCPUs' bus reset), then the VMM
+/// reports a transport reset; the rebooted driver's first event buffer gets the event, and
+/// the socket left behind by a dropped device is removed.
+#[test]
+fn machine_reset_delivers_the_event_to_the_rebooted_driver() {
+    let mut r = Rig::new();
+    let (mut c, _) = r.host_connect(SERVICE_PORT);
+    r.d.write32(REG_STATUS, 0);
+    r.vsock().transport_reset();
+    r.run();
+    assert!(read_now(&mut c).1, "the host stream was closed");
+    r.d.start(
+        feature(VIRTIO_F_VERSION_1),
+        &[(RXQ, 16), (TXQ, 16), (EVQ, 4)],
+    );
+    r.d.post_in(EVQ, EVENT_LEN as u32);
+    r.d.notify(EVQ);
+    r.run();
+    let used = r.d.take_used(EVQ);
+    assert_eq!(used.len(), 1);
+    assert_eq!(r.info().counters.transport_resets, 1);
+    let (_c, port) = r.host_connect(SERVICE_PORT);
+    assert_eq!(port, HOST_PORT_FIRST + 1);
+    let path = r.dir.sock();
+    drop(r.d);
+    assert!(!path.exists(), "{} left behind", path.display());
+}
+
 #[test]
 fn activation_needs_every_queue() {
     let dir = TempDir::new();
