@@ -61,7 +61,7 @@ const HELD_LINE: &str = "ping-6003\n";
 /// How long one step of the guest may take.
 const STEP: Duration = Duration::from_secs(600);
 /// How long the five bulk streams may take: the guest kernel moves about 0.1 MB/s in all on
-/// kvm_pvm beside other guests (80 MiB took 20 min on 2026-12-07).
+/// kvm_pvm beside other guests (80 MiB took 766 s on 2026-12-07).
 const BULK_TIMEOUT: Duration = Duration::from_secs(2700);
 
 /// What a host listener's connection brought, reported when it ended.
