@@ -158,6 +158,39 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// The base address and GSI of the next free virtio-mmio slot.
+    fn next_virtio_slot(&self) -> (u64, u32) {
+        let slot = self.virtio_slots.len() as u64;
+        (
+            VIRTIO_MMIO_START + slot * VIRTIO_MMIO_SLOT_SIZE,
+            VIRTIO_MMIO_FIRST_GSI + slot as u32,
+        )
+    }
+
+    /// Map a virtio-mmio transport at `base` on the MMIO bus, register its queue notifications
+    /// with KVM as ioeventfds, and record the slot (ACPI and the command line announce it).
+    fn place_virtio<D: devices::virtio::VirtioDevice + 'static>(
+        &mut self,
+        shared: &Arc<Mutex<VirtioMmio<D>>>,
+        (base, gsi): (u64, u32),
+        guest: &GuestLink<'_>,
+    ) -> Result<(), DeviceError> {
+        self.mmio
+            .insert(shared.clone() as SharedDevice, base, VIRTIO_MMIO_SLOT_SIZE)?;
+        for (offset, datamatch, evt) in devices::bus::lock(shared).ioeventfds() {
+            guest
+                .ioevents
+                .register(evt, base + offset, datamatch)
+                .map_err(|e| DeviceError::Io("KVM_IOEVENTFD", e))?;
+        }
+        self.virtio_slots.push(VirtioMmioSlot {
+            base,
+            size: VIRTIO_MMIO_SLOT_SIZE,
+            gsi,
+        });
+        Ok(())
+    }
+
     /// Put a virtio-console in the next virtio-mmio slot, with the ports of `plan` on their
     /// chardevs; port open/close events go to `events` as `VSERPORT_CHANGE`.
     pub fn add_virtio_console(
@@ -166,9 +199,7 @@ impl DeviceManager {
         registry: &mut Registry,
         guest: &GuestLink<'_>,
     ) -> Result<(), DeviceError> {
-        let slot = self.virtio_slots.len() as u64;
-        let base = VIRTIO_MMIO_START + slot * VIRTIO_MMIO_SLOT_SIZE;
-        let gsi = VIRTIO_MMIO_FIRST_GSI + slot as u32;
+        let (base, gsi) = self.next_virtio_slot();
         let device_err = |reason: String| DeviceError::Device {
             id: plan.id.clone(),
             reason,
@@ -191,22 +222,10 @@ impl DeviceManager {
         let transport = VirtioMmio::new(console, guest.mem.clone(), guest.irqs.line(gsi))
             .map_err(|e| device_err(e.to_string()))?;
         let shared = Arc::new(Mutex::new(transport));
-        self.mmio
-            .insert(shared.clone() as SharedDevice, base, VIRTIO_MMIO_SLOT_SIZE)?;
-        for (offset, datamatch, evt) in devices::bus::lock(&shared).ioeventfds() {
-            guest
-                .ioevents
-                .register(evt, base + offset, datamatch)
-                .map_err(|e| DeviceError::Io("KVM_IOEVENTFD", e))?;
-        }
+        self.place_virtio(&shared, (base, gsi), guest)?;
         let handler = VirtioConsoleHandler::new(shared.clone(), port_event_sink(guest.events));
         self.event_loop.add_frontend(Arc::new(Mutex::new(handler)));
         self.consoles.push((plan.id.clone(), shared));
-        self.virtio_slots.push(VirtioMmioSlot {
-            base,
-            size: VIRTIO_MMIO_SLOT_SIZE,
-            gsi,
-        });
         Ok(())
     }
 
@@ -218,9 +237,7 @@ impl DeviceManager {
         spec: &VsockSpec,
         guest: &GuestLink<'_>,
     ) -> Result<(), DeviceError> {
-        let slot = self.virtio_slots.len() as u64;
-        let base = VIRTIO_MMIO_START + slot * VIRTIO_MMIO_SLOT_SIZE;
-        let gsi = VIRTIO_MMIO_FIRST_GSI + slot as u32;
+        let (base, gsi) = self.next_virtio_slot();
         let device_err = |reason: String| DeviceError::Device {
             id: spec.id.clone(),
             reason,
@@ -235,23 +252,11 @@ impl DeviceManager {
         let transport = VirtioMmio::new(vsock, guest.mem.clone(), guest.irqs.line(gsi))
             .map_err(|e| device_err(e.to_string()))?;
         let shared = Arc::new(Mutex::new(transport));
-        self.mmio
-            .insert(shared.clone() as SharedDevice, base, VIRTIO_MMIO_SLOT_SIZE)?;
-        for (offset, datamatch, evt) in devices::bus::lock(&shared).ioeventfds() {
-            guest
-                .ioevents
-                .register(evt, base + offset, datamatch)
-                .map_err(|e| DeviceError::Io("KVM_IOEVENTFD", e))?;
-        }
+        self.place_virtio(&shared, (base, gsi), guest)?;
         let handler = VsockHandler::new(shared.clone(), self.clock.clone())
             .map_err(|e| DeviceError::Io("cannot create the vsock timer", e))?;
         self.event_loop.add_frontend(Arc::new(Mutex::new(handler)));
         self.vsock = Some((spec.id.clone(), shared));
-        self.virtio_slots.push(VirtioMmioSlot {
-            base,
-            size: VIRTIO_MMIO_SLOT_SIZE,
-            gsi,
-        });
         Ok(())
     }
 
