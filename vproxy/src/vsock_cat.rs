@@ -192,34 +192,12 @@ fn connect(sock: &OwnedFd, cid: u32, port: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// `read(2)` into `buf`, retrying on EINTR.
-fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is writable memory of `buf.len()` bytes owned by the caller.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// `write(2)` all of `buf`, straight from it, retrying on EINTR and short writes.
+/// `write(2)` all of `buf`, straight from it (chardev's `write` retries EINTR; this, short
+/// writes).
 fn write_all_fd(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        // SAFETY: `buf` is readable memory of `buf.len()` bytes owned by the caller.
-        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        buf = &buf[n as usize..];
+        let n = chardev::sys::write(fd, buf)?;
+        buf = &buf[n..];
     }
     Ok(())
 }
@@ -257,7 +235,7 @@ pub fn pump(sock: RawFd, input: RawFd, output: RawFd, tee: Option<RawFd>) -> io:
             return Err(e);
         }
         if fds[0].revents != 0 {
-            let n = read_fd(sock, &mut down)?;
+            let n = chardev::sys::read(sock, &mut down)?;
             if n == 0 {
                 if let Some(fd) = tee {
                     // SAFETY: the caller gave this fd to the pump to write to and close; no
@@ -273,7 +251,7 @@ pub fn pump(sock: RawFd, input: RawFd, output: RawFd, tee: Option<RawFd>) -> io:
             traffic.received += n as u64;
         }
         if input_open && fds[1].revents != 0 {
-            let n = read_fd(input, &mut up)?;
+            let n = chardev::sys::read(input, &mut up)?;
             if n == 0 {
                 input_open = false;
                 // SAFETY: shutdown(2) on a socket the caller owns; no memory is passed.
