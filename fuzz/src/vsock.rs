@@ -12,14 +12,14 @@
 
 use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chardev::{split_owner, OwnerGroup, Poller};
 use devices::bus::BusDevice;
 use devices::virtio::mmio::*;
-use devices::virtio::vsock::muxer::{HOST_PORT_FIRST, MAX_CONNECTIONS};
+use devices::virtio::vsock::muxer::{guest_target_path, HOST_PORT_FIRST, MAX_CONNECTIONS};
 use devices::virtio::vsock::packet::{Header, HDR_LEN, VSOCK_HOST_CID, VSOCK_TYPE_STREAM};
 use devices::virtio::vsock::{Registration, VirtioVsock, VsockConfig};
 use devices::virtio::{
@@ -156,23 +156,50 @@ fn run(dev: &mut VirtioMmio<VirtioVsock>, poller: &Poller) {
     dev.service();
 }
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
+/// This process's directory for the device's socket and the host services' sockets: made
+/// once (on tmpfs when there is one: a directory and an inode per run on disk cost more than
+/// the run itself), emptied after every run, removed when the process ends normally.
+fn socket_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_owned()
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("minivmm-fuzz-vsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("socket directory");
+        extern "C" fn remove_dir() {
+            if let Some(dir) = DIR.get() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        // SAFETY: `remove_dir` is an `extern "C" fn()` that neither unwinds nor calls `exit`.
+        unsafe { libc::atexit(remove_dir) };
+        dir
+    })
+}
+
+/// The sockets of one run: the device's, and the host services' at `PATH_<port>`; whatever of
+/// them exists is removed when the run ends (the device removes its own when dropped).
+struct RunSockets(PathBuf);
+impl Drop for RunSockets {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_file(&self.0);
+        for port in 0..4 {
+            let _ = std::fs::remove_file(guest_target_path(&self.0, port));
+        }
     }
 }
 
 /// Runs one input (see the module docs).
 pub fn vsock(data: &[u8]) {
+    // Runs may overlap (the replay test's threads): each has its own names.
     static RUN: AtomicUsize = AtomicUsize::new(0);
-    let dir = TempDir(std::env::temp_dir().join(format!(
-        "minivmm-fuzz-vsock-{}-{}",
-        std::process::id(),
-        RUN.fetch_add(1, Ordering::SeqCst)
-    )));
-    std::fs::create_dir_all(&dir.0).expect("temporary directory");
-    let sock = dir.0.join("v.sock");
+    let n = RUN.fetch_add(1, Ordering::Relaxed);
+    let sockets = RunSockets(socket_dir().join(format!("v{n}.sock")));
+    let sock = sockets.0.clone();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
         .expect("guest memory");
     let clock = Arc::new(FuzzClock::default());
@@ -304,7 +331,7 @@ pub fn vsock(data: &[u8]) {
             // A service on the host at PATH_<port> (port from bits 4-5) starts listening.
             6 => {
                 if listeners.len() < MAX_CLIENTS {
-                    let path = format!("{}_{}", sock.display(), (op >> 4) % 4);
+                    let path = guest_target_path(&sock, u32::from((op >> 4) % 4));
                     if let Ok(l) = UnixListener::bind(path) {
                         listeners.push(l);
                     }
