@@ -266,6 +266,23 @@ mod tests {
     }
 
     #[test]
+    fn input_from_dev_null_ends_at_once_without_polling() {
+        // epoll refuses /dev/null (EPERM): it is read like a regular file, so its end reaches
+        // the frontend at once (a `--serial stdio` under `< /dev/null` behaves the same).
+        let dir = tempfile::tempdir().unwrap();
+        let spec = FileSpec {
+            path: dir.path().join("out"),
+            append: false,
+            input_path: Some("/dev/null".into()),
+        };
+        let mut b = open_file("f", &spec).unwrap();
+        assert!(watched(&mut b).is_empty());
+        assert_eq!(b.take_events(), vec![Event::Readable]);
+        assert_eq!(b.read(&mut [0u8; 16]).unwrap(), 0);
+        assert_eq!(b.write(b"x").unwrap(), 1);
+    }
+
+    #[test]
     fn file_output_truncates_or_appends_and_input_is_pulled() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");

@@ -7,7 +7,7 @@
 //! at most for the timeout it is given). This module must not keep state.
 
 use std::io;
-use std::os::unix::io::{BorrowedFd, RawFd};
+use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Return `Err(last_os_error)` when a libc call returned -1.
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -122,7 +122,9 @@ pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 /// What an fd refers to, as far as polling and writing are concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FdKind {
-    /// A regular file or block device: always ready, and epoll refuses it.
+    /// Always ready, and epoll refuses it: a regular file, a block device, or a character
+    /// device without poll support (`/dev/null`, `/dev/zero`: a stdin redirected from
+    /// `/dev/null` reads its end at once, as with QEMU).
     Regular,
     /// A socket: written with `send(MSG_NOSIGNAL)`.
     Socket,
@@ -139,7 +141,7 @@ impl FdKind {
     }
 }
 
-/// Classify `fd` with `fstat`.
+/// Classify `fd` with `fstat` (and, for a character device, whether epoll takes it).
 pub(crate) fn fd_kind(fd: RawFd) -> io::Result<FdKind> {
     // SAFETY: an all-zero stat is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -148,9 +150,27 @@ pub(crate) fn fd_kind(fd: RawFd) -> io::Result<FdKind> {
     Ok(match st.st_mode & libc::S_IFMT {
         libc::S_IFSOCK => FdKind::Socket,
         libc::S_IFIFO => FdKind::Fifo,
+        libc::S_IFCHR if epoll_refuses(fd)? => FdKind::Regular,
         libc::S_IFCHR => FdKind::Char,
         _ => FdKind::Regular,
     })
+}
+
+/// Whether epoll refuses `fd` (EPERM: the file has no poll support), asked of a throwaway
+/// epoll instance.
+fn epoll_refuses(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: epoll_create1 takes flags only; the fd it returns is owned right below.
+    let ep = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+    // SAFETY: `ep` was just returned to us and nothing else owns it.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: EPOLL_CTL_ADD reads one epoll_event we own; both fds are open.
+    let r = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    match check(r) {
+        Ok(_) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// Poll one fd once for `events`, waiting at most `timeout_ms` (-1: forever). Returns revents.
@@ -184,5 +204,25 @@ pub fn ignore_sigpipe() {
     // SAFETY: installing SIG_IGN for SIGPIPE has no memory effects and is always valid.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::io::AsRawFd;
+
+    #[test]
+    fn fd_kinds_follow_what_epoll_can_watch() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(fd_kind(null.as_raw_fd()).unwrap(), FdKind::Regular);
+        let file = tempfile::tempfile().unwrap();
+        assert_eq!(fd_kind(file.as_raw_fd()).unwrap(), FdKind::Regular);
+        let (master, _slave) = crate::pty::open_pty_pair().unwrap();
+        assert_eq!(fd_kind(master.as_raw_fd()).unwrap(), FdKind::Char);
+        let (r, _w) = std::io::pipe().unwrap();
+        assert_eq!(fd_kind(r.as_raw_fd()).unwrap(), FdKind::Fifo);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(fd_kind(a.as_raw_fd()).unwrap(), FdKind::Socket);
     }
 }
