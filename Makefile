@@ -8,6 +8,7 @@
 #   make pyenv   build/pyenv: a Python venv with QEMU's qemu.qmp library for the QMP tests
 #   make soak    the chaos soak: SOAK_S seconds of faults (600 unless set; make test runs 180),
 #                SOAK_SEED=N replays a failed run's choices
+#   make fuzz    fuzz campaigns, 10 M inputs per target unless FUZZ_RUNS says otherwise, and a table
 #   make bench   tables: boot time, UART pacing, virtio-console and vsock throughput, vproxy, the event loop's
 #                cost against open fds, QMP latency (beside QEMU where it applies)
 #   make lint    rustfmt --check and clippy -D warnings
@@ -36,7 +37,7 @@ export MINIVMM_INITRD_VP := $(abspath $(INITRD_VP))
 export MINIVMM_BIN    := $(abspath $(MINIVMM))
 export MINIVMM_VP     := $(abspath $(VP))
 
-.PHONY: all guest build vp run test soak bench lint stock deps pyenv clean FORCE
+.PHONY: all guest build vp run test soak fuzz bench lint stock deps pyenv clean FORCE
 
 all: build
 
@@ -88,6 +89,11 @@ test: deps guest stock build pyenv
 SOAK_S ?= 600
 soak: guest build vp
 	SOAK_S=$(SOAK_S) cargo nextest run -p tests --test soak --no-capture
+
+# Fuzz campaigns (resources/fuzz.sh, fuzz/README.md): FUZZ_RUNS inputs per target (10 M),
+# FUZZ_TARGETS (every target), FUZZ_PARALLEL campaigns at once (1), FUZZ_SAN none|address.
+fuzz:
+	@bash resources/fuzz.sh
 
 bench: guest build
 	@bash resources/bench-boot.sh
