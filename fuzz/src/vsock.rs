@@ -17,27 +17,21 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use chardev::{split_owner, OwnerGroup, Poller};
-use devices::bus::BusDevice;
-use devices::virtio::mmio::*;
+use devices::virtio::mmio::REG_QUEUE_NOTIFY;
 use devices::virtio::vsock::muxer::{guest_target_path, HOST_PORT_FIRST, MAX_CONNECTIONS};
 use devices::virtio::vsock::packet::{Header, HDR_LEN, VSOCK_HOST_CID, VSOCK_TYPE_STREAM};
 use devices::virtio::vsock::{Registration, VirtioVsock, VsockConfig};
-use devices::virtio::{
-    VirtioMmio, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
-};
-use devices::{Clock, IrqLine};
+use devices::virtio::VirtioMmio;
+use devices::Clock;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::guest_ops::{start, w32, NoIrq, QUEUE_SIZE, RING_BASE, RING_STRIDE};
 
 /// Guest memory size: small, so random addresses often land inside it.
 const MEM_SIZE: u64 = 0x10_0000;
-/// Where the driver puts queue `i`'s rings: table, avail and used 0x800 apart.
-const RING_BASE: u64 = 0x1_0000;
-const RING_STRIDE: u64 = 0x2000;
 /// Where the driver's buffers go (a ring of buffer space).
 const BUF_BASE: u64 = 0x8_0000;
 const BUF_SPACE: u64 = 0x7_0000;
-/// Queue size the driver picks.
-const QUEUE_SIZE: u16 = 16;
 /// The three queues: receive, transmit, event.
 const QUEUES: u32 = 3;
 const GUEST_CID: u64 = 3;
@@ -46,51 +40,12 @@ const MAX_CLIENTS: usize = 4;
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 
-struct NoIrq;
-impl IrqLine for NoIrq {
-    fn set_level(&self, _high: bool) {}
-}
-
 #[derive(Default)]
 struct FuzzClock(AtomicU64);
 impl Clock for FuzzClock {
     fn now_ns(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
     }
-}
-
-fn w32(dev: &mut VirtioMmio<VirtioVsock>, off: u64, v: u32) {
-    dev.write(off, &v.to_le_bytes());
-}
-
-fn start(dev: &mut VirtioMmio<VirtioVsock>) {
-    w32(dev, REG_STATUS, 0);
-    w32(dev, REG_STATUS, STATUS_ACKNOWLEDGE);
-    w32(dev, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-    for sel in 0..2u32 {
-        w32(dev, REG_DEVICE_FEATURES_SEL, sel);
-        let mut b = [0u8; 4];
-        dev.read(REG_DEVICE_FEATURES, &mut b);
-        w32(dev, REG_DRIVER_FEATURES_SEL, sel);
-        w32(dev, REG_DRIVER_FEATURES, u32::from_le_bytes(b));
-    }
-    let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-    w32(dev, REG_STATUS, ok);
-    for q in 0..QUEUES {
-        let base = RING_BASE + u64::from(q) * RING_STRIDE;
-        w32(dev, REG_QUEUE_SEL, q);
-        w32(dev, REG_QUEUE_NUM, u32::from(QUEUE_SIZE));
-        for (lo, addr) in [
-            (REG_QUEUE_DESC_LOW, base),
-            (REG_QUEUE_DRIVER_LOW, base + 0x800),
-            (REG_QUEUE_DEVICE_LOW, base + 0x1000),
-        ] {
-            w32(dev, lo, addr as u32);
-            w32(dev, lo + 4, (addr >> 32) as u32);
-        }
-        w32(dev, REG_QUEUE_READY, 1);
-    }
-    w32(dev, REG_STATUS, ok | STATUS_DRIVER_OK);
 }
 
 /// The driver side of the rings: where the next descriptor, avail slot and buffer go. It
@@ -212,7 +167,7 @@ pub fn vsock(data: &[u8]) {
     let mut dev = VirtioMmio::new(vsock, mem.clone(), Arc::new(NoIrq)).expect("transport");
     let poller = Poller::new().expect("epoll");
     dev.attach(OwnerGroup::new(&poller, 0));
-    start(&mut dev);
+    start(&mut dev, QUEUES);
     let mut rings = Rings {
         next_desc: [0; QUEUES as usize],
         avail_idx: [0; QUEUES as usize],
@@ -349,7 +304,7 @@ pub fn vsock(data: &[u8]) {
                 if op & 0x10 == 0 {
                     dev.device_mut().transport_reset();
                 } else {
-                    start(&mut dev);
+                    start(&mut dev, QUEUES);
                 }
                 run(&mut dev, &poller);
             }
