@@ -4,6 +4,8 @@
 #   FUZZ_TARGETS   the targets (default: every target in fuzz/fuzz_targets/)
 #   FUZZ_RUNS      inputs per target (default 10000000)
 #   FUZZ_PARALLEL  campaigns at once (default 1; one core each)
+#   FUZZ_JOBS      worker processes per campaign (default 1), sharing its corpus, the inputs
+#                  split evenly among them (libFuzzer's -jobs; logs in fuzz/logs/TARGET.jobs/)
 #   FUZZ_SAN       the sanitizer: none (default: debug assertions and overflow checks on, see
 #                  fuzz/README.md for why) or address
 #
@@ -16,6 +18,7 @@ cd "$(dirname "$0")/../fuzz"
 
 runs=${FUZZ_RUNS:-10000000}
 parallel=${FUZZ_PARALLEL:-1}
+jobs=${FUZZ_JOBS:-1}
 san=${FUZZ_SAN:-none}
 if [ -n "${FUZZ_TARGETS:-}" ]; then
     read -r -a targets <<<"$FUZZ_TARGETS"
@@ -27,10 +30,14 @@ for t in "${targets[@]}"; do
     [ -f "fuzz_targets/$t.rs" ] || { echo "fuzz: FUZZ_TARGETS: no target '$t' in fuzz/fuzz_targets/" >&2; exit 2; }
 done
 case "$san" in
-    none) build=(-O -a -s none --target-dir target/nosan) ;;
-    address) build=(-O -s address) ;;
+    none) build=(-O -a -s none --target-dir target/nosan); bindir=target/nosan ;;
+    address) build=(-O -s address); bindir=target ;;
     *) echo "fuzz: FUZZ_SAN: '$san' is not none or address" >&2; exit 2 ;;
 esac
+bindir=$bindir/$(rustc -vV | awk '/^host:/ {print $2}')/release
+for n in "$runs" "$parallel" "$jobs"; do
+    [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "fuzz: FUZZ_RUNS, FUZZ_PARALLEL and FUZZ_JOBS take a positive number, not '$n'" >&2; exit 2; }
+done
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
     echo "fuzz: installing the nightly toolchain" >&2
@@ -55,13 +62,25 @@ campaign() {
     slow_before=$(find "artifacts/$t" -name 'slow-unit-*' | wc -l)
     start=$(date +%s)
     local status=none
-    cargo +nightly fuzz run "${build[@]}" "$t" "corpus-work/$t" "corpus/$t" -- \
-        -runs="$runs" -print_final_stats=1 >"$log" 2>&1 || status="FOUND: see fuzz/$log and fuzz/artifacts/$t/"
+    local logs=("$log")
+    if [ "$jobs" -eq 1 ]; then
+        cargo +nightly fuzz run "${build[@]}" "$t" "corpus-work/$t" "corpus/$t" -- \
+            -runs="$runs" -print_final_stats=1 >"$log" 2>&1 || status="FOUND: see fuzz/$log and fuzz/artifacts/$t/"
+    else
+        # libFuzzer's jobs write fuzz-N.log in their working directory.
+        rm -rf "logs/$t.jobs" && mkdir -p "logs/$t.jobs"
+        (cd "logs/$t.jobs" && "../../$bindir/$t" "../../corpus-work/$t" "../../corpus/$t" \
+            -artifact_prefix="../../artifacts/$t/" -jobs="$jobs" -workers="$jobs" \
+            -runs=$(((runs + jobs - 1) / jobs)) -print_final_stats=1) >"$log" 2>&1 || true
+        logs=("logs/$t.jobs"/fuzz-*.log)
+        grep -q -E '^==[0-9]+== ERROR|deadly signal|panicked at' "${logs[@]}" &&
+            status="FOUND: see fuzz/logs/$t.jobs/ and fuzz/artifacts/$t/"
+    fi
     end=$(date +%s)
     secs=$((end - start))
     local inputs cov slow
-    inputs=$(awk '/stat::number_of_executed_units:/ {print $2}' "$log" | tail -n 1)
-    cov=$(grep -E '^#[0-9]+' "$log" | tail -n 1 | sed -E 's/.*cov: ([0-9]+) ft: ([0-9]+).*/\1 \/ \2/')
+    inputs=$(awk '/stat::number_of_executed_units:/ {n += $2} END {print n}' "${logs[@]}")
+    cov=$(grep -h -E '^#[0-9]+' "${logs[@]}" | tail -n 1 | sed -E 's/.*cov: ([0-9]+) ft: ([0-9]+).*/\1 \/ \2/')
     slow=$(($(find "artifacts/$t" -name 'slow-unit-*' | wc -l) - slow_before))
     if [ "$slow" -gt 0 ]; then
         status="$status ($slow slow-unit report(s) in fuzz/artifacts/$t/)"
@@ -73,7 +92,7 @@ campaign() {
 
 for t in "${targets[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$parallel" ]; do wait -n || true; done
-    echo "fuzz: $t: $runs inputs ($san sanitizer), log fuzz/logs/$t.log" >&2
+    echo "fuzz: $t: $runs inputs ($san sanitizer, $jobs worker(s)), log fuzz/logs/$t.log" >&2
     campaign "$t" &
 done
 wait
