@@ -11,12 +11,13 @@
 //! Nothing may panic; a malformed chain may only mark the device as needing a reset.
 
 use std::io::Write;
+use std::os::unix::io::RawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use chardev::{split_owner, OwnerGroup, Poller};
+use chardev::{split_owner, Interest, OwnerGroup, Poller, Token};
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
 use devices::virtio::vsock::muxer::{guest_target_path, HOST_PORT_FIRST, MAX_CONNECTIONS};
 use devices::virtio::vsock::packet::{Header, HDR_LEN, VSOCK_HOST_CID, VSOCK_TYPE_STREAM};
@@ -96,17 +97,45 @@ impl Rings {
     }
 }
 
-/// Run the event loop once: the transport's eventfds consumed, the fds ready in the poller
-/// handed to the device by token, then service.
-fn run(dev: &mut VirtioMmio<VirtioVsock>, poller: &Poller) {
-    for fd in dev.event_fds() {
-        dev.on_event_fd(fd);
+/// The event loop of the harness, as the VMM's: one poller with the device's fds (owner group
+/// 0) and the transport's eventfds (queue notifications and the kick, owner group 1).
+struct EventLoop {
+    poller: Poller,
+    /// The eventfds' registrations: (token, fd).
+    eventfds: Vec<(Token, RawFd)>,
+}
+
+/// The owner group of the transport's eventfds.
+const EVENTFD_GROUP: u16 = 1;
+
+impl EventLoop {
+    fn new(dev: &mut VirtioMmio<VirtioVsock>) -> Self {
+        let poller = Poller::new().expect("epoll");
+        dev.attach(OwnerGroup::new(&poller, 0));
+        let reg = OwnerGroup::new(&poller, EVENTFD_GROUP).registrar(0);
+        let eventfds = dev
+            .event_fds()
+            .into_iter()
+            .map(|fd| (reg.add(fd, Interest::READ).expect("eventfd in epoll"), fd))
+            .collect();
+        EventLoop { poller, eventfds }
     }
+}
+
+/// Run the event loop once: what epoll reports ready, eventfds consumed and the device's fds
+/// handed to it by token, then service.
+fn run(dev: &mut VirtioMmio<VirtioVsock>, lp: &EventLoop) {
     let mut ready = Vec::new();
-    let _ = poller.wait(&mut ready, 256, 0);
+    let _ = lp.poller.wait(&mut ready, 256, 0);
     for ev in ready {
-        let (_, part) = split_owner(ev.owner);
-        dev.on_ready(part, ev.token, ev.readiness);
+        let (group, part) = split_owner(ev.owner);
+        if group == EVENTFD_GROUP {
+            if let Some(&(_, fd)) = lp.eventfds.iter().find(|(t, _)| *t == ev.token) {
+                dev.on_event_fd(fd);
+            }
+        } else {
+            dev.on_ready(part, ev.token, ev.readiness);
+        }
     }
     dev.service();
 }
@@ -165,8 +194,7 @@ pub fn vsock(data: &[u8]) {
     };
     let vsock = VirtioVsock::new(&config, clock.clone()).expect("vsock");
     let mut dev = VirtioMmio::new(vsock, mem.clone(), Arc::new(NoIrq)).expect("transport");
-    let poller = Poller::new().expect("epoll");
-    dev.attach(OwnerGroup::new(&poller, 0));
+    let lp = EventLoop::new(&mut dev);
     start(&mut dev, QUEUES);
     let mut rings = Rings {
         next_desc: [0; QUEUES as usize],
@@ -297,7 +325,7 @@ pub fn vsock(data: &[u8]) {
                 clock
                     .0
                     .fetch_add(u64::from(op >> 4) * 300_000_000, Ordering::SeqCst);
-                run(&mut dev, &poller);
+                run(&mut dev, &lp);
             }
             // A transport reset, or the driver starting over.
             8 => {
@@ -306,13 +334,13 @@ pub fn vsock(data: &[u8]) {
                 } else {
                     start(&mut dev, QUEUES);
                 }
-                run(&mut dev, &poller);
+                run(&mut dev, &lp);
             }
             // Let the event loop run.
-            _ => run(&mut dev, &poller),
+            _ => run(&mut dev, &lp),
         }
     }
-    run(&mut dev, &poller);
+    run(&mut dev, &lp);
     let info = dev.device().info();
     assert!(info.connections.len() <= MAX_CONNECTIONS);
 }
