@@ -2,9 +2,9 @@
 //!
 //! - [`Stream`] moves bytes between a frontend and an input fd and an output fd (the same fd for
 //!   a socket, pty or tty): input is read only when pulled, output goes through a bounded
-//!   [`OutBuf`] flushed without blocking. Regular files, which epoll refuses, are never
-//!   reported for polling: output to them is written at once, and input from them is announced
-//!   with synthetic `Readable` events.
+//!   [`OutBuf`] flushed without blocking. Regular files and devices without poll support
+//!   (`/dev/null`), which epoll refuses, are never reported for polling: output to them is
+//!   written at once, and input from them is announced with synthetic `Readable` events.
 //! - [`Link`] adds a peer that comes and goes (socket client, pty slave): while nobody is
 //!   connected, output goes to a replay ring ([`ByteRing`]) that is replayed to the next peer;
 //!   output still unsent when a peer leaves goes back into that ring.
@@ -69,7 +69,7 @@ impl Stream {
         })
     }
 
-    /// Whether input is pulled synthetically (a regular file) rather than polled.
+    /// Whether input is pulled synthetically (a regular file, `/dev/null`) rather than polled.
     fn input_synthetic(&self) -> bool {
         self.rfd.is_some() && !self.rkind.pollable()
     }
