@@ -7,7 +7,7 @@
 //! at most for the timeout it is given). This module must not keep state.
 
 use std::io;
-use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{BorrowedFd, RawFd};
 
 /// Return `Err(last_os_error)` when a libc call returned -1.
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -159,15 +159,14 @@ pub(crate) fn fd_kind(fd: RawFd) -> io::Result<FdKind> {
 /// Whether epoll refuses `fd` (EPERM: the file has no poll support), asked of a throwaway
 /// epoll instance.
 fn epoll_refuses(fd: RawFd) -> io::Result<bool> {
-    // SAFETY: epoll_create1 takes flags only; the fd it returns is owned right below.
-    let ep = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-    // SAFETY: `ep` was just returned to us and nothing else owns it.
-    let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-    let mut ev = libc::epoll_event { events: 0, u64: 0 };
-    // SAFETY: EPOLL_CTL_ADD reads one epoll_event we own; both fds are open.
-    let r = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-    match check(r) {
-        Ok(_) => Ok(false),
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let probe = Epoll::new()?;
+    match probe.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::empty(), 0),
+    ) {
+        Ok(()) => Ok(false),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(true),
         Err(e) => Err(e),
     }
