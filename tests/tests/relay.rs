@@ -138,6 +138,8 @@ struct Relay {
 
 impl Relay {
     fn start(echo: &Echo, fd_limit: Option<u32>) -> Relay {
+        // Found before minivmm starts: a missing endpoint must not leave a relay running.
+        let vp_bin = minivmm_vp_bin();
         let dir = tempfile::tempdir().unwrap();
         let chan = dir.path().join("chan.sock");
         let port = TcpListener::bind("127.0.0.1:0")
@@ -163,15 +165,23 @@ impl Relay {
             .spawn()
             .unwrap();
         wait_until("the relay's channel socket", || chan.exists());
-        let vp = Command::new(minivmm_vp_bin())
+        let vp = Command::new(&vp_bin)
             .arg("--channel")
             .arg(format!("unix:{}", chan.display()))
             .arg("--iforward")
             .arg(format!("echo:127.0.0.1:{}", echo.port))
             .stdin(Stdio::null())
             .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .spawn();
+        let vp = match vp {
+            Ok(vp) => vp,
+            Err(e) => {
+                let mut minivmm = minivmm;
+                let _ = minivmm.kill();
+                let _ = minivmm.wait();
+                panic!("cannot start {}: {e}", vp_bin.display());
+            }
+        };
         let r = Relay {
             minivmm,
             vp,
