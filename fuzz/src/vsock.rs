@@ -19,7 +19,9 @@ use std::sync::{Arc, OnceLock};
 
 use chardev::{split_owner, Interest, OwnerGroup, Poller, Token};
 use devices::virtio::mmio::REG_QUEUE_NOTIFY;
-use devices::virtio::vsock::muxer::{guest_target_path, HOST_PORT_FIRST, MAX_CONNECTIONS};
+use devices::virtio::vsock::muxer::{
+    guest_target_path, HOST_PORT_FIRST, MAX_CONNECTIONS, MAX_PENDING_CLIENTS,
+};
 use devices::virtio::vsock::packet::{Header, HDR_LEN, VSOCK_HOST_CID, VSOCK_TYPE_STREAM};
 use devices::virtio::vsock::{Registration, VirtioVsock, VsockConfig};
 use devices::virtio::VirtioMmio;
@@ -38,6 +40,12 @@ const QUEUES: u32 = 3;
 const GUEST_CID: u64 = 3;
 /// Host clients and guest listeners kept at once.
 const MAX_CLIENTS: usize = 4;
+/// Host clients that connect in one run: enough to pass the muxer's limit of clients that have
+/// not yet sent their CONNECT line, and no more: each costs about a dozen system calls on both
+/// sides, and the few inputs that churned through hundreds of them took most of the campaign's
+/// time (the corpus of the 2.29 M-input campaign replays 1.6x faster with this bound, and
+/// covers 1498 edges instead of 1543: the rest is left for the campaigns to find again).
+const MAX_CONNECTS: usize = MAX_PENDING_CLIENTS + 8;
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 
@@ -202,6 +210,7 @@ pub fn vsock(data: &[u8]) {
         next_buf: BUF_BASE,
     };
     let mut clients: Vec<UnixStream> = Vec::new();
+    let mut connects = 0;
     let mut listeners: Vec<UnixListener> = Vec::new();
 
     // Operations: an opcode byte, then its operands.
@@ -289,7 +298,8 @@ pub fn vsock(data: &[u8]) {
                 };
                 let len = usize::from(len).min(rest.len() - 1);
                 let bytes = &rest[1..1 + len];
-                if op & 0x10 == 0 || clients.is_empty() {
+                if (op & 0x10 == 0 || clients.is_empty()) && connects < MAX_CONNECTS {
+                    connects += 1;
                     if clients.len() >= MAX_CLIENTS {
                         clients.remove(0);
                     }
@@ -301,7 +311,7 @@ pub fn vsock(data: &[u8]) {
                         let _ = c.write(bytes);
                         clients.push(c);
                     }
-                } else {
+                } else if !clients.is_empty() {
                     let i = usize::from(op >> 5) % clients.len();
                     if op & 0x20 == 0 {
                         let _ = clients[i].write(bytes);
